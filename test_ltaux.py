@@ -1,0 +1,425 @@
+"""Sanity checks of ltaux (the method) and of train.py / evaluate.py (the entry points). CPU only.
+
+    python -m pytest -q
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import ltaux
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "shared", "data_lists")
+
+
+def write_list(path, rows):
+    with open(path, "w") as f:
+        f.write("".join(rows))
+    return str(path)
+
+
+def lt_labels(seed=0):
+    """37 classes: a few large ones, many with 5 images, two with fewer than Z = 4."""
+    counts = [200, 120, 60, 33, 17, 9] + [5] * 29 + [2, 1]
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))].tolist(), counts
+
+
+# ----------------------------------------------------------------------------------------------
+# split lists and datasets
+
+
+def test_read_split_parses_and_skips_blank_lines(tmp_path):
+    f = write_list(tmp_path / "a.txt", ["train/a/1.jpg 0\n", "train/b/2.jpg 3\n", "\n", "  \n"])
+    assert ltaux.read_split(f) == (["train/a/1.jpg", "train/b/2.jpg"], [0, 3])
+    assert ltaux.read_split(f, return_lines=True)[2] == [1, 2]
+
+
+@pytest.mark.parametrize("rows, where", [
+    (["a.jpg 0\n", "b.jpg\n"], ":2:"),
+    (["a.jpg 0\n", "b c.jpg 1\n"], ":2:"),
+    (["a.jpg 0\n", "b.jpg one\n"], ":2: label 'one' is not an integer"),
+    (["a.jpg 0\n", "\n", "b.jpg -1\n"], ":3: label -1 is negative"),
+    ([], "split list is empty"),
+    (["\n", "\n"], "split list is empty"),
+    (["/etc/passwd 0\n"], ":1: path '/etc/passwd' is absolute"),
+    (["a/../../x.jpg 0\n"], ":1: path 'a/../../x.jpg' is absolute or contains '..'"),
+])
+def test_read_split_errors_name_file_and_line(tmp_path, rows, where):
+    f = write_list(tmp_path / "bad.txt", rows)
+    with pytest.raises(ltaux.LTauxError, match="bad.txt") as e:
+        ltaux.read_split(f)
+    assert where in str(e.value)
+
+
+def test_read_split_missing_file_unsafe_opt_in_and_duplicates(tmp_path):
+    with pytest.raises(ltaux.LTauxError, match="nope.txt: split list not found"):
+        ltaux.read_split(tmp_path / "nope.txt")
+    f = write_list(tmp_path / "u.txt", ["../x.jpg 0\n"])
+    assert ltaux.read_split(f, allow_unsafe_paths=True)[0] == ["../x.jpg"]
+    f = write_list(tmp_path / "d.txt", ["x.jpg 0\n", "y.jpg 0\n", "x.jpg 1\n"])
+    with pytest.warns(UserWarning, match=r"d.txt:3: duplicate path 'x.jpg' \(first on line 1\)"):
+        assert len(ltaux.read_split(f)[0]) == 3
+    f = write_list(tmp_path / "o.txt", ["x.jpg -1\n"])
+    assert ltaux.read_split(f, allow_negative=True)[1] == [-1]
+
+
+def make_image_tree(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rgb = Image.new("RGB", (20, 12), (200, 10, 30))
+    rgb.save(root / "rgb.jpg")
+    rgb.convert("L").save(root / "grey.png")
+    rgb.convert("CMYK").save(root / "cmyk.jpg")
+    rgb.convert("P").save(root / "pal.png")
+    Image.new("RGBA", (20, 12), (1, 2, 3, 0)).save(root / "rgba.png")
+    pt = rgb.convert("P")
+    pt.info["transparency"] = 0
+    pt.save(root / "pal_t.png", transparency=0)
+    rows = [f"{n} {i}\n" for i, n in enumerate(["rgb.jpg", "grey.png", "cmyk.jpg", "pal.png", "rgba.png", "pal_t.png"])]
+    return root, write_list(tmp_path / "modes.txt", rows)
+
+
+def test_dataset_converts_every_mode_to_rgb(tmp_path):
+    root, split = make_image_tree(tmp_path)
+    ds = ltaux.SplitDataset(root, split, transform=torchvision.transforms.PILToTensor())
+    assert len(ds) == 6 and ds.num_classes == 6 and ds.labels == list(range(6))
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.shape == (3, 12, 20) and x.dtype == torch.uint8 and y == i
+    assert ds[0][0][0].float().mean() > 150  # red stays red
+
+
+def test_dataset_seeded_items_are_reproducible_and_leave_rng_alone(tmp_path):
+    Image.effect_noise((16, 16), 60).convert("RGB").save(tmp_path / "noise.png")
+    split = write_list(tmp_path / "n.txt", ["noise.png 0\n"])
+    ds = ltaux.SplitDataset(tmp_path, split, transform=torchvision.transforms.Compose([
+        torchvision.transforms.RandomCrop(8), torchvision.transforms.PILToTensor()]))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a, b, c = ds[(0, 123)][0], ds[(0, 123)][0], ds[(0, 7)][0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "file not found"),
+    (b"", "UnidentifiedImageError"),
+    (b"this is not an image at all", "UnidentifiedImageError"),
+    ("truncated", "truncated"),
+])
+def test_dataset_bad_image_names_path_and_line(tmp_path, content, reason):
+    root = tmp_path / "r"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "ok.jpg")
+    if content == "truncated":
+        Image.effect_noise((64, 64), 50).convert("RGB").save(root / "bad.jpg", quality=95)
+        data = (root / "bad.jpg").read_bytes()
+        (root / "bad.jpg").write_bytes(data[: len(data) // 2])
+    elif content is not None:
+        (root / "bad.jpg").write_bytes(content)
+    split = write_list(tmp_path / "s.txt", ["ok.jpg 0\n", "\n", "bad.jpg 1\n"])
+    ds = ltaux.SplitDataset(root, split)
+    ds[0]
+    with pytest.raises(ltaux.LTauxError) as e:
+        ds[1]
+    msg = str(e.value)
+    assert "s.txt:3" in msg and str(root / "bad.jpg") in msg and reason in msg
+
+
+def test_class_counts_and_shot_group_boundaries():
+    counts = ltaux.class_counts([0, 0, 2], 4)
+    assert counts.tolist() == [2, 0, 1, 0]
+    groups = ltaux.shot_groups(torch.tensor([101, 100, 21, 20, 19, 5]))
+    assert groups.tolist() == [0, 1, 1, 1, 2, 2]
+    assert ltaux.shot_groups(torch.tensor([100, 20]), many=99, few=21).tolist() == [0, 2]  # the paper's text
+
+
+# ----------------------------------------------------------------------------------------------
+# the sampler (Algorithm 1 lines 2-8)
+
+
+def split_parts(sampler):
+    b = sampler.epoch_batches()
+    s = sampler.batch_size // sampler.world_size
+    return (b[:, :s], b[:, s:]) if sampler.mode == "cbs_rrs" else (b, None)
+
+
+def test_sampler_cbs_part_is_k_distinct_classes_of_z_distinct_images():
+    labels, counts = lt_labels()
+    L = torch.tensor(labels)
+    s = ltaux.AuxBatchSampler(labels, 40, 4, num_batches=300)  # k = 10 does not divide C = 37
+    cbs, rrs = split_parts(s)
+    assert cbs.shape == (300, 40) and rrs.shape == (300, 40)
+    for row in cbs:
+        groups = row.view(10, 4)
+        cls = L[groups]
+        assert (cls == cls[:, :1]).all()  # Z consecutive images of one class
+        assert len(set(cls[:, 0].tolist())) == 10  # k distinct classes
+        for g, c in zip(groups.tolist(), cls[:, 0].tolist()):
+            if counts[c] >= 4:
+                assert len(set(g)) == 4  # distinct images whenever the class has Z of them
+
+
+def test_sampler_covers_every_class_and_cycles_images_without_repeats():
+    labels, counts = lt_labels(1)
+    L = torch.tensor(labels)
+    s = ltaux.AuxBatchSampler(labels, 40, 4, mode="cbs", num_batches=200)
+    cbs = s.epoch_batches()
+    first = cbs[: -(-37 // 10)]  # ceil(C / k) batches
+    assert set(L[first].flatten().tolist()) == set(range(37))
+    for c, n in enumerate(counts):
+        drawn = [i for i in cbs.flatten().tolist() if labels[i] == c]
+        assert len(drawn) >= n
+        for start in range(0, len(drawn) - n + 1, n):  # every pass over the class is a permutation
+            assert sorted(drawn[start:start + n]) == sorted(i for i, y in enumerate(labels) if y == c)
+    assert any(labels[i] == 36 for i in cbs.flatten().tolist())  # a 1-image class is still drawn
+
+
+def test_sampler_rrs_epoch_is_a_permutation_and_epoch_length():
+    labels, _ = lt_labels()
+    s = ltaux.AuxBatchSampler(labels, 64, 4, mode="rrs")
+    b = s.epoch_batches()
+    assert len(s) == -(-len(labels) // 64) == b.shape[0] and b.shape[1] == 64
+    assert sorted(b.flatten()[: len(labels)].tolist()) == list(range(len(labels)))
+
+
+def test_sampler_is_deterministic_per_seed_and_epoch_and_resumes_mid_epoch():
+    labels, _ = lt_labels()
+    a, b = ltaux.AuxBatchSampler(labels, 40, 4, seed=3), ltaux.AuxBatchSampler(labels, 40, 4, seed=3)
+    a.set_epoch(2), b.set_epoch(2)
+    assert list(a) == list(b)
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    c = ltaux.AuxBatchSampler(labels, 40, 4, seed=4)
+    c.set_epoch(2)
+    assert list(a) != list(c)
+    full = list(a)
+    a.set_epoch(2, start_batch=5)
+    assert list(a) == full[5:] and len(a) == len(full) - 5
+
+
+@pytest.mark.parametrize("mode", ["cbs_rrs", "cbs", "rrs"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_sampler_rank_slices_union_is_the_single_process_batch(mode, world):
+    labels, _ = lt_labels()
+    one = ltaux.AuxBatchSampler(labels, 40, 4, mode=mode, seed=1)
+    one.set_epoch(1)
+    full = one.epoch_batches()
+    parts = 2 if mode == "cbs_rrs" else 1
+    slices = []
+    for r in range(world):
+        s = ltaux.AuxBatchSampler(labels, 40, 4, mode=mode, seed=1, rank=r, world_size=world)
+        s.set_epoch(1)
+        slices.append(s.epoch_batches().view(len(full), parts, 40 // world))
+    joined = torch.cat(slices, dim=2).view(len(full), -1)
+    assert torch.equal(joined, full)
+    for p in range(parts):  # within a part, ranks hold disjoint positions of the global batch
+        assert all(len(set(torch.cat([x[i, p] for x in slices]).tolist())) == len(torch.cat(
+            [x[i, p] for x in slices]).unique()) for i in range(3))
+
+
+def test_sampler_seeds_are_paired_with_indices():
+    labels, _ = lt_labels()
+    s = ltaux.AuxBatchSampler(labels, 40, 4, with_seeds=True)
+    plain = ltaux.AuxBatchSampler(labels, 40, 4)
+    got, ref = list(s), list(plain)
+    assert [[i for i, _ in b] for b in got] == ref
+    seeds = [sd for b in got for _, sd in b]
+    assert len(set(seeds)) == len(seeds)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(batch_size=42, per_class=4), "not divisible by per-class"),
+    (dict(batch_size=40, per_class=4, world_size=3), "not divisible by the world size"),
+    (dict(batch_size=400, per_class=4), "classes per batch"),
+    (dict(batch_size=40, mode="balanced"), "mode must be"),
+])
+def test_sampler_rejects_bad_arguments(kw, msg):
+    labels, _ = lt_labels()
+    with pytest.raises(ValueError, match=msg):
+        ltaux.AuxBatchSampler(labels, **kw)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "Places_LT_train.txt")), reason="no ../shared")
+def test_sampler_on_places_lt_never_repeats_a_class_or_an_image():
+    _, labels = ltaux.read_split(os.path.join(SHARED, "Places_LT_train.txt"))
+    s = ltaux.AuxBatchSampler(labels, 256, 4, mode="cbs")
+    cbs = s.epoch_batches()
+    L = torch.tensor(labels)[cbs]
+    assert all(len(L[i, ::4].unique()) == 64 for i in range(len(cbs)))
+    groups = cbs.view(-1, 4)
+    assert all(len(g.unique()) == 4 for g in groups)  # every Places-LT class has >= 5 images
+
+
+# ----------------------------------------------------------------------------------------------
+# the model, the rotation task and the loss
+
+
+@pytest.mark.parametrize("arch", ltaux.LTResNet.ARCHS)
+def test_every_arch_has_the_three_heads(arch):
+    torch.manual_seed(0)
+    m = ltaux.LTResNet(arch, num_classes=7, embed_dim=16).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        f = m.features(x)
+        assert f.shape == (2, 16)
+        assert m(x).shape == (2, 7)
+        assert torch.equal(m(x), m.fc(f))
+        assert m.aux_fc(f).shape == (2, 7) and m.rot_fc(f).shape == (2, 4)
+
+
+def test_embed_dim_zero_uses_backbone_width():
+    m = ltaux.LTResNet("resnet18", 5, embed_dim=0)
+    assert m.feat_dim == 512 and m.fc.in_features == 512
+    assert ltaux.LTResNet("resnet50", 5, embed_dim=0).feat_dim == 2048
+    assert ltaux.LTResNet("resnet32", 5, embed_dim=0).feat_dim == 64
+
+
+def test_pretrained_backbone_loads_torchvision_weights(tmp_path):
+    tv = torchvision.models.resnet18(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")  # torchvision format, fc.* included
+    m = ltaux.LTResNet("resnet18", 5, pretrained=str(tmp_path / "r18.pth"))
+    assert torch.equal(m.backbone.conv1.weight, tv.conv1.weight)
+    with pytest.raises(ltaux.LTauxError, match="r18.pth: not resnet50 weights"):
+        ltaux.LTResNet("resnet50", 5, pretrained=str(tmp_path / "r18.pth"))
+    with pytest.raises(ltaux.LTauxError, match="missing.pth: pretrained weights not found"):
+        ltaux.LTResNet("resnet18", 5, pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_rotate_batch_labels_match_rot90():
+    x = torch.randn(10, 3, 6, 6)
+    x_rot, y_rot = ltaux.rotate_batch(x, generator=torch.Generator().manual_seed(0))
+    assert x_rot.shape == x.shape and y_rot.shape == (10,)
+    assert torch.bincount(y_rot, minlength=4).tolist() in ([3, 3, 2, 2],)  # balanced quarters
+    used = []
+    for xi, k in zip(x_rot, y_rot.tolist()):
+        back = torch.rot90(xi, -k, dims=(1, 2))
+        j = [j for j in range(10) if torch.equal(x[j], back)]
+        assert len(j) == 1
+        used += j
+    assert sorted(used) == list(range(10))  # every image rotated exactly once
+    x_all, y_all = ltaux.rotate_batch(x, "all")
+    assert x_all.shape == (40, 3, 6, 6) and y_all.tolist() == [0] * 10 + [1] * 10 + [2] * 10 + [3] * 10
+    assert torch.equal(x_all[25], torch.rot90(x[5], 2, dims=(1, 2)))
+    with pytest.raises(ValueError, match="square"):
+        ltaux.rotate_batch(torch.randn(2, 3, 4, 6))
+
+
+def tiny_model_and_batch(seed=0):
+    torch.manual_seed(seed)
+    m = ltaux.LTResNet("resnet10", num_classes=5, embed_dim=8)
+    x_c, x_r = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    y_c, y_r = torch.randint(0, 5, (8,)), torch.randint(0, 5, (8,))
+    return m, x_c, y_c, x_r, y_r
+
+
+def grads(m, loss):
+    m.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    g = lambda mod: sum(float(p.grad.abs().sum()) for p in mod.parameters() if p.grad is not None)
+    return g(m.fc), g(m.aux_fc), g(m.rot_fc), g(m.backbone)
+
+
+def test_gradient_isolation_between_heads():
+    m, x_c, y_c, x_r, y_r = tiny_model_and_batch()
+    _, parts = ltaux.aux_loss(m, x_c, y_c, x_r, y_r)
+    # recompute the parts with graphs to look at their gradients one by one
+    feats = m.features(torch.cat([x_c, x_r]))
+    l_cbs = torch.nn.functional.cross_entropy(m.fc(feats[:8]), y_c)
+    l_rrs = torch.nn.functional.cross_entropy(m.aux_fc(feats[8:]), y_r)
+    h, h_a, h_s, phi = grads(m, l_rrs)
+    assert h == 0 and h_a > 0 and phi > 0  # the RRS loss gives h no gradient
+    h, h_a, h_s, phi = grads(m, l_cbs)
+    assert h > 0 and h_a == 0 and phi > 0  # the CBS loss gives h_a none
+    loss, parts = ltaux.aux_loss(m, x_c, y_c, x_r, y_r, lambdas=(0.0, 0.0, 1.0))
+    h, h_a, h_s, phi = grads(m, loss)
+    assert h == 0 and h_a == 0 and h_s > 0 and phi > 0
+
+
+def test_aux_loss_is_the_weighted_sum_of_its_parts_with_one_backbone_pass():
+    m, x_c, y_c, x_r, y_r = tiny_model_and_batch()
+    sizes = []
+    m.backbone.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[0]))
+    loss, parts = ltaux.aux_loss(m, x_c, y_c, x_r, y_r, lambdas=(0.5, 1.0, 1.0))
+    assert set(parts) == {"cbs", "rrs", "ss"} and sizes == [32]  # [B_cbs; B_rrs; B_rot] in one pass
+    assert torch.allclose(loss, 0.5 * parts["cbs"] + parts["rrs"] + parts["ss"])
+    assert all(not p.requires_grad for p in parts.values())
+    loss, parts = ltaux.aux_loss(m, x_c, y_c, x_r, y_r, lambdas=(0.3, 2.0, 0.0))
+    assert set(parts) == {"cbs", "rrs"} and sizes[-1] == 16  # lambda3 = 0: no rotated rows
+    assert torch.allclose(loss, 0.3 * parts["cbs"] + 2.0 * parts["rrs"])
+    loss, parts = ltaux.aux_loss(m, x_c, y_c, x_r, y_r, rotation=None)
+    assert sizes[-1] == 16 and "ss" not in parts
+    _, parts = ltaux.aux_loss(m, x_c, y_c, x_r, y_r, rotation="all")
+    assert sizes[-1] == 16 + 64
+
+
+def test_baselines_train_only_the_primary_head():
+    m, x_c, y_c, x_r, y_r = tiny_model_and_batch()
+    m.eval()  # identical BatchNorm behaviour for the reference computation
+    loss, parts = ltaux.aux_loss(m, None, None, x_r, y_r, rotation=None)
+    ref = torch.nn.functional.cross_entropy(m(x_r), y_r)
+    assert torch.allclose(loss, ref) and set(parts) == {"rrs"}
+    h, h_a, _, _ = grads(m, loss)
+    assert h > 0 and h_a == 0
+    loss, parts = ltaux.aux_loss(m, x_c, y_c, None, None, rotation=None)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(m(x_c), y_c)) and set(parts) == {"cbs"}
+
+
+def test_shot_accuracy_by_hand():
+    counts = torch.tensor([500, 50, 5, 7])  # many, medium, few, few (absent from the test set)
+    target = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 0, 0, 1, 1, 0, 2, 0])
+    m = ltaux.shot_accuracy(pred, target, counts)
+    assert m["overall"] == pytest.approx(100 * 5 / 8)
+    assert m["many"] == pytest.approx(75.0) and m["medium"] == pytest.approx(50.0)
+    assert m["few"] == pytest.approx(50.0)  # class 3 is absent: not averaged in
+    assert m["mean_per_class"] == pytest.approx((75 + 50 + 50) / 3)
+    assert m["per_class"] == [75.0, 50.0, 50.0, None] and m["counts"] == [4, 2, 2, 0]
+    m = ltaux.shot_accuracy(torch.tensor([1]), torch.tensor([1]), counts)
+    assert m["many"] is None and m["few"] is None and m["medium"] == 100.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the official lists (read from ../shared when present; never shipped)
+
+
+def need(name):
+    path = os.path.join(SHARED, name)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} absent")
+    return path
+
+
+def test_places_lt_train_figures():
+    paths, labels = ltaux.read_split(need("Places_LT_train.txt"))
+    counts = ltaux.class_counts(labels, max(labels) + 1)
+    assert len(paths) == 62500 and len(counts) == 365
+    assert int(counts.min()) == 5 and int(counts.max()) == 4980
+    assert torch.bincount(ltaux.shot_groups(counts)).tolist() == [131, 163, 71]
+
+
+def test_imagenet_lt_test_is_balanced():
+    _, labels = ltaux.read_split(need("ImageNet_LT_test.txt"))
+    counts = ltaux.class_counts(labels, 1000)
+    assert len(labels) == 50000 and counts.min() == counts.max() == 50
+
+
+def test_shipped_checksums_match_the_official_lists():
+    sums = train.official_lists()
+    assert len(sums) == 11 and "ImageNet_LT_train.txt" in sums.values()
+    for digest, name in sums.items():
+        path = os.path.join(SHARED, name)
+        if os.path.exists(path):
+            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest, name
