@@ -455,9 +455,18 @@ class LTResNet(nn.Module):
         """phi: images (B, 3, H, W) -> features (B, D)."""
         return self.embed(self.backbone(x))
 
-    def forward(self, x):
-        """Primary logits h(phi(x)): images (B, 3, H, W) -> (B, C)."""
-        return self.fc(self.features(x))
+    def forward(self, x, splits=None):
+        """Primary logits h(phi(x)): images (B, 3, H, W) -> (B, C).
+
+        With splits = [(head_name, rows), ...] (rows summing to B), one backbone pass over x and then
+        each head on its consecutive block of rows: returns a tuple of logits, e.g.
+        model(x, [("fc", S), ("aux_fc", S), ("rot_fc", 2 * S)]) -> ((S, C), (S, C), (2S, 4)).
+        Keeping the heads inside forward() lets DistributedDataParallel and torch.compile see them.
+        """
+        if splits is None:
+            return self.fc(self.features(x))
+        feats = torch.split(self.features(x), [rows for _, rows in splits])
+        return tuple(getattr(self, name)(f) for (name, _), f in zip(splits, feats))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,7 +518,8 @@ def aux_loss(model, x_cbs, y_cbs, x_rrs, y_rrs, lambdas=(0.5, 1.0, 1.0), rotatio
     rows entirely.
 
     Args:
-        model: an LTResNet (or anything with .features, .fc, .aux_fc, .rot_fc).
+        model: an LTResNet, possibly wrapped by DistributedDataParallel or torch.compile (anything whose
+            forward(x, splits) works like LTResNet.forward).
         x_cbs, x_rrs: images (S, 3, H, W) or None; y_cbs, y_rrs: labels (S,) long or None.
         lambdas: (l1, l2, l3) (default: (0.5, 1.0, 1.0), the paper's 0.5 : 1 : 1).
         rotation: "random" (one angle per image), "all" (four per image) or None (default: "random").
@@ -520,25 +530,25 @@ def aux_loss(model, x_cbs, y_cbs, x_rrs, y_rrs, lambdas=(0.5, 1.0, 1.0), rotatio
     l1, l2, l3 = lambdas
     if x_cbs is None and x_rrs is None:
         raise ValueError("aux_loss needs at least one of x_cbs, x_rrs")
-    heads, xs, ys, weights = [], [], [], []
-    if x_cbs is not None:
-        heads.append(("cbs", model.fc))
-        xs.append(x_cbs), ys.append(y_cbs), weights.append(l1 if x_rrs is not None else 1.0)
-    if x_rrs is not None:
-        heads.append(("rrs", model.aux_fc if x_cbs is not None else model.fc))
-        xs.append(x_rrs), ys.append(y_rrs), weights.append(l2 if x_cbs is not None else 1.0)
-    x = torch.cat(xs) if len(xs) > 1 else xs[0]
-    sizes = [len(t) for t in xs]
-    if rotation and l3:
+    both = x_cbs is not None and x_rrs is not None
+    xs, splits, ys, weights = [], [], [], {}
+    if x_cbs is not None:  # h on B_cbs (Algorithm 1 line 10)
+        xs.append(x_cbs), ys.append(y_cbs), splits.append(("fc", len(x_cbs)))
+        weights["cbs"] = l1 if both else 1.0
+    if x_rrs is not None:  # h_a on B_rrs, or h itself for the RRS-Only baseline
+        xs.append(x_rrs), ys.append(y_rrs), splits.append(("aux_fc" if both else "fc", len(x_rrs)))
+        weights["rrs"] = l2 if both else 1.0
+    x = torch.cat(xs) if both else xs[0]
+    if rotation and l3:  # h_s on B_rot = Rotate([B_cbs; B_rrs]) (lines 9 and 11)
         x_rot, y_rot = rotate_batch(x, rotation, generator)
-        heads.append(("ss", model.rot_fc))
-        ys.append(y_rot), weights.append(l3), sizes.append(len(x_rot))
+        ys.append(y_rot), splits.append(("rot_fc", len(x_rot)))
+        weights["ss"] = l3
         x = torch.cat([x, x_rot])
-    feats = torch.split(model.features(x), sizes)
+    logits = model(x, splits)  # one backbone pass over the joint batch
     loss, parts = 0.0, {}
-    for (name, head), f, y, w in zip(heads, feats, ys, weights):
-        part = F.cross_entropy(head(f), y)
-        loss = loss + w * part
+    for name, z, y in zip(weights, logits, ys):
+        part = F.cross_entropy(z, y)
+        loss = loss + weights[name] * part
         parts[name] = part.detach()
     return loss, parts
 

@@ -423,3 +423,354 @@ def test_shipped_checksums_match_the_official_lists():
         path = os.path.join(SHARED, name)
         if os.path.exists(path):
             assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest, name
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py and evaluate.py end to end, on tiny generated data
+
+TRAIN_COUNTS = [40, 25, 12, 6, 5, 4]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """6 classes of 16 px PNGs (40 ... 4 training images), balanced val and test lists."""
+    root = tmp_path_factory.mktemp("tiny")
+    g = torch.Generator().manual_seed(0)
+    lists = {}
+    for split, counts in (("train", TRAIN_COUNTS), ("val", [3] * 6), ("test", [4] * 6)):
+        rows = []
+        for c, n in enumerate(counts):
+            (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                x = (torch.rand(3, 16, 16, generator=g) * 80 + c * 30).to(torch.uint8)
+                train.save_png(x, str(root / split / str(c) / f"{i}.png"))
+                rows.append(f"{split}/{c}/{i}.png {c}\n")
+        lists[split] = write_list(root / f"tiny_{split}.txt", rows)
+    return root, lists
+
+
+def base_args(tiny, out, *extra):
+    root, lists = tiny
+    return ["--data", str(root), "--split", lists["train"], "--val-split", lists["val"], "--test-split",
+            lists["test"], "--arch", "resnet10", "--image-size", "16", "--batch-size", "8", "--per-class", "2",
+            "--embed-dim", "8", "--epochs", "2", "--workers", "0", "--device", "cpu", "--print-freq", "4",
+            "--lr", "0.05", "--out", str(out), *extra]
+
+
+def run_train(tiny, out, *extra, capsys=None):
+    rc = train.main(base_args(tiny, out, *extra))
+    captured = capsys.readouterr() if capsys else None
+    return rc, captured
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("rrs", []), ("cbs", []), ("cbs_rrs", []), ("cbs_rrs_ss", []), ("cbs_rrs", ["--rotation-aug"]),
+    ("cbs_rrs_ss", ["--rotation", "all", "--lambdas", "1", "1", "0.5", "--warmup-epochs", "0.5"]),
+])
+def test_every_method_trains_logs_and_tests(tiny, tmp_path, capsys, method, extra):
+    rc, cap = run_train(tiny, tmp_path / "o", "--method", method, *extra, capsys=capsys)
+    assert rc == 0, cap.err
+    log = read_log(tmp_path / "o")
+    assert [r["epoch"] for r in log] == [0, 1]
+    parts = {"rrs": ["loss_rrs"], "cbs": ["loss_cbs"], "cbs_rrs": ["loss_cbs", "loss_rrs"],
+             "cbs_rrs_ss": ["loss_cbs", "loss_rrs", "loss_ss"]}[method]
+    for key in parts + ["loss", "lr", "images_per_s", "epoch_time_s", "val_overall", "val_many", "val_medium", "val_few"]:
+        assert key in log[-1], key
+    assert not set(k for k in log[-1] if k.startswith("loss_")) - set(parts)
+    assert all(math_finite(r["loss"]) for r in log)
+    progress = [line for line in cap.out.splitlines() if line.startswith("epoch 0 [")]
+    assert progress and all(w in progress[0] for w in ("loss", "lr", "img/s", "eta"))
+    assert "args: {" in cap.out and "device: cpu" in cap.out and "not an official list" in cap.out
+    assert "| many | medium | few | overall |" in cap.out
+    ckpt = train.load_checkpoint(str(tmp_path / "o" / "last.pt"))
+    assert ckpt["epoch"] == 2 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == 2 * 12
+    assert ckpt["train_counts"].tolist() == TRAIN_COUNTS
+    assert json.load(open(tmp_path / "o" / "test_metrics.json")).keys() >= {"overall", "many", "medium", "few"}
+
+
+def math_finite(x):
+    return x == x and abs(x) != float("inf")
+
+
+def test_recipes_defaults_and_explicit_flags():
+    a = train.parse_args(["--data", "/d", "--split", "s", "--recipe", "places_lt_r152", "--lr", "0.5"])
+    assert a.arch == "resnet152" and a.backbone_lr_scale == 0.1 and a.lr == 0.5 and a.epochs == 30
+    demo = train.parse_args([])
+    assert demo.recipe == "demo" and demo.image_size == 32
+    assert train.parse_args(["--data", "/d"]).image_size == 224
+    text = train.get_args_parser().format_help()
+    assert "(default: 256)" in text and "(default: cbs_rrs_ss)" in text and "lr = 0.1 * S / 256" in text
+
+
+def state_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny, tmp_path, capsys, workers):
+    assert run_train(tiny, tmp_path / "straight", capsys=capsys)[0] == 0
+    rc, cap = run_train(tiny, tmp_path / "cut", "--stop-after-steps", "17", capsys=capsys)
+    assert rc == 0 and "stopped at epoch 1 step 5" in cap.out
+    cut = train.load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert (cut["epoch"], cut["step_in_epoch"], cut["global_step"]) == (1, 5, 17)
+    rc = train.main(["--resume", str(tmp_path / "cut" / "last.pt"), "--workers", str(workers)])
+    assert rc == 0
+    a = train.load_checkpoint(str(tmp_path / "straight" / "last.pt"))
+    b = train.load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert state_equal(a["model"], b["model"])  # every parameter and BN buffer, bit for bit
+    assert all(state_equal(a["optimizer"]["state"][k], b["optimizer"]["state"][k]) for k in a["optimizer"]["state"])
+    assert [r["epoch"] for r in read_log(tmp_path / "cut")] == [0, 1]
+
+
+def test_evaluate_writes_metrics_csv_and_figures(tiny, tmp_path, capsys):
+    import evaluate
+    assert run_train(tiny, tmp_path / "a", "--epochs", "1", capsys=capsys)[0] == 0
+    assert run_train(tiny, tmp_path / "b", "--epochs", "1", "--method", "rrs", capsys=capsys)[0] == 0
+    root, lists = tiny
+    rc = evaluate.main(["--checkpoint", str(tmp_path / "b" / "best.pt"), "--workers", "0", "--out", str(tmp_path / "eb")])
+    assert rc == 0
+    rc = evaluate.main(["--checkpoint", str(tmp_path / "a" / "best.pt"), "--data", str(root), "--split", lists["test"],
+                        "--workers", "0", "--compare", str(tmp_path / "eb" / "metrics.json")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| cbs_rrs_ss |" in out
+    folder = tmp_path / "a" / "eval-tiny_test"
+    m = json.load(open(folder / "metrics.json"))
+    assert len(m["per_class"]) == 6 and m["train_counts"] == TRAIN_COUNTS and m["test_counts"] == [4] * 6
+    rows = list(__import__("csv").DictReader(open(folder / "per_class.csv")))
+    assert [r["shot_group"] for r in rows] == ["medium", "medium", "few", "few", "few", "few"]
+    assert set(rows[0]) == {"cls", "train_count", "shot_group", "test_count", "accuracy", "weight_norm"}
+    assert float(rows[0]["weight_norm"]) > 0
+    for png in ("accuracy.png", "weight_norms.png", "gain.png"):
+        with Image.open(folder / png) as im:
+            assert im.size == (1200, 560) and len(im.getcolors(1 << 16)) > 4  # drawn, not blank
+
+
+def test_init_loads_phi_only_and_checks_the_checkpoint(tiny, tmp_path, capsys):
+    assert run_train(tiny, tmp_path / "rrs", "--epochs", "1", "--method", "rrs", capsys=capsys)[0] == 0
+    src = train.load_checkpoint(str(tmp_path / "rrs" / "last.pt"))["model"]
+    rc, _ = run_train(tiny, tmp_path / "ft", "--epochs", "1", "--method", "cbs", "--lr", "0", "--init",
+                      str(tmp_path / "rrs" / "last.pt"), capsys=capsys)
+    assert rc == 0
+    got = train.load_checkpoint(str(tmp_path / "ft" / "last.pt"))["model"]
+    assert torch.equal(got["backbone.conv1.weight"], src["backbone.conv1.weight"])  # lr 0: phi as loaded
+    assert not torch.equal(got["fc.weight"], src["fc.weight"])  # heads fresh
+    rc, cap = run_train(tiny, tmp_path / "bad", "--arch", "resnet18", "--init", str(tmp_path / "rrs" / "last.pt"),
+                        capsys=capsys)
+    assert rc == 2 and "checkpoint is resnet10 with 6 classes, this run is resnet18" in cap.err
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one clear line, exit status 2, nothing half-written
+
+
+def bad_run(tiny, tmp_path, capsys, *extra, lists=None):
+    root, base = tiny
+    args = base_args((root, {**base, **(lists or {})}), tmp_path / "o", *extra)
+    rc = train.main(args)
+    cap = capsys.readouterr()
+    assert rc == 2
+    err = [line for line in cap.err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "Traceback" not in cap.err, cap.err
+    return err[0]
+
+
+@pytest.mark.parametrize("rows, expect", [
+    (["train/0/0.png 0\n", "train/0/1.png zero\n"], "bad_train.txt:2: label 'zero' is not an integer"),
+    (["train/0/0.png 0\n", "train/0/1.png\n"], "bad_train.txt:2: expected 'relative/path label'"),
+    (["train/0/0.png 0\n", "train/0/1.png -3\n"], "bad_train.txt:2: label -3 is negative"),
+    ([], "bad_train.txt: split list is empty"),
+    (["train/0/%d.png 0\n" % i for i in range(10)] + ["train/2/%d.png 2\n" % i for i in range(10)],
+     "bad_train.txt: classes [1] have no training image"),
+])
+def test_bad_train_list(tiny, tmp_path, capsys, rows, expect):
+    bad = write_list(tmp_path / "bad_train.txt", rows)
+    assert expect in bad_run(tiny, tmp_path, capsys, "--per-class", "1", lists={"train": bad})
+
+
+def test_val_label_unknown_to_train(tiny, tmp_path, capsys):
+    bad = write_list(tmp_path / "v.txt", ["val/0/0.png 0\n", "val/0/1.png 6\n"])
+    msg = bad_run(tiny, tmp_path, capsys, lists={"val": bad})
+    assert "v.txt:2: label 6 is not a class of the training list" in msg
+
+
+def test_duplicate_paths_warn(tiny, tmp_path, capsys):
+    root, lists = tiny
+    rows = open(lists["train"]).readlines()
+    dup = write_list(tmp_path / "dup_train.txt", rows + rows[:1])
+    with pytest.warns(UserWarning, match=f"dup_train.txt:{len(rows) + 1}: duplicate path"):
+        assert train.main(base_args((root, {**lists, "train": dup}), tmp_path / "o", "--epochs", "1")) == 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bad_image_during_training_names_path_and_line(tiny, tmp_path, capsys, workers):
+    root, lists = tiny
+    rows = open(lists["train"]).readlines()
+    rows[7] = "train/0/missing.png 0\n"
+    bad = write_list(tmp_path / "img_train.txt", rows)
+    msg = bad_run(tiny, tmp_path, capsys, "--workers", str(workers), lists={"train": bad})
+    assert "img_train.txt:8: cannot read image" in msg and "missing.png (file not found)" in msg
+    assert not os.path.exists(tmp_path / "o" / "last.pt")
+
+
+def test_check_files_lists_every_failure(tiny, tmp_path, capsys):
+    root, lists = tiny
+    (tmp_path / "zero.png").write_bytes(b"")
+    rows = open(lists["train"]).readlines()
+    rows[3], rows[9] = "train/0/gone.png 0\n", f"../{tmp_path.name}/zero.png 0\n"
+    bad = write_list(tmp_path / "cf_train.txt", rows)
+    rc = train.main(base_args((root, {**lists, "train": bad}), tmp_path / "o", "--check-files", "--allow-unsafe-paths"))
+    cap = capsys.readouterr()
+    assert rc == 2 and "error: 2 unreadable images" in cap.err
+    assert "cf_train.txt:4:" in cap.err and "cf_train.txt:10:" in cap.err and "UnidentifiedImageError" in cap.err
+    assert "check-files: 134/134 images, 2 unreadable" in cap.out
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--batch-size", "9", "--per-class", "2"], "not divisible by per-class Z=2"),
+    (["--batch-size", "16", "--per-class", "2"], "k = S/Z = 8 classes per batch, but only 6 classes"),
+    (["--method", "cbs_rrs_ss", "--rotation-aug"], "--rotation-aug is the augmentation baseline"),
+])
+def test_bad_arguments(tiny, tmp_path, capsys, extra, expect):
+    assert expect in bad_run(tiny, tmp_path, capsys, *extra)
+
+
+def test_world_size_must_divide_the_batch(tiny, monkeypatch, tmp_path):
+    labels = ltaux.read_split(tiny[1]["train"])[1]
+    with pytest.raises(ValueError, match="not divisible by the world size 3"):
+        ltaux.AuxBatchSampler(labels, 8, 2, world_size=3)
+
+
+def test_output_folder_of_another_run_is_refused(tiny, tmp_path, capsys):
+    assert run_train(tiny, tmp_path / "o", "--epochs", "1", capsys=capsys)[0] == 0
+    before = open(tmp_path / "o" / "last.pt", "rb").read()
+    msg = bad_run(tiny, tmp_path, capsys, "--epochs", "1")
+    assert "holds another run" in msg and "--resume" in msg and "--overwrite" in msg
+    assert open(tmp_path / "o" / "last.pt", "rb").read() == before
+    assert run_train(tiny, tmp_path / "o", "--epochs", "1", "--overwrite", capsys=capsys)[0] == 0
+    assert len(read_log(tmp_path / "o")) == 1
+
+
+def test_resume_of_another_arch_is_refused(tiny, tmp_path, capsys):
+    assert run_train(tiny, tmp_path / "o", "--epochs", "1", capsys=capsys)[0] == 0
+    rc = train.main(["--resume", str(tmp_path / "o" / "last.pt"), "--arch", "resnet18", "--epochs", "2"])
+    assert rc == 2 and "checkpoint is resnet10 with 6 classes, this run is resnet18" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_step_and_parts(tiny, tmp_path, capsys):
+    msg = bad_run(tiny, tmp_path, capsys, "--lr", "1e30")
+    assert "non-finite loss at step" in msg and "cbs" in msg and "last good checkpoint: none yet" in msg
+    assert not os.path.exists(tmp_path / "o" / "last.pt")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoints_with_pickled_objects_or_garbage_are_refused(tiny, tmp_path, capsys):
+    torch.save({"format": train.CKPT_FORMAT, "payload": Evil()}, tmp_path / "evil.pt")
+    rc = train.main(["--resume", str(tmp_path / "evil.pt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "evil.pt: refused: it holds pickled Python objects" in err and "pwned" not in err
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    rc = train.main(["--resume", str(tmp_path / "junk.pt")])
+    assert rc == 2 and "junk.pt: not a readable checkpoint" in capsys.readouterr().err
+    import evaluate
+    assert evaluate.main(["--checkpoint", str(tmp_path / "evil.pt")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# processes: pre-emption, a kill during a save, torchrun
+
+
+def test_sigterm_saves_position_and_exits_cleanly(tiny, tmp_path):
+    args = base_args(tiny, tmp_path / "o", "--epochs", "50", "--print-freq", "1")
+    p = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py"), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    lines = []
+    for line in p.stdout:  # wait for training to be under way: the first progress line
+        lines.append(line)
+        if line.startswith("epoch 0 [ 2/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + p.stdout.read()
+    assert p.wait(timeout=120) == 0, out
+    assert "stopped at epoch" in out and "--resume" in out
+    ckpt = train.load_checkpoint(str(tmp_path / "o" / "last.pt"))
+    assert 0 < ckpt["global_step"] < 50 * 12
+    assert ckpt["epoch"] * 12 + ckpt["step_in_epoch"] == ckpt["global_step"]
+    assert not [f for f in os.listdir(tmp_path / "o") if ".tmp" in f]
+
+
+KILLER = r"""
+import os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+import train
+path = sys.argv[2]
+train.atomic_save({"v": torch.zeros(3)}, path)   # the good, old checkpoint
+class Bomb:
+    def __reduce__(self):                          # runs while torch.save is writing the new one
+        os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[3] == "during-write":
+    train.atomic_save({"v": torch.ones(1 << 20), "x": Bomb()}, path)
+else:                                              # after the bytes are written, before the rename
+    os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+    train.atomic_save({"v": torch.ones(1 << 20)}, path)
+"""
+
+
+@pytest.mark.parametrize("when", ["during-write", "before-rename"])
+def test_kill_during_save_leaves_the_old_checkpoint(tmp_path, when):
+    path = tmp_path / "last.pt"
+    p = subprocess.run([sys.executable, "-c", KILLER, HERE, str(path), when], capture_output=True)
+    assert p.returncode == -signal.SIGKILL
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.zeros(3))
+
+
+def test_torchrun_two_processes_on_cpu(tiny, tmp_path):
+    import evaluate
+    out = tmp_path / "ddp"
+    args = base_args(tiny, out, "--epochs", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), *args], capture_output=True, text=True, cwd=HERE,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("epoch 0 done") == 1  # rank 0 alone logs
+    assert "device: cpu x 2" in p.stdout
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "log.jsonl", "test_metrics.json"]  # rank 0 alone writes
+    ckpt = train.load_checkpoint(str(out / "last.pt"))
+    assert ckpt["global_step"] == 12 and ckpt["args"]["batch_size"] == 8
+    ddp = json.load(open(out / "test_metrics.json"))
+    assert evaluate.main(["--checkpoint", str(out / "best.pt"), "--workers", "0", "--out", str(tmp_path / "e")]) == 0
+    single = json.load(open(tmp_path / "e" / "metrics.json"))
+    assert ddp["overall"] == pytest.approx(single["overall"])  # gathered: no test image lost or counted twice
+
+
+def test_demo_data_and_split_maker(tmp_path):
+    lists = train.make_demo_data(str(tmp_path / "demo"), classes=12, head=150, tail=5, val=2, test=3, size=8)
+    _, labels = ltaux.read_split(lists["train"])
+    groups = ltaux.shot_groups(ltaux.class_counts(labels, 12))
+    assert set(groups.tolist()) == {0, 1, 2}  # the demo spans many, medium and few
+    assert ltaux.class_counts(ltaux.read_split(lists["test"])[1], 12).tolist() == [3] * 12
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    sys.path.insert(0, os.path.join(HERE, "data_lists"))
+    import make_lt_split
+    tree = tmp_path / "tree"
+    for c in range(5):
+        (tree / f"c{c}").mkdir(parents=True)
+        for i in range(30):
+            (tree / f"c{c}" / f"{i}.jpg").write_bytes(b"x")
+    for profile in ("exp", "pareto"):
+        prefix = str(tmp_path / f"My_{profile}")
+        make_lt_split.main(["--root", str(tree), "--prefix", prefix, "--profile", profile, "--max", "20",
+                            "--min", "2", "--test-per-class", "5", "--val-per-class", "2"])
+        tr, te = ltaux.read_split(prefix + "_train.txt"), ltaux.read_split(prefix + "_test.txt")
+        counts = sorted(ltaux.class_counts(tr[1], 5).tolist(), reverse=True)
+        assert counts[0] == 20 and counts[-1] == 2
+        assert ltaux.class_counts(te[1], 5).tolist() == [5] * 5
+        assert not set(tr[0]) & set(te[0])  # held-out images never train

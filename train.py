@@ -68,7 +68,7 @@ def get_args_parser():
     g.add_argument("--check-files", action="store_true", help="open every listed image before training "
                    "and report all unreadable ones at once")
     g.add_argument("--allow-unsafe-paths", action="store_true", help="accept absolute paths and '..' in lists")
-    g.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per GPU")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes per GPU")
     g.add_argument("--image-size", type=int, default=224, help="training crop; >= 64 uses the ImageNet-LT "
                    "augmentation, smaller the CIFAR one (pad 4 + random crop)")
     g = p.add_argument_group("method")
@@ -184,7 +184,6 @@ def make_demo_data(root, seed=0, classes=30, head=500, tail=5, val=10, test=40, 
     groups 11/10/9 with thresholds 100/20); val and test are balanced. Written to a temporary
     folder and renamed, so an interrupted run never leaves half a dataset. Returns the list paths.
     """
-    import torchvision.io  # only the demo writes images
     lists = {s: os.path.join(root, f"demo_{s}.txt") for s in ("train", "val", "test")}
     if all(os.path.exists(p) for p in lists.values()):
         return lists
@@ -205,7 +204,7 @@ def make_demo_data(root, seed=0, classes=30, head=500, tail=5, val=10, test=40, 
             os.makedirs(os.path.join(tmp, split, f"class{c:02d}"), exist_ok=True)
             for i in range(n):
                 rel = f"{split}/class{c:02d}/{i:04d}.png"
-                torchvision.io.write_png(torch.roll(imgs[i], shifts[i], dims=(1, 2)), os.path.join(tmp, rel))
+                save_png(torch.roll(imgs[i], shifts[i], dims=(1, 2)), os.path.join(tmp, rel))
                 rows.append(f"{rel} {c}\n")
         with open(os.path.join(tmp, f"demo_{split}.txt"), "w") as f:
             f.writelines(rows)
@@ -215,6 +214,12 @@ def make_demo_data(root, seed=0, classes=30, head=500, tail=5, val=10, test=40, 
     os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
     os.replace(tmp, root)
     return lists
+
+
+def save_png(x, path):
+    """uint8 tensor (3, H, W) -> PNG file, with Pillow alone."""
+    from PIL import Image
+    Image.frombytes("RGB", (x.shape[2], x.shape[1]), bytes(x.permute(1, 2, 0).flatten().tolist())).save(path)
 
 
 def build_transform(size, train):
@@ -300,8 +305,11 @@ def build_data(args):
     if args.check_files and is_main(args):
         check_files([train] + list(evals.values()), args)
     mode = {"rrs": "rrs", "cbs": "cbs"}.get(args.method, "cbs_rrs")
-    sampler = ltaux.AuxBatchSampler(train.labels, args.batch_size, args.per_class, mode, seed=args.seed,
-                                    rank=args.rank, world_size=args.world_size, with_seeds=True)
+    try:
+        sampler = ltaux.AuxBatchSampler(train.labels, args.batch_size, args.per_class, mode, seed=args.seed,
+                                        rank=args.rank, world_size=args.world_size, with_seeds=True)
+    except ValueError as e:  # S vs Z, k vs C, S vs world size: the user's arguments
+        raise LTauxError(f"{args.split}: {e}") from None
     cuda = args.device_type == "cuda"
     loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, num_workers=args.workers,
                                          pin_memory=cuda, persistent_workers=args.workers > 0)
@@ -333,6 +341,10 @@ def build_model(args, num_classes, device):
     model = ltaux.LTResNet(args.arch, num_classes, args.embed_dim, args.pretrained)
     if args.init:  # phi only (backbone + embed), heads fresh
         load_weights(model, load_checkpoint(args.init), args.init, prefixes=("backbone.", "embed."))
+    used = {"fc"} | ({"aux_fc"} if args.method in ("cbs_rrs", "cbs_rrs_ss") else set()) | (
+        {"rot_fc"} if args.method == "cbs_rrs_ss" and args.lambdas[2] else set())
+    for head in {"fc", "aux_fc", "rot_fc"} - used:
+        getattr(model, head).requires_grad_(False)  # never trained by this method: DDP must not wait for it
     if args.sync_bn and args.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -389,8 +401,11 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise LTauxError(f"{path}: checkpoint not found") from None
     except pickle.UnpicklingError as e:
-        raise LTauxError(f"{path}: refused: it holds pickled Python objects, not only tensors and plain "
-                         f"types (loaded with weights_only=True: {str(e).splitlines()[0]})") from None
+        what = [line for line in str(e).splitlines() if "GLOBAL" in line]
+        if not what:
+            raise LTauxError(f"{path}: not a readable checkpoint (corrupt or not a torch file)") from None
+        raise LTauxError(f"{path}: refused: it holds pickled Python objects, not only tensors and plain types "
+                         f"({what[0].strip()}); nothing in it was run (weights_only=True)") from None
     except Exception as e:  # noqa: BLE001 - truncated or foreign files
         raise LTauxError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
@@ -688,6 +703,15 @@ def final_test(raw, data, ctx, args):
             json.dump({k: acc[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}, f)
 
 
+def report(error):
+    """Print a user error on one line (also one re-raised from a DataLoader worker); exit status 2."""
+    msg = str(error).strip()
+    if "Original Traceback" in msg:  # keep the worker's own message, not its traceback
+        msg = msg.splitlines()[-1].replace("ltaux.LTauxError: ", "")
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = setup_distributed(args)
@@ -695,9 +719,7 @@ def main(argv=None):
     try:
         return train(args, device)
     except LTauxError as e:
-        msg = str(e).strip().splitlines()[-1] if "Original Traceback" in str(e) else str(e)
-        print(f"error: {msg.replace('ltaux.LTauxError: ', '')}", file=sys.stderr, flush=True)
-        return 2
+        return report(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

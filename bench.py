@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Benchmark the pieces of an ltaux training step; prints one JSON object and a short table.
+
+    python bench.py                                   # CPU defaults, well under 2 minutes on 2 cores
+    python bench.py --device cuda --arch resnet50 --image-size 224 --batch-size 64
+
+sampler: batches/s and indices/s of AuxBatchSampler on Places-LT labels (../shared/data_lists when
+         present, else a generated 62,500-image Pareto profile), and its cost per step.
+step:    images/s of a cbs_rrs_ss step (all 4S images: B_cbs, B_rrs and their rotations) and of a
+         plain classifier step (one head, cross-entropy, one batch of 4S images), same device, arch,
+         size and precision, timed alternately after warm-up. Their ratio is the headline figure.
+loader:  images/s of the real data path (Pillow decode + transforms + collate) in one worker,
+         on the demo dataset.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+import ltaux
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--arch", default="resnet10", choices=ltaux.LTResNet.ARCHS, help="backbone")
+    p.add_argument("--image-size", type=int, default=112, help="square input size")
+    p.add_argument("--batch-size", type=int, default=32, help="S: a method step forwards 4S images")
+    p.add_argument("--num-classes", type=int, default=1000, help="width of the classifier heads")
+    p.add_argument("--steps", type=int, default=8, help="timed steps of each kind")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
+    p.add_argument("--amp", default=None, choices=["bf16", "off"], help="autocast (default: bf16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--loader-images", type=int, default=2000, help="images decoded for the loader figure")
+    return p
+
+
+def places_labels():
+    path = os.path.join(HERE, "..", "shared", "data_lists", "Places_LT_train.txt")
+    if os.path.exists(path):
+        return ltaux.read_split(path)[1], "Places_LT_train.txt"
+    rng = random.Random(0)  # 365 classes, 5..4980 images, Pareto(6) profile, 62,500 images in all
+    draws = sorted((rng.paretovariate(6) for _ in range(365)), reverse=True)
+    raw = [5 + (d - draws[-1]) / (draws[0] - draws[-1]) * 4975 for d in draws]
+    scale = (62500 - 5 * 365) / (sum(raw) - 5 * 365)
+    counts = [max(5, round(5 + (r - 5) * scale)) for r in raw]
+    counts[0] += 62500 - sum(counts)
+    return [c for c, n in enumerate(counts) for _ in range(n)], "generated Pareto profile"
+
+
+def bench_sampler(S=256, Z=4, epochs=3):
+    labels, source = places_labels()
+    sampler = ltaux.AuxBatchSampler(labels, S, Z, with_seeds=True)  # exactly what train.py iterates
+    batches, t0 = 0, time.perf_counter()
+    for e in range(epochs):
+        sampler.set_epoch(e)
+        batches += sum(1 for _ in sampler)
+    dt = time.perf_counter() - t0
+    return dict(labels=source, images=len(labels), S=S, Z=Z, batches_per_s=batches / dt,
+                indices_per_s=batches * 2 * S / dt, ms_per_batch=1000 * dt / batches)
+
+
+def make_steps(args, device):
+    model = ltaux.LTResNet(args.arch, args.num_classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
+                          **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    fwd = torch.compile(model) if args.compile else model
+    amp = (args.amp or ("bf16" if device.type == "cuda" else "off")) == "bf16"
+    S, size, cl = args.batch_size, args.image_size, device.type == "cuda"
+    pin = device.type == "cuda"
+    x2 = torch.randint(0, 256, (2 * S, 3, size, size), dtype=torch.uint8, pin_memory=pin)
+    x4 = torch.randint(0, 256, (4 * S, 3, size, size), dtype=torch.uint8, pin_memory=pin)
+    y2, y4 = torch.randint(0, args.num_classes, (2 * S,)), torch.randint(0, args.num_classes, (4 * S,))
+    gen = torch.Generator(device=device)
+
+    def method_step():  # the train.py step: [B_cbs; B_rrs] in, rotations made on the device
+        x = train.to_device(x2, device, cl)
+        y = y2.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = ltaux.aux_loss(fwd, x[:S], y[:S], x[S:], y[S:], generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def plain_step():  # a standard classifier step over the same number of images
+        x = train.to_device(x4, device, cl)
+        y = y4.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(fwd(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return method_step, plain_step, amp
+
+
+def bench_step(args, device):
+    method_step, plain_step, amp = make_steps(args, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        method_step(), plain_step()
+    sync()
+    t = {"method": [], "plain": []}
+    for _ in range(args.steps):  # alternate, so that drifts (clocks, other load) hit both alike
+        for name, fn in (("method", method_step), ("plain", plain_step)):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            t[name].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in t.items()}  # medians: robust to a stray slow step
+    n = 4 * args.batch_size
+    return dict(images_per_step=n, method_images_per_s=n / med["method"], plain_images_per_s=n / med["plain"],
+                ratio=med["plain"] / med["method"], method_ms_per_step=1000 * med["method"],
+                plain_ms_per_step=1000 * med["plain"], amp="bf16" if amp else "off")
+
+
+def bench_loader(n_images):
+    lists = train.make_demo_data(train.get_args_parser().get_default("demo_dir"))
+    ds = ltaux.SplitDataset(os.path.dirname(lists["train"]), lists["train"], train.build_transform(32, True))
+    sampler = ltaux.AuxBatchSampler(ds.labels, 64, 4, mode="rrs", with_seeds=True)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=0)
+    seen, t0 = 0, time.perf_counter()
+    while seen < n_images:
+        for x, _ in loader:
+            seen += len(x)
+            if seen >= n_images:
+                break
+    return dict(dataset="demo (32 px PNG, CIFAR augmentation)", images_per_s_per_worker=seen / (time.perf_counter() - t0))
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
+    res = dict(device=str(device), device_name=name, torch=torch.__version__, arch=args.arch,
+               image_size=args.image_size, batch_size=args.batch_size)
+    res["sampler"] = bench_sampler()
+    res["step"] = bench_step(args, device)
+    res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"]["method_ms_per_step"]
+    res["loader"] = bench_loader(args.loader_images)
+    print(json.dumps(res, indent=1))
+    s, st, ld = res["sampler"], res["step"], res["loader"]
+    print(f"\n| what | figure |\n|---|---|\n"
+          f"| sampler ({s['labels']}, S={s['S']}, Z={s['Z']}) | {s['batches_per_s']:.0f} batches/s, "
+          f"{s['indices_per_s'] / 1e6:.2f} M indices/s, {100 * s['fraction_of_step']:.3f}% of a step |\n"
+          f"| cbs_rrs_ss step ({args.arch}, {args.image_size} px, 4S={st['images_per_step']}, {st['amp']}, {name}) "
+          f"| {st['method_images_per_s']:.0f} images/s |\n"
+          f"| plain classifier step, same images | {st['plain_images_per_s']:.0f} images/s |\n"
+          f"| ratio method / plain | {st['ratio']:.3f} |\n"
+          f"| loader, one worker ({ld['dataset']}) | {ld['images_per_s_per_worker']:.0f} images/s |")
+
+
+if __name__ == "__main__":
+    main()
