@@ -89,8 +89,10 @@ def nice_ticks(lo, hi, n=5):
     step = (hi - lo) / n or 1.0
     mag = 10 ** math.floor(math.log10(step))
     step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= step), default=10 * mag)
-    first = math.floor(lo / step) * step
-    return [first + i * step for i in range(int((hi - first) / step) + 2) if first + i * step <= hi + 1e-9]
+    ticks = [math.floor(lo / step) * step]
+    while ticks[-1] < hi - 1e-9:  # up to the first tick at or above hi
+        ticks.append(ticks[-1] + step)
+    return ticks
 
 
 def bar_figure(path, values, title, ylabel, groups, curve=None, curve_label=None, colors=None):

@@ -12,6 +12,7 @@ JSON line in <out>/log.jsonl. The method itself lives in ltaux.py; this file onl
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -324,11 +325,17 @@ def eval_loader(ds, args):
                                        num_workers=args.workers, pin_memory=args.device_type == "cuda")
 
 
+@functools.lru_cache(maxsize=None)
+def mean_std(device):
+    """ImageNet mean and std for uint8 pixels, made once per device (a per-step copy would sync)."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
 def to_device(x, device, channels_last=False):
     """uint8 images (B, 3, H, W) -> normalised float on the device (non_blocking from pinned memory)."""
     x = x.to(device, non_blocking=True)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    mean, std = mean_std(device)
     x = (x.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
