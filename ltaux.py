@@ -24,7 +24,6 @@ What is here, each piece usable on its own (copy what you need):
 Dependencies: torch, torchvision, Pillow. No global state, nothing happens on import.
 """
 
-import math
 import os
 import warnings
 

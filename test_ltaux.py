@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch

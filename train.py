@@ -57,7 +57,6 @@ RECIPES = {
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="dataset root; split paths are relative to it "
                    "(unset: run the demo on synthetic data written to --demo-dir)")
@@ -402,19 +401,17 @@ def atomic_save(obj, path):
 
 def load_checkpoint(path):
     """Load an ltaux checkpoint safely: weights_only=True, so a file carrying pickled code is refused."""
-    import pickle
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LTauxError(f"{path}: checkpoint not found") from None
-    except pickle.UnpicklingError as e:
-        what = [line for line in str(e).splitlines() if "GLOBAL" in line]
-        if not what:
-            raise LTauxError(f"{path}: not a readable checkpoint (corrupt or not a torch file)") from None
-        raise LTauxError(f"{path}: refused: it holds pickled Python objects, not only tensors and plain types "
-                         f"({what[0].strip()}); nothing in it was run (weights_only=True)") from None
-    except Exception as e:  # noqa: BLE001 - truncated or foreign files
-        raise LTauxError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - pickled objects, truncated or foreign files
+        what = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]  # the unpickler's refusal
+        if what:
+            raise LTauxError(f"{path}: refused: it holds pickled Python objects, not only tensors and plain "
+                             f"types ({what[0]}); nothing in it was run (weights_only=True)") from None
+        raise LTauxError(f"{path}: not a readable checkpoint (corrupt, truncated or not written by "
+                         f"torch.save; {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise LTauxError(f"{path}: not an ltaux checkpoint (no '{CKPT_FORMAT}' marker)")
     return ckpt
