@@ -32,14 +32,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda or cpu (None: cuda when available)")
     p.add_argument("--arch", default="resnet10", choices=ltaux.LTResNet.ARCHS, help="backbone")
     p.add_argument("--image-size", type=int, default=112, help="square input size")
     p.add_argument("--batch-size", type=int, default=32, help="S: a method step forwards 4S images")
     p.add_argument("--num-classes", type=int, default=1000, help="width of the classifier heads")
     p.add_argument("--steps", type=int, default=8, help="timed steps of each kind")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
-    p.add_argument("--amp", default=None, choices=["bf16", "off"], help="autocast (default: bf16 on CUDA)")
+    p.add_argument("--amp", default=None, choices=["bf16", "off"], help="autocast (None: bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--loader-images", type=int, default=2000, help="images decoded for the loader figure")
     return p

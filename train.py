@@ -61,7 +61,7 @@ def get_args_parser():
     g.add_argument("--data", default=None, help="dataset root; split paths are relative to it "
                    "(unset: run the demo on synthetic data written to --demo-dir)")
     g.add_argument("--split", default=None, help="training split list, 'relative/path label' per line")
-    g.add_argument("--val-split", default=None, help="validation list (default: the sibling *_val.txt of --split)")
+    g.add_argument("--val-split", default=None, help="validation list (None: the sibling *_val.txt of --split)")
     g.add_argument("--test-split", default=None, help="test list, evaluated with best.pt after training")
     g.add_argument("--demo-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
         "~/.cache")), "ltaux", "demo"), help="where the demo writes its synthetic dataset")
@@ -101,17 +101,17 @@ def get_args_parser():
     g.add_argument("--backbone-lr-scale", type=float, default=1.0, help="backbone lr = scale * lr "
                    "(e.g. 0.1 to fine-tune pretrained weights)")
     g.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast precision "
-                   "(default: bf16 on CUDA, off on CPU); fp16 adds a gradient scaler")
+                   "(None: bf16 on CUDA, off on CPU); fp16 adds a gradient scaler")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs: one all-reduce "
                    "per BN layer per step; matters when per-GPU batches are small")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder (default: runs/<date>-<method>)")
+    g.add_argument("--out", default=None, help="output folder (None: runs/<date>-<method>)")
     g.add_argument("--resume", default=None, help="continue from <out>/last.pt (model, optimiser, "
                    "schedule, sampler position, RNG)")
     g.add_argument("--overwrite", action="store_true", help="reuse an --out that holds another run")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling, augmentation and init")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--device", default=None, help="cuda or cpu (None: cuda when available)")
     g.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
     g.add_argument("--eval-freq", type=int, default=1, help="epochs between validations")
     g.add_argument("--many", type=int, default=100, help="many-shot: more than this many train images")

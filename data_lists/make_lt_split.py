@@ -26,7 +26,7 @@ def get_args_parser():
     p.add_argument("--root", required=True, help="folder with one sub-folder of images per class")
     p.add_argument("--prefix", required=True, help="output lists: <prefix>_train.txt, _val.txt, _test.txt")
     p.add_argument("--profile", default="exp", choices=["exp", "pareto"], help="shape of the class-size curve")
-    p.add_argument("--imbalance", type=float, default=None, help="exp: max / min (default: --max / --min)")
+    p.add_argument("--imbalance", type=float, default=None, help="exp: max / min (None: --max / --min)")
     p.add_argument("--alpha", type=float, default=6.0, help="pareto: shape parameter")
     p.add_argument("--max", type=int, default=500, help="training images of the largest class")
     p.add_argument("--min", type=int, default=5, help="training images of the smallest class")
