@@ -78,7 +78,7 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
         raise LTauxError(f"{path}: split list not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise LTauxError(f"{path}: cannot read split list ({e})") from None
-    paths, labels, lines, seen = [], [], [], {}
+    paths, labels, lines, seen, dups = [], [], [], {}, []
     for n, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -97,7 +97,7 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
                              "(lists are read relative to the dataset root; allow_unsafe_paths=True "
                              "or --allow-unsafe-paths accepts it)")
         if p in seen:
-            warnings.warn(f"{path}:{n}: duplicate path {p!r} (first on line {seen[p]})", stacklevel=2)
+            dups.append(f"{path}:{n}: duplicate path {p!r} (first on line {seen[p]})")
         else:
             seen[p] = n
         paths.append(p)
@@ -105,6 +105,9 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
         lines.append(n)
     if not paths:
         raise LTauxError(f"{path}: split list is empty")
+    if dups:  # one warning, however many
+        more = f" (and {len(dups) - 1} more duplicate lines)" if len(dups) > 1 else ""
+        warnings.warn(dups[0] + more, stacklevel=2)
     return (paths, labels, lines) if return_lines else (paths, labels)
 
 

@@ -67,9 +67,9 @@ def test_read_split_missing_file_unsafe_opt_in_and_duplicates(tmp_path):
         ltaux.read_split(tmp_path / "nope.txt")
     f = write_list(tmp_path / "u.txt", ["../x.jpg 0\n"])
     assert ltaux.read_split(f, allow_unsafe_paths=True)[0] == ["../x.jpg"]
-    f = write_list(tmp_path / "d.txt", ["x.jpg 0\n", "y.jpg 0\n", "x.jpg 1\n"])
-    with pytest.warns(UserWarning, match=r"d.txt:3: duplicate path 'x.jpg' \(first on line 1\)"):
-        assert len(ltaux.read_split(f)[0]) == 3
+    f = write_list(tmp_path / "d.txt", ["x.jpg 0\n", "y.jpg 0\n", "x.jpg 1\n", "y.jpg 0\n"])
+    with pytest.warns(UserWarning, match=r"d.txt:3: duplicate path 'x.jpg' \(first on line 1\) \(and 1 more"):
+        assert len(ltaux.read_split(f)[0]) == 4
     f = write_list(tmp_path / "o.txt", ["x.jpg -1\n"])
     assert ltaux.read_split(f, allow_negative=True)[1] == [-1]
 
@@ -751,6 +751,9 @@ def test_torchrun_two_processes_on_cpu(tiny, tmp_path):
 
 
 def test_demo_data_and_split_maker(tmp_path):
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ltaux.LTauxError, match="exists but holds no demo lists"):
+        train.make_demo_data(str(tmp_path / "mine"))  # a user's folder is never written into
     lists = train.make_demo_data(str(tmp_path / "demo"), classes=12, head=150, tail=5, val=2, test=3, size=8)
     _, labels = ltaux.read_split(lists["train"])
     groups = ltaux.shot_groups(ltaux.class_counts(labels, 12))

@@ -187,6 +187,8 @@ def make_demo_data(root, seed=0, classes=30, head=500, tail=5, val=10, test=40, 
     lists = {s: os.path.join(root, f"demo_{s}.txt") for s in ("train", "val", "test")}
     if all(os.path.exists(p) for p in lists.values()):
         return lists
+    if os.path.exists(root):  # never write into (or delete) a folder we did not make
+        raise LTauxError(f"{root}: exists but holds no demo lists; remove it or pass another --demo-dir")
     tmp = f"{root}.tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -208,9 +210,6 @@ def make_demo_data(root, seed=0, classes=30, head=500, tail=5, val=10, test=40, 
                 rows.append(f"{rel} {c}\n")
         with open(os.path.join(tmp, f"demo_{split}.txt"), "w") as f:
             f.writelines(rows)
-    if os.path.isdir(root):  # a stale or partial folder from an older version
-        import shutil
-        shutil.rmtree(root)
     os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
     os.replace(tmp, root)
     return lists
@@ -286,6 +285,10 @@ def check_files(datasets, args):
 def build_data(args):
     """Datasets, train sampler and loaders; returns a dict."""
     if args.data is None:
+        if is_main(args):
+            make_demo_data(args.demo_dir, seed=args.seed)
+        if args.world_size > 1:
+            dist.barrier()  # the other ranks wait for rank 0's dataset
         lists = make_demo_data(args.demo_dir, seed=args.seed)
         args.data, args.split = args.demo_dir, lists["train"]
         args.val_split, args.test_split = args.val_split or lists["val"], args.test_split or lists["test"]
