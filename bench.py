@@ -42,6 +42,8 @@ def get_args_parser():
     p.add_argument("--amp", default=None, choices=["bf16", "off"], help="autocast (None: bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--loader-images", type=int, default=2000, help="images decoded for the loader figure")
+    p.add_argument("--demo-dir", default=train.get_args_parser().get_default("demo_dir"),
+                   help="the demo dataset the loader figure reads (written if absent)")
     return p
 
 
@@ -126,8 +128,8 @@ def bench_step(args, device):
                 plain_ms_per_step=1000 * med["plain"], amp="bf16" if amp else "off")
 
 
-def bench_loader(n_images):
-    lists = train.make_demo_data(train.get_args_parser().get_default("demo_dir"))
+def bench_loader(n_images, demo_dir):
+    lists = train.make_demo_data(demo_dir)
     ds = ltaux.SplitDataset(os.path.dirname(lists["train"]), lists["train"], train.build_transform(32, True))
     sampler = ltaux.AuxBatchSampler(ds.labels, 64, 4, mode="rrs", with_seeds=True)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=0)
@@ -152,9 +154,14 @@ def main(argv=None):
     res["sampler"] = bench_sampler()
     res["step"] = bench_step(args, device)
     res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"]["method_ms_per_step"]
-    res["loader"] = bench_loader(args.loader_images)
+    res["loader"] = bench_loader(args.loader_images, args.demo_dir)
     print(json.dumps(res, indent=1))
-    s, st, ld = res["sampler"], res["step"], res["loader"]
+    print_table(res, args)
+    return res
+
+
+def print_table(res, args):
+    s, st, ld, name = res["sampler"], res["step"], res["loader"], res["device_name"]
     print(f"\n| what | figure |\n|---|---|\n"
           f"| sampler ({s['labels']}, S={s['S']}, Z={s['Z']}) | {s['batches_per_s']:.0f} batches/s, "
           f"{s['indices_per_s'] / 1e6:.2f} M indices/s, {100 * s['fraction_of_step']:.3f}% of a step |\n"

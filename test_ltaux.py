@@ -776,3 +776,14 @@ def test_demo_data_and_split_maker(tmp_path):
         assert counts[0] == 20 and counts[-1] == 2
         assert ltaux.class_counts(te[1], 5).tolist() == [5] * 5
         assert not set(tr[0]) & set(te[0])  # held-out images never train
+
+
+def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
+    import bench
+    res = bench.main(["--image-size", "16", "--batch-size", "4", "--num-classes", "5", "--steps", "2", "--warmup", "1",
+                      "--loader-images", "64", "--demo-dir", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert json.loads(out[: out.index("\n}\n") + 2])["step"]["images_per_step"] == 16
+    assert res["sampler"]["batches_per_s"] > 0 and res["sampler"]["fraction_of_step"] > 0
+    assert res["step"]["ratio"] > 0 and res["loader"]["images_per_s_per_worker"] > 0
+    assert "| ratio method / plain |" in out
