@@ -560,6 +560,11 @@ def test_init_loads_phi_only_and_checks_the_checkpoint(tiny, tmp_path, capsys):
     rc, cap = run_train(tiny, tmp_path / "bad", "--arch", "resnet18", "--init", str(tmp_path / "rrs" / "last.pt"),
                         capsys=capsys)
     assert rc == 2 and "checkpoint is resnet10 with 6 classes, this run is resnet18" in cap.err
+    root, lists = tiny
+    five = write_list(tmp_path / "five_train.txt", [r for r in open(lists["train"]) if not r.endswith(" 5\n")])
+    rc = train.main(base_args((root, {**lists, "train": five, "val": five, "test": five}), tmp_path / "bad5",
+                              "--init", str(tmp_path / "rrs" / "last.pt")))
+    assert rc == 2 and "checkpoint is resnet10 with 6 classes, this run is resnet10 with 5 classes" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -424,7 +425,7 @@ def load_weights(model, ckpt, path, prefixes=None):
     """Copy a checkpoint's weights (those starting with `prefixes`, default all) into model,
     after checking that arch, class count and every shape match. Raises LTauxError."""
     c_arch, c_classes = ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0]
-    if c_arch != model.arch or (prefixes is None and c_classes != model.num_classes):
+    if c_arch != model.arch or c_classes != model.num_classes:
         raise LTauxError(f"{path}: checkpoint is {c_arch} with {c_classes} classes, this run is "
                          f"{model.arch} with {model.num_classes} classes")
     own = model.state_dict()
@@ -723,11 +724,13 @@ def main(argv=None):
     args = parse_args(argv)
     device = setup_distributed(args)
     args.device_type = device.type
+    plain_format, warnings.formatwarning = warnings.formatwarning, lambda msg, *_, **__: f"warning: {msg}\n"
     try:
         return train(args, device)
     except LTauxError as e:
         return report(e)
     finally:
+        warnings.formatwarning = plain_format  # user warnings print as one line while main() runs
         if dist.is_initialized():
             dist.destroy_process_group()
 
