@@ -701,9 +701,11 @@ def final_test(raw, data, ctx, args):
     if test is None:
         return
     best = os.path.join(args.out, "best.pt")
-    if args.world_size > 1:
-        dist.barrier()
-    load_weights(raw, load_checkpoint(best), best)
+    if is_main(args):
+        load_weights(raw, load_checkpoint(best), best)
+    if args.world_size > 1:  # rank 0's weights to every rank: no shared file system needed
+        for tensor in raw.state_dict().values():
+            dist.broadcast(tensor, src=0)
     acc = evaluate(raw, test, ctx["device"], data["counts"], args, ctx["amp_dtype"])
     log(args, f"\ntest ({args.test_split}) with {best}:\n" + format_table({args.method: acc}))
     if is_main(args):
