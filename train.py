@@ -121,7 +121,7 @@ def get_args_parser():
     return p
 
 
-def explicit_dests(parser, argv):
+def explicit_dests(argv):
     """Names of the options given on the command line (to let them override a recipe or checkpoint)."""
     quiet = get_args_parser()
     for action in quiet._actions:
@@ -135,7 +135,7 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    given = explicit_dests(parser, argv)
+    given = explicit_dests(argv)
     recipe = args.recipe or ("demo" if args.data is None and not args.resume else None)
     for k, v in RECIPES.get(recipe, {}).items():
         if k not in given and k != "paper":
