@@ -18,12 +18,14 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 import ltaux
+import runtime
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,16 +62,19 @@ def places_labels():
     return [c for c, n in enumerate(counts) for _ in range(n)], "generated Pareto profile"
 
 
-def bench_sampler(S=256, Z=4, epochs=3):
+def bench_sampler(S, Z=4, epochs=3):
+    """AuxBatchSampler as train.py iterates it (with seeds), epochs after the first: the cycles carry over."""
     labels, source = places_labels()
-    sampler = ltaux.AuxBatchSampler(labels, S, Z, with_seeds=True)  # exactly what train.py iterates
+    sampler = ltaux.AuxBatchSampler(labels, S, Z, with_seeds=True)
+    sampler.set_epoch(0)
+    sum(1 for _ in sampler)
     batches, t0 = 0, time.perf_counter()
-    for e in range(epochs):
+    for e in range(1, epochs + 1):
         sampler.set_epoch(e)
         batches += sum(1 for _ in sampler)
     dt = time.perf_counter() - t0
     return dict(labels=source, images=len(labels), S=S, Z=Z, batches_per_s=batches / dt,
-                indices_per_s=batches * 2 * S / dt, ms_per_batch=1000 * dt / batches)
+                indices_per_s=batches * 2 * S / dt, ms_per_batch=1000 * dt / batches, ms_per_epoch=1000 * dt / epochs)
 
 
 def make_steps(args, device):
@@ -80,7 +85,7 @@ def make_steps(args, device):
                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     fwd = torch.compile(model) if args.compile else model
     amp = (args.amp or ("bf16" if device.type == "cuda" else "off")) == "bf16"
-    S, size, cl = args.batch_size, args.image_size, device.type == "cuda"
+    S, size = args.batch_size, args.image_size
     pin = device.type == "cuda"
     x2 = torch.randint(0, 256, (2 * S, 3, size, size), dtype=torch.uint8, pin_memory=pin)
     x4 = torch.randint(0, 256, (4 * S, 3, size, size), dtype=torch.uint8, pin_memory=pin)
@@ -88,7 +93,7 @@ def make_steps(args, device):
     gen = torch.Generator(device=device)
 
     def method_step():  # the train.py step: [B_cbs; B_rrs] in, rotations made on the device
-        x = train.to_device(x2, device, cl)
+        x = runtime.to_device(x2, device)
         y = y2.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss, _ = ltaux.aux_loss(fwd, x[:S], y[:S], x[S:], y[S:], generator=gen)
@@ -97,7 +102,7 @@ def make_steps(args, device):
         opt.step()
 
     def plain_step():  # a standard classifier step over the same number of images
-        x = train.to_device(x4, device, cl)
+        x = runtime.to_device(x4, device)
         y = y4.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(fwd(x), y)
@@ -130,7 +135,7 @@ def bench_step(args, device):
 
 def bench_loader(n_images, demo_dir):
     lists = train.make_demo_data(demo_dir)
-    ds = ltaux.SplitDataset(os.path.dirname(lists["train"]), lists["train"], train.build_transform(32, True))
+    ds = ltaux.SplitDataset(os.path.dirname(lists["train"]), lists["train"], runtime.build_transform(32, True))
     sampler = ltaux.AuxBatchSampler(ds.labels, 64, 4, mode="rrs", with_seeds=True)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=0)
     seen, t0 = 0, time.perf_counter()
@@ -143,7 +148,18 @@ def bench_loader(n_images, demo_dir):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "image_size", "num_classes", "loader_images"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.batch_size % 4:
+        parser.error("--batch-size (S) must be a multiple of Z = 4 for the sampler figure")
+    if args.steps < 5 or args.warmup < 2:
+        print(f"warning: --steps {args.steps} --warmup {args.warmup}: too few steps for a stable ratio "
+              "(use at least --steps 5 --warmup 2)", file=sys.stderr)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -151,7 +167,7 @@ def main(argv=None):
         f"{platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
     res = dict(device=str(device), device_name=name, torch=torch.__version__, arch=args.arch,
                image_size=args.image_size, batch_size=args.batch_size)
-    res["sampler"] = bench_sampler()
+    res["sampler"] = bench_sampler(args.batch_size)
     res["step"] = bench_step(args, device)
     res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"]["method_ms_per_step"]
     res["loader"] = bench_loader(args.loader_images, args.demo_dir)
@@ -164,7 +180,8 @@ def print_table(res, args):
     s, st, ld, name = res["sampler"], res["step"], res["loader"], res["device_name"]
     print(f"\n| what | figure |\n|---|---|\n"
           f"| sampler ({s['labels']}, S={s['S']}, Z={s['Z']}) | {s['batches_per_s']:.0f} batches/s, "
-          f"{s['indices_per_s'] / 1e6:.2f} M indices/s, {100 * s['fraction_of_step']:.3f}% of a step |\n"
+          f"{s['indices_per_s'] / 1e6:.2f} M indices/s, {s['ms_per_epoch']:.0f} ms per epoch, "
+          f"{100 * s['fraction_of_step']:.3f}% of a step |\n"
           f"| cbs_rrs_ss step ({args.arch}, {args.image_size} px, 4S={st['images_per_step']}, {st['amp']}, {name}) "
           f"| {st['method_images_per_s']:.0f} images/s |\n"
           f"| plain classifier step, same images | {st['plain_images_per_s']:.0f} images/s |\n"

@@ -6,11 +6,12 @@
     torchrun --nproc_per_node=8 train.py --data ... --split ...          # several GPUs / nodes
     python train.py --resume runs/r10/last.pt                            # continue where it stopped
 
-Every epoch: validation (overall / many / medium / few top-1), <out>/last.pt, <out>/best.pt and one
-JSON line in <out>/log.jsonl. The method itself lives in ltaux.py; this file only wires it up.
+Every epoch: validation (overall / many / medium / few top-1), <out>/best.pt, <out>/last.pt and one
+JSON line in <out>/log.jsonl. The method itself lives in ltaux.py; this file wires it up.
 """
 
 import argparse
+import collections
 import datetime
 import functools
 import hashlib
@@ -18,41 +19,46 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import warnings
 
-import torch
-import torch.distributed as dist
-import torchvision.transforms as T
-
-import ltaux
-from ltaux import LTauxError
-
-METHODS = ("rrs", "cbs", "cbs_rrs", "cbs_rrs_ss")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, applied on the device
-CKPT_FORMAT = "ltaux-checkpoint-v1"
 HERE = os.path.dirname(os.path.abspath(__file__))
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet32")  # ltaux.LTResNet.ARCHS
 
-# Presets for the paper's settings. The paper (Section 4.4) gives Z = 4, lambdas 0.5:1:1, SGD with a
-# cosine schedule, and says learning rates, epochs and batch sizes follow OLTR [19]; it gives no
-# numbers. Values below: batch 256, lr 0.1, momentum 0.9, weight decay 5e-4 from OLTR's configs;
-# 90 epochs from scratch as in Decoupling (Kang et al. 2020, cosine schedule); ImageNet-pretrained
-# ResNet-152 on Places-LT fine-tuned for 30 epochs with the backbone at 0.1x the lr, as in OLTR's
-# Places-LT stage 1. `paper` is the CBS+RRS+SS row of Tables 1-2 (many / medium / few / overall).
+# --method: the sampler's mode, the heads it trains (the others stay frozen), and the rotation task h_s.
+Method = collections.namedtuple("Method", "sampler heads rotation")
+METHODS = {
+    "rrs": Method("rrs", ("fc",), False),  # RRS-Only: the random batch trains h (Section 4.3)
+    "cbs": Method("cbs", ("fc",), False),  # CBS-Only: the class-balanced batch trains h
+    "cbs_rrs": Method("cbs_rrs", ("fc", "aux_fc"), False),  # CBS+RRS: h on B_cbs, h_a on B_rrs
+    "cbs_rrs_ss": Method("cbs_rrs", ("fc", "aux_fc", "rot_fc"), True),  # CBS+RRS+SS: plus h_s (Eq. 2)
+}
+
+# Presets. The paper (Section 4.4) gives Z = 4, lambdas 0.5:1:1 and SGD with a cosine schedule, and says
+# that lr, epochs and batch size follow OLTR [19] "and cross-validated"; it gives no numbers. Each value's
+# source is in README ("Recipes: where each value comes from"). `paper`: CBS+RRS+SS row of Tables 1-2.
 RECIPES = {
-    "imagenet_lt_r10": dict(arch="resnet10", epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4,
+    "imagenet_lt_r10": dict(arch="resnet10", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4,
                             image_size=224, paper=(52.4, 39.5, 21.0, 41.9)),
-    "imagenet_lt_r50": dict(arch="resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4,
+    "imagenet_lt_r50": dict(arch="resnet50", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4,
                             image_size=224, paper=(60.2, 44.0, 23.1, 47.3)),
-    "places_lt_r152": dict(arch="resnet152", epochs=30, batch_size=256, lr=0.1, weight_decay=5e-4,
-                           image_size=224, backbone_lr_scale=0.1, paper=(42.5, 40.6, 32.6, 39.6)),
+    "places_lt_r152": dict(arch="resnet152", epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4,
+                           image_size=224, backbone_lr_scale=0.01, paper=(42.5, 40.6, 32.6, 39.6)),
     "places_lt_r50": dict(arch="resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4,
                           image_size=224, paper=(35.8, 31.0, 12.7, 28.9)),
-    # the embedded default (no --data): 30 synthetic classes, 32 px, ~2 minutes on 2 CPU cores
-    "demo": dict(arch="resnet10", epochs=12, batch_size=64, lr=0.1, weight_decay=5e-4, image_size=32,
-                 embed_dim=128, workers=1, print_freq=20, paper=None),
+    "cifar10_lt": dict(arch="resnet32", epochs=200, batch_size=120, per_class=12, lr=0.1, weight_decay=2e-4,
+                       image_size=32, paper=None),
+    "cifar100_lt": dict(arch="resnet32", epochs=200, batch_size=128, per_class=4, lr=0.1, weight_decay=2e-4,
+                        image_size=32, paper=None),
+    # the embedded default (no --data): 30 synthetic classes, 32 px, about 2 minutes on 2 CPU cores
+    "demo": dict(arch="resnet10", epochs=8, batch_size=64, lr=0.1, weight_decay=5e-4, image_size=32,
+                 workers=1, print_freq=20, paper=None),
 }
+NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files")
+FIXED_ON_RESUME = ("method", "arch", "embed_dim", "batch_size", "per_class", "seed", "image_size", "rotation",
+                   "rotation_aug", "data", "split")
 
 
 def get_args_parser():
@@ -63,7 +69,8 @@ def get_args_parser():
                    "(unset: run the demo on synthetic data written to --demo-dir)")
     g.add_argument("--split", default=None, help="training split list, 'relative/path label' per line")
     g.add_argument("--val-split", default=None, help="validation list (None: the sibling *_val.txt of --split)")
-    g.add_argument("--test-split", default=None, help="test list, evaluated with best.pt after training")
+    g.add_argument("--test-split", default=None, help="test list, evaluated with best.pt after training "
+                   "(None: the sibling *_test.txt of --split)")
     g.add_argument("--demo-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
         "~/.cache")), "ltaux", "demo"), help="where the demo writes its synthetic dataset")
     g.add_argument("--check-files", action="store_true", help="open every listed image before training "
@@ -73,102 +80,113 @@ def get_args_parser():
     g.add_argument("--image-size", type=int, default=224, help="training crop; >= 64 uses the ImageNet-LT "
                    "augmentation, smaller the CIFAR one (pad 4 + random crop)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="cbs_rrs_ss", choices=METHODS, help="rrs: RRS-Only, cbs: CBS-Only, "
-                   "cbs_rrs: CBS+RRS (aux head h_a), cbs_rrs_ss: CBS+RRS+SS (plus rotation head h_s)")
+    g.add_argument("--method", default="cbs_rrs_ss", choices=list(METHODS), help="rrs: RRS-Only, cbs: CBS-Only, "
+                   "cbs_rrs: CBS+RRS (auxiliary head h_a), cbs_rrs_ss: CBS+RRS+SS (plus rotation head h_s)")
     g.add_argument("--recipe", default=None, choices=[r for r in RECIPES if r != "demo"],
                    help="preset of the paper's settings (see README); explicit flags override it")
     g.add_argument("--lambdas", type=float, nargs=3, default=[0.5, 1.0, 1.0], metavar=("L1", "L2", "L3"),
                    help="weights of the CBS, RRS and rotation losses (Eq. 2)")
-    g.add_argument("--batch-size", type=int, default=256, help="S: global images per sampler part, "
-                   "so a cbs_rrs_ss step forwards 4S images")
-    g.add_argument("--per-class", type=int, default=4, help="Z: images per class in the balanced batch")
+    g.add_argument("--batch-size", type=int, default=256, help="S: images per sampler part of the global "
+                   "batch (B_cbs and B_rrs each hold S), so a cbs_rrs_ss step forwards 4S images")
+    g.add_argument("--per-class", type=int, default=4, help="Z: images per class in B_cbs (k = S/Z classes)")
     g.add_argument("--rotation", default="random", choices=["random", "all"],
-                   help="rotation task: one random angle per image, or all four (Table 5)")
-    g.add_argument("--rotation-aug", action="store_true", help="Table 5: feed the four rotated copies "
-                   "to cbs_rrs as plain augmentation (no h_s)")
+                   help="rotation task h_s: one random angle per image, or all four (Table 5)")
+    g.add_argument("--rotation-aug", action="store_true", help="Table 5's baseline with cbs_rrs: the "
+                   "rotated copies (as --rotation) as plain augmentation, no h_s")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet10", choices=ltaux.LTResNet.ARCHS, help="backbone phi")
-    g.add_argument("--embed-dim", type=int, default=512, help="linear layer after pooling, 0 for none")
+    g.add_argument("--arch", default="resnet10", choices=ARCHS, help="backbone of phi")
+    g.add_argument("--embed-dim", type=int, default=None, help="Linear + ReLU after pooling, 0 for none "
+                   "(None: 512 for the ImageNet ResNets as OLTR, 0 for resnet32)")
     g.add_argument("--pretrained", default=None, help="torchvision-format backbone weights (local .pth)")
     g.add_argument("--init", default=None, help="initialise phi (backbone + embed) from an ltaux "
                    "checkpoint, heads fresh: ftRRS+CBS of Table 3")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=90, help="one epoch = ceil(N / S) steps")
-    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate for S = 256; scale it "
-                   "linearly with S (lr = 0.1 * S / 256)")
+    g.add_argument("--epochs", type=int, default=90, help="one epoch = M = ceil(N / S) steps")
+    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (the recipes use 0.1 for "
+                   "S = 256; if you change S, scale --lr yourself: lr = 0.1 * S / 256)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay, on every parameter as OLTR")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine decay")
-    g.add_argument("--backbone-lr-scale", type=float, default=1.0, help="backbone lr = scale * lr "
-                   "(e.g. 0.1 to fine-tune pretrained weights)")
+    g.add_argument("--backbone-lr-scale", type=float, default=1.0, help="lr of phi (backbone and embed) = "
+                   "scale * lr, e.g. 0.01 to fine-tune pretrained weights")
     g.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast precision "
                    "(None: bf16 on CUDA, off on CPU); fp16 adds a gradient scaler")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs: one all-reduce "
                    "per BN layer per step; matters when per-GPU batches are small")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder (None: runs/<date>-<method>)")
-    g.add_argument("--resume", default=None, help="continue from <out>/last.pt (model, optimiser, "
-                   "schedule, sampler position, RNG)")
-    g.add_argument("--overwrite", action="store_true", help="reuse an --out that holds another run")
+    g.add_argument("--out", default=None, help="output folder (None: runs/<date>-<method>; with --resume "
+                   "the checkpoint's folder)")
+    g.add_argument("--resume", default=None, help="continue from a last.pt (model, optimiser, "
+                   "schedule, sampler position, RNG); its settings are the defaults")
+    g.add_argument("--overwrite", action="store_true", help="replace the run held in --out")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling, augmentation and init")
-    g.add_argument("--device", default=None, help="cuda or cpu (None: cuda when available)")
+    g.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
     g.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
     g.add_argument("--eval-freq", type=int, default=1, help="epochs between validations")
     g.add_argument("--many", type=int, default=100, help="many-shot: more than this many train images")
     g.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many train images")
-    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: a fake SIGTERM
     return p
 
 
-def explicit_dests(argv):
-    """Names of the options given on the command line (to let them override a recipe or checkpoint)."""
-    quiet = get_args_parser()
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-        action.required = False
-    return set(vars(quiet.parse_known_args(argv)[0]))
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    get_args_parser().parse_args()  # prints the help and exits before torch is imported (seconds)
+
+import torch  # noqa: E402 - after the fast --help
+import torch.distributed as dist  # noqa: E402
+
+import ltaux  # noqa: E402
+import runtime  # noqa: E402
+from ltaux import LTauxError  # noqa: E402
 
 
 def parse_args(argv=None):
-    """Defaults < recipe (or the demo when --data is unset) < explicit flags."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Defaults < recipe (the demo when --data is unset) < the checkpoint's settings < explicit flags.
+    Returns (args, checkpoint or None)."""
     parser = get_args_parser()
+    first = parser.parse_known_args(argv)[0]
+    ckpt = runtime.load_checkpoint(first.resume) if first.resume else None
+    saved = ckpt["args"] if ckpt else {}
+    recipe = first.recipe or saved.get("recipe") or ("demo" if first.data is None and not ckpt else None)
+    parser.set_defaults(**{k: v for k, v in RECIPES.get(recipe, {}).items() if k != "paper"})
+    parser.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED and k != "recipe"})
     args = parser.parse_args(argv)
-    given = explicit_dests(argv)
-    recipe = args.recipe or ("demo" if args.data is None and not args.resume else None)
-    for k, v in RECIPES.get(recipe, {}).items():
-        if k not in given and k != "paper":
-            setattr(args, k, v)
-    args.recipe, args.given = recipe, sorted(given)
-    return args
+    args.recipe = recipe
+    check_args(args, saved)
+    return args, ckpt
 
 
-# ----------------------------------------------------------------------------------------------
-# distributed
-
-
-def setup_distributed(args):
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU. Returns device."""
-    args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if args.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
-    return device
-
-
-def is_main(args):
-    return args.rank == 0
-
-
-def log(args, msg):
-    if is_main(args):
-        print(msg, flush=True)
+def check_args(args, saved):
+    """Every argument mistake, up front, as one LTauxError line."""
+    positive = dict(epochs=args.epochs, batch_size=args.batch_size, per_class=args.per_class,
+                    print_freq=args.print_freq, eval_freq=args.eval_freq, image_size=args.image_size)
+    for name, v in positive.items():
+        if v < 1:
+            raise LTauxError(f"--{name.replace('_', '-')} {v}: must be at least 1")
+    for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "backbone_lr_scale", "workers"):
+        if not getattr(args, name) >= 0:  # also catches nan
+            raise LTauxError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    if args.embed_dim is not None and args.embed_dim < 0:
+        raise LTauxError(f"--embed-dim {args.embed_dim}: must be >= 0")
+    method, (l1, l2, l3) = METHODS[args.method], args.lambdas
+    if not all(v >= 0 and math.isfinite(v) for v in args.lambdas):
+        raise LTauxError(f"--lambdas {l1:g} {l2:g} {l3:g}: weights must be finite and >= 0")
+    if args.rotation_aug and args.method != "cbs_rrs":
+        raise LTauxError("--rotation-aug is the augmentation baseline of Table 5: use it with --method cbs_rrs")
+    if len(method.heads) > 1:  # Table 4's endpoints are the baselines: run those, not a head that never learns
+        if l1 == 0:
+            raise LTauxError(f"--lambdas {l1:g} {l2:g} {l3:g} leaves h untrained: CBS:RRS = 0:1 is RRS-Only "
+                             "(Table 4), run it with --method rrs")
+        if l2 == 0:
+            raise LTauxError(f"--lambdas {l1:g} {l2:g} {l3:g} leaves h_a untrained: CBS:RRS = 1:0 is CBS-Only "
+                             "(Table 4), run it with --method cbs")
+        if method.rotation and l3 == 0:
+            raise LTauxError(f"--lambdas {l1:g} {l2:g} 0 turns the rotation task off: use --method cbs_rrs")
+    changed = [k for k in FIXED_ON_RESUME if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        k = changed[0]
+        raise LTauxError(f"--{k.replace('_', '-')} {getattr(args, k)}: the resumed run has {saved[k]}; a resume "
+                         "continues the same run (start a new one with --init to change it)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,16 +209,15 @@ def make_demo_data(root, seed=0, classes=30, head=500, tail=5, val=10, test=40, 
     if os.path.exists(root):  # never write into (or delete) a folder we did not make
         raise LTauxError(f"{root}: exists but holds no demo lists; remove it or pass another --demo-dir")
     tmp = f"{root}.tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    up = lambda t: torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
-    base = up(torch.randn(1, 3, 4, 4, generator=g))
-    protos = base + 0.6 * up(torch.randn(classes, 3, 4, 4, generator=g))
+    base = upsample(torch.randn(1, 3, 4, 4, generator=g), size)
+    protos = base + 0.6 * upsample(torch.randn(classes, 3, 4, 4, generator=g), size)
     counts = [round(head * (tail / head) ** (c / (classes - 1))) for c in range(classes)]
     for split, per_class in (("train", counts), ("val", [val] * classes), ("test", [test] * classes)):
         rows = []
         for c, n in enumerate(per_class):
-            noise = up(torch.randn(n, 3, 8, 8, generator=g)) * 0.9 + torch.randn(n, 3, size, size, generator=g) * 0.2
+            noise = upsample(torch.randn(n, 3, 8, 8, generator=g), size) * 0.9
+            noise += torch.randn(n, 3, size, size, generator=g) * 0.2
             x = protos[c] * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)) + noise
             shifts = torch.randint(-4, 5, (n, 2), generator=g).tolist()
             imgs = ((x.tanh() + 1) * 127.5).round().to(torch.uint8)
@@ -216,58 +233,77 @@ def make_demo_data(root, seed=0, classes=30, head=500, tail=5, val=10, test=40, 
     return lists
 
 
+def upsample(x, size):
+    """(B, 3, h, w) -> (B, 3, size, size), bilinear: smooth, low-frequency patterns for the demo."""
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 def save_png(x, path):
     """uint8 tensor (3, H, W) -> PNG file, with Pillow alone."""
     from PIL import Image
     Image.frombytes("RGB", (x.shape[2], x.shape[1]), bytes(x.permute(1, 2, 0).flatten().tolist())).save(path)
 
 
-def build_transform(size, train):
-    """PIL image -> uint8 tensor (3, size, size); float conversion and normalisation happen on the device."""
-    if size >= 64:  # the ImageNet-LT recipe (OLTR / Decoupling)
-        aug = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4)] if train
-               else [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
-    else:  # the CIFAR recipe
-        aug = [T.Resize(size), T.CenterCrop(size)] + ([T.RandomCrop(size, padding=4),
-                                                         T.RandomHorizontalFlip()] if train else [])
-    return T.Compose(aug + [T.PILToTensor()])
+def resolve_lists(args, rank, world_size):
+    """The demo's data (written by rank 0) or the user's: fills --data/--split and the sibling
+    *_val.txt / *_test.txt of a *_train.txt when those are not given."""
+    if args.data is None:
+        if rank == 0:
+            make_demo_data(args.demo_dir, seed=args.seed)
+        if world_size > 1:
+            dist.barrier()  # the other ranks wait for rank 0's dataset
+        lists = make_demo_data(args.demo_dir, seed=args.seed)
+        args.data, args.split = args.demo_dir, lists["train"]
+        args.val_split, args.test_split = args.val_split or lists["val"], args.test_split or lists["test"]
+    if args.split is None:
+        raise LTauxError("--split is required with --data (e.g. data_lists/ImageNet_LT_train.txt)")
+    for name in ("val", "test"):
+        if getattr(args, f"{name}_split") is None and args.split.endswith("_train.txt"):
+            sibling = args.split[: -len("_train.txt")] + f"_{name}.txt"
+            setattr(args, f"{name}_split", sibling if os.path.exists(sibling) else None)
 
 
-def official_lists():
-    """sha256 -> file name of the official split lists (data_lists/SHA256SUMS)."""
-    known = {}
-    path = os.path.join(HERE, "data_lists", "SHA256SUMS")
-    if os.path.exists(path):
-        for line in open(path):
-            if line.strip() and not line.startswith("#"):
-                digest, name = line.split(None, 1)
-                known[digest] = name.strip()
-    return known
+def open_list(args, path, train):
+    """A SplitDataset with the run's transform; a missing list says where the official ones come from."""
+    if not os.path.exists(path):
+        raise LTauxError(f"{path}: split list not found (the official lists: see data_lists/README.md, "
+                         "then check them with: cd data_lists && sha256sum -c SHA256SUMS --ignore-missing)")
+    return ltaux.SplitDataset(args.data, path, runtime.build_transform(args.image_size, train),
+                              allow_unsafe_paths=args.allow_unsafe_paths)
 
 
-def describe_list(path, known):
-    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return f"{path}: " + (f"official {known[digest]} (sha256 ok)" if digest in known
-                          else "not an official list (checksum unknown)")
+def check_root(ds, probe=8):
+    """Fail early on a wrong --data: the root must exist and hold at least one of the first listed images."""
+    if not os.path.isdir(ds.root):
+        raise LTauxError(f"--data {ds.root}: no such folder")
+    shown = [os.path.join(ds.root, p) for p in ds.paths[:probe]]
+    if not any(os.path.exists(p) for p in shown):
+        raise LTauxError(f"--data {ds.root}: none of the first {len(shown)} images of {ds.split_file} exist "
+                         f"under it (e.g. {shown[0]}): the root is probably wrong")
 
 
-def check_labels(train, others, num_classes):
-    """Train labels must cover 0..C-1 without gaps; val/test labels must be < C. Raises LTauxError."""
-    counts = ltaux.class_counts(train.labels, num_classes)
-    empty = torch.nonzero(counts == 0).flatten().tolist()
-    if empty:
-        raise LTauxError(f"{train.split_file}: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no "
-                         f"training image (labels must be 0..C-1 without gaps)")
-    for ds in others:
-        for y, line in zip(ds.labels, ds.lines):
-            if y >= num_classes:
-                raise LTauxError(f"{ds.split_file}:{line}: label {y} is not a class of the training list "
-                                 f"{train.split_file} (0..{num_classes - 1})")
-    return counts
+def describe_lists(paths):
+    """One line per official list (sha256 matches data_lists/SHA256SUMS); a warning for a list named
+    like an official one whose checksum differs; nothing for the user's own lists."""
+    known, lines = {}, []
+    sums = os.path.join(HERE, "data_lists", "SHA256SUMS")
+    if os.path.exists(sums):
+        with open(sums) as f:
+            known = dict(line.split(None, 1) for line in f if line.strip() and not line.startswith("#"))
+    known = {d: n.strip() for d, n in known.items()}
+    for path in paths:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest in known:
+            lines.append(f"{path}: official {known[digest]} (sha256 ok)")
+        elif os.path.basename(path) in {os.path.basename(n) for n in known.values()}:
+            warnings.warn(f"{path}: named like an official list, but its sha256 differs from data_lists/SHA256SUMS")
+    return lines
 
 
-def check_files(datasets, args):
-    """Open every listed image (rank 0 only) and report all failures at once."""
+def check_files(datasets, log, out_dir, shown=20):
+    """Open every listed image (rank 0 only); report all failures at once (the first `shown` inline,
+    every one in <out>/unreadable.txt when there are more)."""
     failures, done = [], 0
     total = sum(len(d) for d in datasets)
     for ds in datasets:
@@ -278,84 +314,47 @@ def check_files(datasets, args):
                 failures.append(str(e))
             done += 1
             if done % 5000 == 0 or done == total:
-                log(args, f"check-files: {done}/{total} images, {len(failures)} unreadable")
-    if failures:
-        raise LTauxError(f"{len(failures)} unreadable images:\n  " + "\n  ".join(failures))
+                log(f"check-files: {done}/{total} images, {len(failures)} unreadable")
+    if not failures:
+        return
+    more = ""
+    if len(failures) > shown:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "unreadable.txt"), "w") as f:
+            f.write("\n".join(failures) + "\n")
+        more = f"\n  ... and {len(failures) - shown} more: all are listed in {out_dir}/unreadable.txt"
+    raise LTauxError(f"{len(failures)} unreadable images:\n  " + "\n  ".join(failures[:shown]) + more)
 
 
-def build_data(args):
-    """Datasets, train sampler and loaders; returns a dict."""
-    if args.data is None:
-        if is_main(args):
-            make_demo_data(args.demo_dir, seed=args.seed)
-        if args.world_size > 1:
-            dist.barrier()  # the other ranks wait for rank 0's dataset
-        lists = make_demo_data(args.demo_dir, seed=args.seed)
-        args.data, args.split = args.demo_dir, lists["train"]
-        args.val_split, args.test_split = args.val_split or lists["val"], args.test_split or lists["test"]
-    if args.split is None:
-        raise LTauxError("--split is required with --data")
-    if args.val_split is None and args.split.endswith("_train.txt"):
-        sibling = args.split[: -len("_train.txt")] + "_val.txt"
-        args.val_split = sibling if os.path.exists(sibling) else None
-    mk = lambda f, train: ltaux.SplitDataset(args.data, f, build_transform(args.image_size, train),
-                                             allow_unsafe_paths=args.allow_unsafe_paths)
-    train = mk(args.split, True)
-    evals = {k: mk(f, False) for k, f in (("val", args.val_split), ("test", args.test_split)) if f}
-    counts = check_labels(train, evals.values(), train.num_classes)
-    known = official_lists()
-    for f in [args.split] + [d.split_file for d in evals.values()]:
-        log(args, describe_list(f, known))
-    if args.check_files and is_main(args):
-        check_files([train] + list(evals.values()), args)
-    mode = {"rrs": "rrs", "cbs": "cbs"}.get(args.method, "cbs_rrs")
-    try:
-        sampler = ltaux.AuxBatchSampler(train.labels, args.batch_size, args.per_class, mode, seed=args.seed,
-                                        rank=args.rank, world_size=args.world_size, with_seeds=True)
-    except ValueError as e:  # S vs Z, k vs C, S vs world size: the user's arguments
-        raise LTauxError(f"{args.split}: {e}") from None
-    cuda = args.device_type == "cuda"
-    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, num_workers=args.workers,
-                                         pin_memory=cuda, persistent_workers=args.workers > 0)
-    return dict(train=train, sampler=sampler, loader=loader, counts=counts,
-                eval_loaders={k: eval_loader(d, args) for k, d in evals.items()})
+def ignore_stop_signals(_worker_id):
+    """DataLoader workers ignore SIGTERM / SIGINT: a signal sent to the whole process group (Slurm,
+    systemd, Ctrl-C) then reaches the main process, which finishes the step and saves."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def eval_loader(ds, args):
-    """This rank's shard (indices rank::world) of an evaluation list, without padding."""
-    shard = torch.utils.data.Subset(ds, range(args.rank, len(ds), args.world_size))
-    return torch.utils.data.DataLoader(shard, batch_size=max(1, args.batch_size // args.world_size),
-                                       num_workers=args.workers, pin_memory=args.device_type == "cuda")
-
-
-@functools.lru_cache(maxsize=None)
-def mean_std(device):
-    """ImageNet mean and std for uint8 pixels, made once per device (a per-step copy would sync)."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
-            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
-
-
-def to_device(x, device, channels_last=False):
-    """uint8 images (B, 3, H, W) -> normalised float on the device (non_blocking from pinned memory)."""
-    x = x.to(device, non_blocking=True)
-    mean, std = mean_std(device)
-    x = (x.float() - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def make_loader(ds, args, device, sampler=None, rank=0, world_size=1):
+    """The training loader (batch_sampler = AuxBatchSampler) or this rank's shard (rank::W) of an
+    evaluation list, S / W images per batch."""
+    kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    if sampler is not None:
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, persistent_workers=args.workers > 0, **kw)
+    shard = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
+    return torch.utils.data.DataLoader(shard, batch_size=max(1, args.batch_size // world_size), **kw)
 
 
 # ----------------------------------------------------------------------------------------------
-# model, optimiser, schedule, checkpoints
+# model, optimiser, schedule
 
 
-def build_model(args, num_classes, device):
+def build_model(args, num_classes, device, world_size):
+    """LTResNet with the heads --method does not train frozen (DDP must not wait for their gradients)."""
     model = ltaux.LTResNet(args.arch, num_classes, args.embed_dim, args.pretrained)
-    if args.init:  # phi only (backbone + embed), heads fresh
-        load_weights(model, load_checkpoint(args.init), args.init, prefixes=("backbone.", "embed."))
-    used = {"fc"} | ({"aux_fc"} if args.method in ("cbs_rrs", "cbs_rrs_ss") else set()) | (
-        {"rot_fc"} if args.method == "cbs_rrs_ss" and args.lambdas[2] else set())
-    for head in {"fc", "aux_fc", "rot_fc"} - used:
-        getattr(model, head).requires_grad_(False)  # never trained by this method: DDP must not wait for it
-    if args.sync_bn and args.world_size > 1:
+    if args.init:  # the whole of phi (backbone + embed), heads fresh: ftRRS+CBS (Table 3)
+        runtime.load_weights(model, runtime.load_checkpoint(args.init), args.init, prefixes=("backbone.", "embed."))
+    for head in {"fc", "aux_fc", "rot_fc"} - set(METHODS[args.method].heads):
+        getattr(model, head).requires_grad_(False)
+    if args.sync_bn and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if device.type == "cuda":
@@ -363,16 +362,13 @@ def build_model(args, num_classes, device):
     return model
 
 
-def build_optimizer(model, args):
-    """SGD with momentum; weight decay on weights only; the backbone at backbone_lr_scale * lr."""
-    groups = {}
-    for name, p in model.named_parameters():
-        scale = args.backbone_lr_scale if name.startswith("backbone.") else 1.0
-        decay = args.weight_decay if p.ndim > 1 else 0.0
-        groups.setdefault((scale, decay), []).append(p)
-    params = [dict(params=ps, lr=args.lr * s, weight_decay=d, lr_scale=s) for (s, d), ps in groups.items()]
-    fused = {"fused": True} if args.device_type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, **fused)
+def build_optimizer(model, args, device):
+    """SGD with momentum and weight decay on every parameter (as OLTR); phi at backbone_lr_scale * lr."""
+    phi = [p for n, p in model.named_parameters() if n.startswith(("backbone.", "embed."))]
+    heads = [p for n, p in model.named_parameters() if not n.startswith(("backbone.", "embed."))]
+    groups = [dict(params=phi, lr_scale=args.backbone_lr_scale), dict(params=heads, lr_scale=1.0)]
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, **fused)
 
 
 def lr_factor(step, total, warmup):
@@ -382,402 +378,440 @@ def lr_factor(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, rename: a kill at any moment
-    leaves either the old file or the new one, never a truncated one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
+# ----------------------------------------------------------------------------------------------
+# the output folder and checkpoints
 
 
-def load_checkpoint(path):
-    """Load an ltaux checkpoint safely: weights_only=True, so a file carrying pickled code is refused."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LTauxError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # noqa: BLE001 - pickled objects, truncated or foreign files
-        what = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]  # the unpickler's refusal
-        if what:
-            raise LTauxError(f"{path}: refused: it holds pickled Python objects, not only tensors and plain "
-                             f"types ({what[0]}); nothing in it was run (weights_only=True)") from None
-        raise LTauxError(f"{path}: not a readable checkpoint (corrupt, truncated or not written by "
-                         f"torch.save; {type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise LTauxError(f"{path}: not an ltaux checkpoint (no '{CKPT_FORMAT}' marker)")
-    return ckpt
+def claim_out(args, ckpt_path):
+    """Choose --out and lock it for this run (an OS lock: a crashed run leaves no stale lock). Refuses
+    a folder that holds another run unless it is the one resumed or --overwrite is given."""
+    out = args.out or (os.path.dirname(os.path.abspath(ckpt_path)) if ckpt_path else
+                       os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise LTauxError(f"--out {out}: is a file, not a folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    probe = out if os.path.isdir(out) else next(p for p in _ancestors(parent) if os.path.exists(p))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise LTauxError(f"--out {out}: {probe} is not writable")
+    resumed_here = ckpt_path and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), out) \
+        if os.path.isdir(out) and ckpt_path else False
+    taken = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if taken and not resumed_here and not args.overwrite:
+        hint = f"pass --resume {os.path.join(out, 'last.pt')} to continue it, " if "last.pt" in taken else ""
+        raise LTauxError(f"{out}: holds another run ({', '.join(taken)}); {hint}--overwrite to replace it, "
+                         "or another --out")
+    created = not os.path.exists(out)
+    os.makedirs(out, exist_ok=True)
+    lock = RunLock(out, created)
+    if taken and not resumed_here:  # --overwrite, now that every input was checked and the folder is ours
+        for f in taken:
+            os.remove(os.path.join(out, f))
+    return out, lock
 
 
-def load_weights(model, ckpt, path, prefixes=None):
-    """Copy a checkpoint's weights (those starting with `prefixes`, default all) into model,
-    after checking that arch, class count and every shape match. Raises LTauxError."""
-    c_arch, c_classes = ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0]
-    if c_arch != model.arch or c_classes != model.num_classes:
-        raise LTauxError(f"{path}: checkpoint is {c_arch} with {c_classes} classes, this run is "
-                         f"{model.arch} with {model.num_classes} classes")
-    own = model.state_dict()
-    state = {k: v for k, v in ckpt["model"].items() if prefixes is None or k.startswith(prefixes)}
-    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    missing = [k for k in own if prefixes is None and k not in state]
-    if bad or missing:
-        raise LTauxError(f"{path}: weights do not fit this model (e.g. {(bad or missing)[0]}; "
-                         f"check --embed-dim and --arch)")
-    model.load_state_dict(state, strict=prefixes is None)
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "test_metrics.json")
+
+
+def _ancestors(path):
+    while True:
+        yield path
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+
+
+class RunLock:
+    """An exclusive OS lock on <out>/.lock (with pid and host inside) held for the whole run: a second
+    run on the same folder is refused at once; the OS drops the lock when the process dies."""
+
+    def __init__(self, out, created):
+        import fcntl
+        self.out, self.created = out, created
+        self.path = os.path.join(out, ".lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            who = self.file.read().strip() or "another process"
+            self.file.close()
+            raise LTauxError(f"{out}: in use by a running training ({who}); choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self):
+        """Unlock; a folder this run created and left empty (it failed before writing) is removed."""
+        os.remove(self.path)
+        self.file.close()
+        if self.created and not os.listdir(self.out):
+            os.rmdir(self.out)
+
+
+def save_checkpoint(path, args, model, optimizer, scaler, counts, steps_per_epoch, epoch, step_in_epoch, best_acc,
+                    partial=None):
+    """Write one checkpoint atomically: everything needed to resume, as tensors and plain types."""
+    ckpt = dict(format=runtime.CKPT_FORMAT, args=plain_args(args), model=model.state_dict(),
+                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), train_counts=counts, epoch=epoch,
+                step_in_epoch=step_in_epoch, global_step=epoch * steps_per_epoch + step_in_epoch, best_acc=float(best_acc),
+                rng_cpu=torch.get_rng_state(), partial=partial or {},
+                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    runtime.atomic_save(ckpt, path)
 
 
 def plain_args(args):
-    return {k: v for k, v in vars(args).items() if k not in ("rank", "world_size", "device_type")}
+    """The run's arguments as saved in checkpoints (rank and world size belong to the process)."""
+    return {k: v for k, v in vars(args).items() if k not in ("rank", "world_size")}
 
 
-def save_state(args, model, optimizer, scaler, state, counts, best_acc, name="last.pt"):
-    """Write <out>/<name> (rank 0): everything needed to resume, as tensors and plain types."""
-    if not is_main(args):
-        return
-    ckpt = dict(format=CKPT_FORMAT, args=plain_args(args), model=model.state_dict(),
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), train_counts=counts,
-                epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"],
-                best_acc=best_acc, rng_cpu=torch.get_rng_state(),
-                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    atomic_save(ckpt, os.path.join(args.out, name))
+def restore(ckpt, path, model, optimizer, scaler, args, log):
+    """Load a --resume checkpoint; apply the optimisation flags given now (logged). Returns
+    (epoch, step_in_epoch, best_acc, partial epoch metrics)."""
+    runtime.load_weights(model, ckpt, path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise LTauxError(f"{path}: damaged optimiser or RNG state ({type(e).__name__})") from None
+    if ckpt.get("rng_cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    for g in optimizer.param_groups:  # load_state_dict brought the old values back
+        g.update(momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer.param_groups[0]["lr_scale"] = args.backbone_lr_scale
+    old = ckpt["args"]
+    for k in ("lr", "momentum", "weight_decay", "backbone_lr_scale", "epochs", "warmup_epochs", "lambdas"):
+        if old.get(k) != getattr(args, k):
+            log(f"resume: --{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's run had {old.get(k)}); "
+                + ("the cosine schedule is recomputed over the new length from the current step"
+                   if k in ("epochs", "warmup_epochs") else "applied from the next step"))
+    return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_acc"], ckpt.get("partial") or {}
 
 
 # ----------------------------------------------------------------------------------------------
-# training and evaluation
+# one epoch
 
 
-class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves last.pt and exits."""
+def step_inputs(images, labels, args, device, gen):
+    """A loader batch [B_cbs; B_rrs] (uint8, this rank's S/W + S/W rows) -> aux_loss's four inputs."""
+    x, y = runtime.to_device(images, device), labels.to(device, non_blocking=True)
+    mode = METHODS[args.method].sampler
+    if mode == "rrs":
+        return None, None, x, y
+    if mode == "cbs":
+        return x, y, None, None
+    s = args.batch_size // args.world_size
+    x_cbs, y_cbs, x_rrs, y_rrs = x[:s], y[:s], x[s:], y[s:]
+    if args.rotation_aug:  # Table 5: the same images through phi as CBS+RRS+SS, all as classification
+        x_cbs, y_cbs = ltaux.rotation_augment(x_cbs, y_cbs, args.rotation, gen)
+        x_rrs, y_rrs = ltaux.rotation_augment(x_rrs, y_rrs, args.rotation, gen)
+    return x_cbs, y_cbs, x_rrs, y_rrs
 
-    def __init__(self):
-        self.signum = None
+
+def images_per_step(args):
+    """Images through the backbone per global step (S per part, rotated copies included)."""
+    n = args.batch_size * (1 if METHODS[args.method].sampler != "cbs_rrs" else 2)
+    if METHODS[args.method].rotation or args.rotation_aug:
+        n += n * (4 if args.rotation == "all" else 1)
+    return n
+
+
+def train_one_epoch(model, loader, optimizer, scaler, stop, epoch, first_step, partial, args, device, amp, log):
+    """Train from batch `first_step` of `epoch` to its end, or until a stop is agreed. Returns a metrics
+    dict: mean loss and parts over the whole epoch (a resumed part included), lr, images/s (this
+    session), epoch_time_s, steps (done in this epoch so far), stopped."""
+    model.train()
+    steps = loader.batch_sampler.num_batches  # M
+    total, warmup = steps * args.epochs, round(args.warmup_epochs * steps)
+    sums = {k: torch.tensor(v, device=device) for k, v in partial.get("sums", {}).items()}
+    done, seen, t0 = partial.get("steps", 0), 0, time.time()
+    gen = torch.Generator(device=device)
+    method = METHODS[args.method]
+    lambdas = list(args.lambdas) if method.rotation else [args.lambdas[0], args.lambdas[1], 0.0]
+    rotation = args.rotation if method.rotation else "off"
+    step_in_epoch = first_step
+    for images, labels in loader:
+        step = epoch * steps + step_in_epoch
+        for g in optimizer.param_groups:
+            g["lr"] = args.lr * g["lr_scale"] * lr_factor(step, total, warmup)
+        gen.manual_seed(ltaux.AuxBatchSampler.derive_seed(args.seed, "rotation", step, args.rank))
+        x_cbs, y_cbs, x_rrs, y_rrs = step_inputs(images, labels, args, device, gen)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, parts = ltaux.aux_loss(model, x_cbs, y_cbs, x_rrs, y_rrs, lambdas, rotation, gen)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        for k, v in dict(parts, loss=loss.detach()).items():  # running sums stay on the device: no sync
+            sums[k] = sums.get(k, 0.0) + v.float()
+        done, seen, step_in_epoch = done + 1, seen + images_per_step(args), step_in_epoch + 1
+        if step_in_epoch % args.print_freq == 0 or step_in_epoch == steps:
+            means = check_finite(sums, done, epoch, step_in_epoch)
+            rate = seen / (time.time() - t0)
+            eta = datetime.timedelta(seconds=round((total - step - 1) * (time.time() - t0) / (done - partial.get(
+                "steps", 0))))
+            log(f"epoch {epoch} [{step_in_epoch:>{len(str(steps))}}/{steps}] "
+                + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                + f" lr {optimizer.param_groups[-1]['lr']:.5f} img/s {rate:.0f} eta {eta}")
+        if stop.agreed():
+            break
+    means = check_finite(sums, done, epoch, step_in_epoch)
+    elapsed = partial.get("time", 0.0) + time.time() - t0
+    out = {f"loss_{k}" if k != "loss" else k: v for k, v in means.items()}
+    out.update(lr=optimizer.param_groups[-1]["lr"], images_per_s=seen / max(time.time() - t0, 1e-9),
+               epoch_time_s=elapsed, steps=step_in_epoch, stopped=step_in_epoch < steps)
+    partial = dict(sums={k: float(v) for k, v in sums.items()}, steps=done, time=elapsed)
+    return out, partial
+
+
+class NonFiniteLoss(LTauxError):
+    """The loss became nan or inf; train() adds the path of the last good checkpoint."""
+
+
+def check_finite(sums, n, epoch, step_in_epoch):
+    """Mean loss parts since the epoch began ({name: float}; one host sync). A non-finite one ends the
+    run before anything is saved, so no checkpoint ever holds non-finite weights."""
+    means = {k: float(v) / max(n, 1) for k, v in sums.items()}
+    if not all(math.isfinite(v) for v in means.values()):
+        parts = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
+        raise NonFiniteLoss(f"non-finite loss at step {step_in_epoch} of epoch {epoch} or before it ({parts}); "
+                            "lower --lr or check the data, then --resume the last good checkpoint")
+    return means
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag: the run finishes its step, saves last.pt and exits 0. A second
+    signal exits at once (status 128 + signal). With W processes the flag is all-reduced every step,
+    read one step later (no stall of the GPU queue), so every rank stops after the same step."""
+
+    def __init__(self, device, world_size):
+        self.signum, self.device, self.world_size, self.pending = None, device, world_size, None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
+        if self.signum is not None:
+            print(f"second {signal.Signals(signum).name}: exiting now, without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
         self.signum = signum
+
+    def agreed(self):
+        if self.world_size == 1:
+            return self.signum is not None
+        flag = torch.full((), float(self.signum is not None), device=self.device)
+        dist.all_reduce(flag)  # queued; read at the next step
+        previous, self.pending = self.pending, flag
+        return previous is not None and bool(previous > 0)
 
     def restore(self):
         for s, h in self.previous.items():
             signal.signal(s, h)
 
 
-def step_inputs(images, labels, args, device):
-    """Split a loader batch [B_cbs; B_rrs] (uint8) into device tensors for aux_loss."""
-    x = to_device(images, device, channels_last=device.type == "cuda")
-    y = labels.to(device, non_blocking=True)
-    s = args.batch_size // args.world_size
-    if args.method == "rrs":
-        x_cbs, y_cbs, x_rrs, y_rrs = None, None, x, y
-    elif args.method == "cbs":
-        x_cbs, y_cbs, x_rrs, y_rrs = x, y, None, None
-    else:
-        x_cbs, y_cbs, x_rrs, y_rrs = x[:s], y[:s], x[s:], y[s:]
-    if args.rotation_aug:  # Table 5: all four rotations as augmentation, labels repeated
-        if x_cbs is not None:
-            x_cbs, y_cbs = ltaux.rotate_batch(x_cbs, "all")[0], y_cbs.repeat(4)
-        if x_rrs is not None:
-            x_rrs, y_rrs = ltaux.rotate_batch(x_rrs, "all")[0], y_rrs.repeat(4)
-    return x_cbs, y_cbs, x_rrs, y_rrs
+# ----------------------------------------------------------------------------------------------
+# validation, the end of an epoch, the final test
 
 
-def train_one_epoch(model, loader, optimizer, scaler, state, ctx, args):
-    """One epoch from state['step_in_epoch']; returns a metrics dict (mean loss parts, images/s...).
-    Stops early (metrics['stopped'] = True) when a stop was requested."""
-    model.train()
-    device, amp = ctx["device"], ctx["amp_dtype"]
-    sums, n, seen, t0 = {}, 0, 0, time.time()
-    steps, total = ctx["steps_per_epoch"], ctx["total_steps"]
-    gen = torch.Generator(device=device)
-    lambdas = list(args.lambdas) if args.method == "cbs_rrs_ss" else [args.lambdas[0], args.lambdas[1], 0.0]
-    for images, labels in loader:
-        step = state["global_step"]
-        factor = lr_factor(step, total, ctx["warmup_steps"])
-        for g in optimizer.param_groups:
-            g["lr"] = args.lr * g["lr_scale"] * factor
-        gen.manual_seed(args.seed * 1_000_003 + step * 64 + args.rank)  # rotation draw of this step
-        inputs = step_inputs(images, labels, args, device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, parts = ltaux.aux_loss(model, *inputs, lambdas=lambdas, rotation=args.rotation, generator=gen)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        parts["loss"] = loss.detach()
-        ctx["guard"].update(step, parts)  # device-side: first non-finite step, no host sync
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v.float()
-        n += 1
-        seen += ctx["images_per_step"]
-        state["global_step"] += 1
-        state["step_in_epoch"] += 1
-        if state["step_in_epoch"] % args.print_freq == 0 or state["step_in_epoch"] == steps:
-            ctx["guard"].check(args)
-            rate = seen * args.world_size / (time.time() - t0)
-            eta = datetime.timedelta(seconds=round((total - state["global_step"]) * (time.time() - t0) / n))
-            log(args, f"epoch {state['epoch']} [{state['step_in_epoch']:>{len(str(steps))}}/{steps}] "
-                + " ".join(f"{k} {float(v) / n:.4f}" for k, v in sums.items())
-                + f" lr {args.lr * factor:.5f} img/s {rate:.0f} eta {eta}")
-        if ctx["stop"].requested(state, args):
-            break
-    ctx["guard"].check(args)
-    out = {f"loss_{k}" if k != "loss" else k: float(v) / max(n, 1) for k, v in sums.items()}
-    out.update(lr=args.lr * lr_factor(state["global_step"] - 1, total, ctx["warmup_steps"]),
-               images_per_s=seen * args.world_size / (time.time() - t0), epoch_time_s=time.time() - t0,
-               stopped=state["step_in_epoch"] < steps)
-    return out
-
-
-class NonFiniteGuard:
-    """Remembers, on the device, the first step whose loss was not finite and its loss parts."""
-
-    def __init__(self, device, last_good):
-        self.bad_step = torch.full((), -1, device=device, dtype=torch.long)
-        self.parts, self.last_good = None, last_good
-
-    def update(self, step, parts):
-        bad = ~torch.isfinite(parts["loss"]) & (self.bad_step < 0)
-        self.bad_step = torch.where(bad, torch.full_like(self.bad_step, step), self.bad_step)
-        stacked = torch.stack([v.float() for v in parts.values()])
-        self.parts = stacked if self.parts is None else torch.where(bad, stacked, self.parts)
-        self.names = list(parts)
-
-    def check(self, args):
-        step = int(self.bad_step)
-        if step >= 0:
-            parts = ", ".join(f"{k} {v:.4g}" for k, v in zip(self.names, self.parts.tolist()))
-            raise LTauxError(f"non-finite loss at step {step} ({parts}); last good checkpoint: "
-                             f"{self.last_good()} (lower --lr or check the data, then --resume it)")
-
-
-class StopCheck:
-    """Combines the signal flag, the test hook --stop-after-steps, and (DDP) agreement across ranks."""
-
-    def __init__(self, device):
-        self.signal, self.device = StopRequest(), device
-
-    def requested(self, state, args):
-        want = self.signal.signum is not None or (
-            args.stop_after_steps is not None and state["global_step"] >= args.stop_after_steps)
-        if args.world_size > 1:  # every rank must stop after the same step
-            if state["global_step"] % args.print_freq:
-                return False
-            flag = torch.tensor(float(want), device=self.device)
-            dist.all_reduce(flag)
-            want = bool(flag > 0)
-        return want
-
-
-@torch.inference_mode()
-def predict(model, loader, device, amp, world_size=1):
-    """Predictions and labels of a (sharded) evaluation loader, gathered in list order: (N,), (N,)."""
-    model.eval()
-    preds, targets = [], []
-    for images, labels in loader:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(to_device(images, device, channels_last=device.type == "cuda"))
-        preds.append(logits.argmax(1))
-        targets.append(labels.to(device))
-    pred, target = torch.cat(preds), torch.cat(targets)
-    if world_size > 1:  # shard r holds items r::W; gather the padded shards and interleave
-        n = torch.tensor([len(pred)], device=device)
-        sizes = [torch.zeros_like(n) for _ in range(world_size)]
-        dist.all_gather(sizes, n)
-        size = max(int(s) for s in sizes)
-        both = torch.stack([pred, target])
-        both = torch.cat([both, both.new_full((2, size - len(pred)), -1)], 1)
-        gathered = [torch.empty_like(both) for _ in range(world_size)]
-        dist.all_gather(gathered, both)
-        total = sum(int(s) for s in sizes)
-        out = both.new_empty((2, total))
-        for r, (g, s) in enumerate(zip(gathered, sizes)):
-            out[:, r::world_size] = g[:, :int(s)]
-        pred, target = out[0], out[1]
-    return pred.cpu(), target.cpu()
-
-
-def evaluate(model, loader, device, counts, args, amp=None):
-    """Overall / many / medium / few top-1 (percent) on an evaluation loader."""
-    pred, target = predict(model, loader, device, amp, args.world_size)
+def validate(model, loader, counts, args, device, amp):
+    """Overall / many / medium / few top-1 (percent) of phi + h on an evaluation loader."""
+    pred, target = runtime.predict(model, loader, device, amp, args.world_size)
     return ltaux.shot_accuracy(pred, target, counts, args.many, args.few)
 
 
-def format_table(rows):
-    """rows: {name: metrics} -> a Markdown table of many / medium / few / overall (percent)."""
-    f = lambda v: "-" if v is None else f"{v:.1f}"
-    lines = ["| split | many | medium | few | overall | mean per class |", "|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {f(m['many'])} | {f(m['medium'])} | {f(m['few'])} | {f(m['overall'])} | "
-              f"{f(m['mean_per_class'])} |" for k, m in rows.items()]
-    return "\n".join(lines)
+def end_epoch(out, metrics, improved, save):
+    """Write best.pt (if improved), then the log line, then last.pt: after a crash at any point,
+    last.pt never records a best accuracy that best.pt does not hold, and a resume rewrites the rest."""
+    if improved:
+        save(os.path.join(out, "best.pt"))
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    save(os.path.join(out, "last.pt"))
 
 
-# ----------------------------------------------------------------------------------------------
-# main
+def trim_log(out, epoch):
+    """On resume: keep the log lines of the epochs before `epoch` (a crash may have left one more)."""
+    path = os.path.join(out, "log.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) < epoch]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
 
 
-def prepare_out(args):
-    """Choose and check the output folder: refuse to mix two runs unless --resume or --overwrite."""
-    if args.out is None:
-        args.out = (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
-                    os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
-    taken = [f for f in ("last.pt", "best.pt", "log.jsonl") if os.path.exists(os.path.join(args.out, f))]
-    if taken and not args.resume:
-        if not args.overwrite:
-            raise LTauxError(f"{args.out}: holds another run ({', '.join(taken)}); pass --resume "
-                             f"{os.path.join(args.out, 'last.pt')} to continue it or --overwrite to replace it")
-        if is_main(args):
-            for f in taken:
-                os.remove(os.path.join(args.out, f))
-    if is_main(args):
-        os.makedirs(args.out, exist_ok=True)
-
-
-def resume_args(args):
-    """With --resume, take the run's settings from the checkpoint; explicit flags still win."""
-    ckpt = load_checkpoint(args.resume)
-    keep = set(args.given) | {"given", "resume", "rank", "world_size", "device", "out", "workers", "stop_after_steps"}
-    for k, v in ckpt["args"].items():
-        if k not in keep:
-            setattr(args, k, v)
-    return ckpt
-
-
-def restore(ckpt, model, optimizer, scaler, state, path):
-    load_weights(model, ckpt, path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    state.update(epoch=ckpt["epoch"], step_in_epoch=ckpt["step_in_epoch"], global_step=ckpt["global_step"])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if ckpt["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-    return ckpt["best_acc"]
-
-
-def run_epochs(model, raw, data, optimizer, scaler, state, ctx, args):
-    """The epoch loop: train, validate, checkpoint, log. Returns True if stopped early."""
-    best = ctx["best_acc"]
-    while state["epoch"] < args.epochs:
-        data["sampler"].set_epoch(state["epoch"], state["step_in_epoch"])
-        m = train_one_epoch(model, data["loader"], optimizer, scaler, state, ctx, args)
-        if m.pop("stopped"):
-            save_state(args, raw, optimizer, scaler, state, data["counts"], best)
-            log(args, f"stopped at epoch {state['epoch']} step {state['step_in_epoch']}: saved "
-                      f"{args.out}/last.pt; continue with --resume {args.out}/last.pt")
-            return True
-        m["epoch"] = state["epoch"]
-        state.update(epoch=state["epoch"] + 1, step_in_epoch=0)
-        val = data["eval_loaders"].get("val")
-        if val is not None and (state["epoch"] % args.eval_freq == 0 or state["epoch"] == args.epochs):
-            acc = evaluate(raw, val, ctx["device"], data["counts"], args, ctx["amp_dtype"])
-            m.update({f"val_{k}": acc[k] for k in ("overall", "many", "medium", "few", "mean_per_class")})
-        improved = val is None or m.get("val_overall", -1) > best
-        best = max(best, m.get("val_overall", best))
-        save_state(args, raw, optimizer, scaler, state, data["counts"], best)
-        if improved and is_main(args):
-            save_state(args, raw, optimizer, scaler, state, data["counts"], best, name="best.pt")
-        if is_main(args):
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(m) + "\n")
-        log(args, f"epoch {m['epoch']} done in {m['epoch_time_s']:.0f}s: loss {m['loss']:.4f}" + "".join(
-            f", val {k} {m['val_' + k]:.2f}" for k in ("overall", "many", "medium", "few")
-            if m.get("val_" + k) is not None))
-    return False
-
-
-def final_test(raw, data, ctx, args):
-    """Evaluate best.pt on --test-split (if given) and print the many / medium / few table."""
-    test = data["eval_loaders"].get("test")
-    if test is None:
-        return
-    best = os.path.join(args.out, "best.pt")
-    if is_main(args):
-        load_weights(raw, load_checkpoint(best), best)
+def final_test(model, loader, out, counts, args, device, amp, log):
+    """Evaluate best.pt on the test list, print the many / medium / few table, write test_metrics.json."""
+    best = os.path.join(out, "best.pt")
+    if args.rank == 0:
+        runtime.load_weights(model, runtime.load_checkpoint(best), best)
     if args.world_size > 1:  # rank 0's weights to every rank: no shared file system needed
-        for tensor in raw.state_dict().values():
+        for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
-    acc = evaluate(raw, test, ctx["device"], data["counts"], args, ctx["amp_dtype"])
-    log(args, f"\ntest ({args.test_split}) with {best}:\n" + format_table({args.method: acc}))
-    if is_main(args):
-        with open(os.path.join(args.out, "test_metrics.json"), "w") as f:
+    acc = validate(model, loader, counts, args, device, amp)
+    log(f"\ntest ({args.test_split}) with {best}:\n" + runtime.format_table({f"{args.method} (best.pt)": acc}))
+    if args.rank == 0:
+        with open(os.path.join(out, "test_metrics.json"), "w") as f:
             json.dump({k: acc[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}, f)
 
 
-def report(error):
-    """Print a user error on one line (also one re-raised from a DataLoader worker); exit status 2."""
-    msg = str(error).strip()
-    if "Original Traceback" in msg:  # keep the worker's own message, not its traceback
-        msg = msg.splitlines()[-1].replace("ltaux.LTauxError: ", "")
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    return 2
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def print_rank0(rank, msg):
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def setup_processes(args):
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (1 process without torchrun); NCCL on CUDA, gloo on CPU."""
+    args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = runtime.choose_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def open_inputs(args, log):
+    """Every list, the image root and the labels, checked: (train set, {"val"/"test": set}, counts (C,))."""
+    resolve_lists(args, args.rank, args.world_size)
+    train_set = open_list(args, args.split, train=True)
+    evals = {k: open_list(args, f, train=False) for k, f in (("val", args.val_split), ("test", args.test_split)) if f}
+    check_root(train_set)
+    counts = ltaux.class_counts(train_set.labels, train_set.num_classes)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise LTauxError(f"{args.split}: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no "
+                         f"training image (labels must be 0..C-1 without gaps)")
+    for ds in evals.values():
+        runtime.check_label_range(ds, train_set.num_classes, f"the training list {args.split}")
+    for line in describe_lists([args.split] + [d.split_file for d in evals.values()]):
+        log(line)
+    return train_set, evals, counts
+
+
+def run_header(args, device, amp_name, train_set, steps, out, has_val, log):
+    defaults = vars(get_args_parser().parse_args([]))
+    changed = {k: v for k, v in plain_args(args).items() if k in defaults and defaults[k] != v}
+    log("args not at their defaults (all are saved in every checkpoint): " + json.dumps(changed, sort_keys=True))
+    log(f"device: {device}, {args.world_size} process{'es' if args.world_size > 1 else ''}, amp {amp_name}; "
+        f"{len(train_set)} train images, {train_set.num_classes} classes, {steps} steps/epoch of "
+        f"{images_per_step(args)} images; writing to {out}")
+    if not has_val:
+        log("no validation list: best.pt is the last epoch's weights (--val-split selects by validation accuracy)")
+
+
+def train(args, ckpt):
+    """The whole run: inputs first (nothing is written until all are checked), then the epochs."""
+    t_start = time.time()
+    device = setup_processes(args)
+    log = functools.partial(print_rank0, args.rank)
+    amp_name, amp = runtime.amp_dtype(args.amp, device)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+
+    # inputs: lists, images root, arguments, checkpoints (--resume, --init, --pretrained)
+    train_set, evals, counts = open_inputs(args, log)
+    try:
+        sampler = ltaux.AuxBatchSampler(train_set.labels, args.batch_size, args.per_class,
+                                        METHODS[args.method].sampler, seed=args.seed, rank=args.rank,
+                                        world_size=args.world_size, with_seeds=True)
+    except ValueError as e:  # S vs Z, k vs C, S vs W: the user's arguments
+        raise LTauxError(f"{args.split}: {e}") from None
+    model = build_model(args, train_set.num_classes, device, args.world_size)
+    optimizer = build_optimizer(model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_name == "fp16")
+    if args.check_files and args.rank == 0:
+        check_files([train_set] + list(evals.values()), log, args.out or "runs")
+
+    # the output folder: claimed only now
+    out, lock = claim_out(args, args.resume) if args.rank == 0 else (None, None)
+    if args.world_size > 1:
+        box = [out]
+        dist.broadcast_object_list(box, src=0)
+        out = box[0]
+    args.out = out
+    try:
+        epoch, first_step, best_acc, partial = 0, 0, -1.0, {}
+        if ckpt:
+            epoch, first_step, best_acc, partial = restore(ckpt, args.resume, model, optimizer, scaler, args, log)
+            if args.rank == 0:
+                trim_log(out, epoch)
+        net = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
+        net = torch.compile(net) if args.compile else net
+        loader = make_loader(train_set, args, device, sampler)
+        eval_loaders = {k: make_loader(d, args, device, None, args.rank, args.world_size) for k, d in evals.items()}
+        run_header(args, device, amp_name, train_set, sampler.num_batches, out, "val" in evals, log)
+        stopped = run_epochs(net, model, loader, eval_loaders, optimizer, scaler, counts, epoch, first_step,
+                             best_acc, partial, args, device, amp, log)
+        if not stopped and "test" in eval_loaders:
+            final_test(model, eval_loaders["test"], out, counts, args, device, amp, log)
+    except NonFiniteLoss as e:
+        last = os.path.join(out, "last.pt")
+        raise LTauxError(f"{e}: {last if os.path.exists(last) else 'none yet'}") from None
+    finally:
+        if lock:
+            lock.release()
+    if not stopped:
+        log(f"\ndone in {datetime.timedelta(seconds=round(time.time() - t_start))}; best.pt: {out}/best.pt\n"
+            f"next: python evaluate.py --checkpoint {out}/best.pt" + (f" --split {args.test_split}" if
+                                                                       args.test_split else " --split LIST"))
+    return 0
+
+
+def run_epochs(net, model, loader, eval_loaders, optimizer, scaler, counts, epoch, first_step, best_acc,
+               partial, args, device, amp, log):
+    """The epoch loop: train, validate, write best.pt / log.jsonl / last.pt. Returns True if stopped."""
+    sampler, stop = loader.batch_sampler, StopFlag(device, args.world_size)
+    save = functools.partial(save_checkpoint, args=args, model=model, optimizer=optimizer, scaler=scaler,
+                             counts=counts, steps_per_epoch=sampler.num_batches)
+    try:
+        for epoch in range(epoch, args.epochs):
+            sampler.set_epoch(epoch, first_step)
+            m, partial = train_one_epoch(net, loader, optimizer, scaler, stop, epoch, first_step, partial,
+                                         args, device, amp, log)
+            if m.pop("stopped"):
+                if args.rank == 0:
+                    save(os.path.join(args.out, "last.pt"), epoch=epoch, step_in_epoch=m["steps"],
+                         best_acc=best_acc, partial=partial)
+                log(f"stopped at epoch {epoch} step {m['steps']}: saved {args.out}/last.pt; continue with "
+                    f"python train.py --resume {args.out}/last.pt")
+                return True
+            first_step, partial, m["epoch"] = 0, {}, epoch
+            if "val" in eval_loaders and ((epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs):
+                acc = validate(model, eval_loaders["val"], counts, args, device, amp)
+                m.update({f"val_{k}": acc[k] for k in ("overall", "many", "medium", "few", "mean_per_class")})
+            improved = "val" not in eval_loaders or m.get("val_overall", -1.0) > best_acc
+            best_acc = max(best_acc, m.get("val_overall", best_acc))
+            if args.rank == 0:
+                end_epoch(args.out, m, improved, functools.partial(save, epoch=epoch + 1, step_in_epoch=0,
+                                                                   best_acc=best_acc))
+            log(f"epoch {epoch} done in {m['epoch_time_s']:.0f}s: loss {m['loss']:.4f}" + "".join(
+                f", val {k} {m['val_' + k]:.2f}" for k in ("overall", "many", "medium", "few")
+                if m.get("val_" + k) is not None))
+    finally:
+        stop.restore()
+    return False
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+    return f"warning: {message}\n"
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    device = setup_distributed(args)
-    args.device_type = device.type
-    plain_format, warnings.formatwarning = warnings.formatwarning, lambda msg, *_, **__: f"warning: {msg}\n"
+    plain_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
-        return train(args, device)
+        args, ckpt = parse_args(argv)
+        return train(args, ckpt)
     except LTauxError as e:
-        return report(e)
+        return runtime.report(e)
     finally:
         warnings.formatwarning = plain_format  # user warnings print as one line while main() runs
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def images_per_step(args):
-    """Images through the backbone per global step: S per part, x4 with --rotation-aug,
-    plus the rotated copies of cbs_rrs_ss (x1 for one random angle, x4 for all)."""
-    n = args.batch_size * (1 if args.method in ("rrs", "cbs") else 2) * (4 if args.rotation_aug else 1)
-    if args.method == "cbs_rrs_ss" and args.lambdas[2]:
-        n += n * (4 if args.rotation == "all" else 1)
-    return n
-
-
-def train(args, device):
-    if args.rotation_aug and args.method == "cbs_rrs_ss":
-        raise LTauxError("--rotation-aug is the augmentation baseline of Table 5: use it with cbs_rrs, not cbs_rrs_ss")
-    ckpt = resume_args(args) if args.resume else None
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    prepare_out(args)
-    data = build_data(args)
-    raw = build_model(args, data["train"].num_classes, device)
-    model = torch.nn.parallel.DistributedDataParallel(raw) if args.world_size > 1 else raw
-    model = torch.compile(model) if args.compile else model
-    optimizer = build_optimizer(raw, args)
-    amp = args.amp or ("bf16" if device.type == "cuda" else "off")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    state = dict(epoch=0, step_in_epoch=0, global_step=0)
-    best_acc = restore(ckpt, raw, optimizer, scaler, state, args.resume) if ckpt else -1.0
-    steps = data["sampler"].num_batches
-    last = os.path.join(args.out, "last.pt")
-    ctx = dict(device=device, amp_dtype=amp_dtype, steps_per_epoch=steps, total_steps=steps * args.epochs,
-               warmup_steps=round(args.warmup_epochs * steps), best_acc=best_acc,
-               images_per_step=images_per_step(args) // args.world_size, stop=StopCheck(device),
-               guard=NonFiniteGuard(device, lambda: last if os.path.exists(last) else "none yet"))
-    log(args, "args: " + json.dumps(plain_args(args), sort_keys=True))
-    log(args, f"device: {device} x {args.world_size}, amp {amp}, {len(data['train'])} train images, "
-              f"{data['train'].num_classes} classes, {steps} steps/epoch, out {args.out}")
-    try:
-        if not run_epochs(model, raw, data, optimizer, scaler, state, ctx, args):
-            final_test(raw, data, ctx, args)
-    finally:
-        ctx["stop"].signal.restore()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,219 @@
+"""Run-time pieces shared by train.py, evaluate.py and bench.py (not the method: that is ltaux.py).
+
+Device and precision choice, the image transforms, uint8 -> normalised float on the device,
+checkpoint files (atomic writes, safe reads, weight loading with checks), prediction over a
+(sharded) loader, the result table, and the one-line error report of the entry points.
+"""
+
+import functools
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torchvision.transforms as T
+
+import ltaux
+from ltaux import LTauxError
+
+CKPT_FORMAT = "ltaux-checkpoint-v2"  # v2: phi ends in Linear + ReLU (embed.0.*); v1 files do not fit
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, applied on the device
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def report(error):
+    """Print a user error on one line (also one re-raised from a DataLoader worker); exit status 2."""
+    msg = str(error).strip()
+    if "Original Traceback" in msg:  # keep the worker's own message, not its traceback
+        msg = msg.splitlines()[-1].replace("ltaux.LTauxError: ", "")
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def choose_device(name=None, local_rank=0):
+    """torch.device for --device (None: cuda when available); LTauxError if CUDA is asked but absent."""
+    kind = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind not in ("cpu", "cuda"):
+        raise LTauxError(f"--device {kind}: choose cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LTauxError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return torch.device(f"cuda:{local_rank}" if kind == "cuda" else "cpu")
+
+
+def amp_dtype(amp, device):
+    """--amp bf16 | fp16 | off | None (None: bf16 on CUDA, off on CPU) -> (name, autocast dtype or None)."""
+    amp = amp or ("bf16" if device.type == "cuda" else "off")
+    return amp, AMP_DTYPES[amp]
+
+
+def build_transform(size, train):
+    """PIL image -> uint8 tensor (3, size, size); float conversion and normalisation happen on the device."""
+    if size >= 64:  # the ImageNet-LT recipe of OLTR: RandomResizedCrop, flip, ColorJitter 0.4; test 256/224
+        aug = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4)] if train
+               else [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
+    else:  # the CIFAR recipe: pad 4 + random crop, flip
+        aug = [T.Resize(size), T.CenterCrop(size)] + ([T.RandomCrop(size, padding=4),
+                                                         T.RandomHorizontalFlip()] if train else [])
+    return T.Compose(aug + [T.PILToTensor()])
+
+
+@functools.lru_cache(maxsize=None)
+def mean_std(device):
+    """ImageNet mean and std for uint8 pixels, made once per device (a per-step copy would sync)."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
+def to_device(x, device):
+    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W) on the device, channels_last on CUDA."""
+    x = x.to(device, non_blocking=True)
+    mean, std = mean_std(device)
+    x = (x.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def check_label_range(ds, num_classes, what):
+    """Every label of an evaluation list must be a class 0..C-1 of `what`. Raises LTauxError."""
+    for y, line in zip(ds.labels, ds.lines):
+        if y >= num_classes:
+            raise LTauxError(f"{ds.split_file}:{line}: label {y} is not a class of {what} (0..{num_classes - 1})")
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, rename: a kill at any moment
+    leaves either the old file or the new one, never a truncated one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+
+
+CKPT_KEYS = {"args": dict, "model": dict, "optimizer": dict, "scaler": dict, "train_counts": torch.Tensor,
+             "epoch": int, "step_in_epoch": int, "global_step": int, "best_acc": float, "rng_cpu": torch.Tensor}
+
+
+def load_checkpoint(path):
+    """Load an ltaux checkpoint safely (weights_only=True: a file carrying pickled code is refused)
+    and check that it holds what train.py writes. Raises LTauxError naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LTauxError(f"{path}: checkpoint not found") from None
+    except Exception as e:  # noqa: BLE001 - pickled objects, truncated or foreign files
+        what = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]  # the unpickler's refusal
+        if what:
+            raise LTauxError(f"{path}: refused: it holds pickled Python objects, not only tensors and plain "
+                             f"types ({what[0]}); nothing in it was run (weights_only=True)") from None
+        raise LTauxError(f"{path}: not a readable checkpoint (corrupt, truncated or not written by "
+                         f"torch.save; {type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        old = isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("ltaux-checkpoint")
+        raise LTauxError(f"{path}: " + (f"written by an older ltaux ({ckpt['format']}, this is {CKPT_FORMAT})"
+                                        if old else f"not an ltaux checkpoint (no '{CKPT_FORMAT}' marker)"))
+    bad = [k for k, t in CKPT_KEYS.items() if not isinstance(ckpt.get(k), t)]
+    run = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    if not bad and (run.get("arch") not in ltaux.LTResNet.ARCHS or not isinstance(ckpt["model"].get("fc.weight"),
+                                                                                    torch.Tensor)):
+        bad = ["args.arch" if run.get("arch") not in ltaux.LTResNet.ARCHS else "model.fc.weight"]
+    if bad:
+        raise LTauxError(f"{path}: damaged ltaux checkpoint ({bad[0]} missing or of the wrong type)")
+    return ckpt
+
+
+def load_weights(model, ckpt, path, prefixes=None):
+    """Copy a checkpoint's weights (those starting with `prefixes`, default all) into model, after
+    checking that arch, class count and every shape match. Raises LTauxError."""
+    c_arch, c_classes = ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0]
+    if c_arch != model.arch or c_classes != model.num_classes:
+        raise LTauxError(f"{path}: checkpoint is {c_arch} with {c_classes} classes, this run is "
+                         f"{model.arch} with {model.num_classes} classes")
+    own = model.state_dict()
+    state = {k: v for k, v in ckpt["model"].items() if prefixes is None or k.startswith(prefixes)}
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and (prefixes is None or k.startswith(prefixes))]
+    if bad or missing:
+        raise LTauxError(f"{path}: weights do not fit this model (e.g. {(bad or missing)[0]}; "
+                         f"check --embed-dim and --arch)")
+    model.load_state_dict(state, strict=prefixes is None)
+
+
+def model_from_checkpoint(path, device):
+    """The deployed classifier (phi + h) of a checkpoint, in eval mode, with its run arguments and
+    training-class counts: (model, run_args, train_counts (C,))."""
+    ckpt = load_checkpoint(path)
+    run = ckpt["args"]
+    model = ltaux.LTResNet(run["arch"], ckpt["model"]["fc.weight"].shape[0], run.get("embed_dim"))
+    load_weights(model, ckpt, path)
+    return model.to(device).eval(), run, ckpt["train_counts"]
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.inference_mode()
+def predict(model, loader, device, amp=None, world_size=1, features=False):
+    """Predictions and labels of a (sharded) evaluation loader, gathered in list order: (N,), (N,).
+    With features=True also returns phi's features (N, D) (single process only)."""
+    model.eval()
+    preds, targets, feats = [], [], []
+    for images, labels in loader:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            f = model.features(to_device(images, device))  # (B, D)
+            logits = model.fc(f)  # (B, C): phi and h, the deployed model
+        preds.append(logits.argmax(1))
+        targets.append(labels.to(device))
+        if features:
+            feats.append(f.float().cpu())
+    pred, target = torch.cat(preds), torch.cat(targets)
+    if world_size > 1:
+        pred, target = gather_interleaved(pred, target, world_size)
+    return (pred.cpu(), target.cpu()) + ((torch.cat(feats),) if features else ())
+
+
+def gather_interleaved(pred, target, world_size):
+    """Shard r holds items r::W of the list: gather the (padded) shards of all ranks and interleave."""
+    n = torch.tensor([len(pred)], device=pred.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size)]
+    dist.all_gather(sizes, n)
+    size = max(int(s) for s in sizes)
+    both = torch.stack([pred, target])
+    both = torch.cat([both, both.new_full((2, size - len(pred)), -1)], 1)
+    gathered = [torch.empty_like(both) for _ in range(world_size)]
+    dist.all_gather(gathered, both)
+    out = both.new_empty((2, sum(int(s) for s in sizes)))
+    for r, (g, s) in enumerate(zip(gathered, sizes)):
+        out[:, r::world_size] = g[:, :int(s)]
+    return out[0], out[1]
+
+
+def format_table(rows, baseline=None):
+    """rows: {run name: metrics} -> a Markdown table of many / medium / few / overall / mean per class
+    (percent). With baseline = a row name, the other rows also show their difference to it."""
+    def cell(name, key):
+        v = rows[name][key]
+        if v is None:
+            return "-"
+        ref = rows[baseline][key] if baseline and name != baseline else None
+        return f"{v:.1f}" + ("" if ref is None else f" ({v - ref:+.1f})")
+
+    keys = ("many", "medium", "few", "overall", "mean_per_class")
+    lines = ["| run | many | medium | few | overall | mean per class |", "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join([name] + [cell(name, k) for k in keys]) + " |" for name in rows]
+    return "\n".join(lines)
