@@ -144,7 +144,8 @@ def bench_loader(n_images, demo_dir):
             seen += len(x)
             if seen >= n_images:
                 break
-    return dict(dataset="demo (32 px PNG, CIFAR augmentation)", images_per_s_per_worker=seen / (time.perf_counter() - t0))
+    return dict(dataset="demo (32 px PNG, CIFAR augmentation)",
+                images_per_s_per_worker=seen / (time.perf_counter() - t0))
 
 
 def main(argv=None):

@@ -1,17 +1,21 @@
 #!/usr/bin/env python
-"""Evaluate an ltaux checkpoint: overall / many / medium / few top-1, per-class CSV and figures.
+"""Evaluate an ltaux checkpoint: overall / many / medium / few top-1, a per-class CSV and the paper's figures.
 
-    python evaluate.py --data /imagenet --split data_lists/ImageNet_LT_test.txt --checkpoint runs/r10/best.pt
-    python evaluate.py ... --compare runs/rrs/eval-ImageNet_LT_test/metrics.json   # Fig. 3's gain bars
+    python evaluate.py --checkpoint runs/in_r10/best.pt                  # the run's data root and test list
+    python evaluate.py --checkpoint runs/in_r10/best.pt --compare runs/in_r10_rrs/best.pt runs/in_r10_cbs/best.pt
 
-Shot groups come from the training-class counts stored in the checkpoint. Writes into --out:
-metrics.json, per_class.csv (class, train count, shot group, test count, accuracy, L2 norm of the
-primary classifier weight), accuracy.png (Fig. 3: per-class accuracy, classes sorted by training
-frequency, with the frequency curve), weight_norms.png (Fig. 4) and, with --compare, gain.png.
+Shot groups come from the training-class counts stored in the checkpoint and the run's --many / --few.
+Writes into --out: metrics.json, per_class.csv, accuracy.png (per-class accuracy, classes sorted by
+training frequency, with the frequency curve), weight_norms.png (Fig. 4 right: L2 norm of h's weight per
+class) and, with --compare (baseline runs such as RRS-Only and CBS-Only, evaluated the same way):
+gain.png (Fig. 3: per-class accuracy gain over each baseline) and tsne.png (Fig. 4: t-SNE of phi's
+test features of 18 classes, 6 per shot group). Evaluation only: nothing here trains.
 """
 
 import argparse
+import collections
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -21,10 +25,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import ltaux
-import train
+import runtime
 from ltaux import LTauxError
 
 GROUPS = ("many", "medium", "few")
+METHOD_NAMES = {"rrs": "RRS-Only", "cbs": "CBS-Only", "cbs_rrs": "CBS+RRS", "cbs_rrs_ss": "CBS+RRS+SS"}
+OUTPUTS = ("metrics.json", "per_class.csv", "accuracy.png", "weight_norms.png", "gain.png", "tsne.png")
+TSNE_CLASSES, TSNE_IMAGES = 6, 50  # Section 4.6: 6 classes per shot group, 50 test images per class
 
 
 def get_args_parser():
@@ -34,38 +41,217 @@ def get_args_parser():
     p.add_argument("--data", default=None, help="dataset root (None: the one the checkpoint was trained on)")
     p.add_argument("--split", default=None, help="evaluation list (None: the run's --test-split, else --val-split)")
     p.add_argument("--out", default=None, help="output folder (None: eval-<split name> next to the checkpoint)")
-    p.add_argument("--compare", default=None, help="metrics.json of another run: draw the per-class accuracy gain")
-    p.add_argument("--batch-size", type=int, default=256, help="images per evaluation batch")
+    p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
+                   help="checkpoints of baseline runs (e.g. RRS-Only and CBS-Only) of the same training list, "
+                        "evaluated on the same split with the same settings: gain.png and tsne.png")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
-    p.add_argument("--device", default=None, help="cuda or cpu (None: cuda when available)")
-    p.add_argument("--many", type=int, default=100, help="many-shot: more than this many train images")
-    p.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many train images")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                   help="autocast precision (None: the run's --amp, else bf16 on CUDA, off on CPU)")
+    p.add_argument("--many", type=int, default=None,
+                   help="many-shot: more than this many train images (None: the run's --many, else 100)")
+    p.add_argument("--few", type=int, default=None,
+                   help="few-shot: fewer than this many train images (None: the run's --few, else 20)")
     p.add_argument("--allow-unsafe-paths", action="store_true", help="accept absolute paths and '..' in lists")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation held in --out")
     return p
 
 
-def load_model(path, device):
-    """The primary classifier phi + h of a checkpoint, its run arguments and training-class counts."""
-    ckpt = train.load_checkpoint(path)
-    run = ckpt["args"]
-    model = ltaux.LTResNet(run["arch"], ckpt["model"]["fc.weight"].shape[0], run["embed_dim"])
-    train.load_weights(model, ckpt, path)
-    return model.to(device).eval(), run, ckpt["train_counts"]
+# ----------------------------------------------------------------------------------------------
+# the runs to evaluate and their settings
 
 
-def per_class_rows(metrics, counts, norms, many, few):
+@dataclasses.dataclass
+class Run:
+    """One checkpoint to evaluate: the deployed model (phi + h, on the CPU until its turn), its run
+    arguments, training-class counts (C,), a short label for tables and legends, and then its results."""
+    path: str
+    model: torch.nn.Module
+    args: dict
+    counts: torch.Tensor
+    label: str = ""
+    metrics: dict = None  # ltaux.shot_accuracy's dict
+    norms: list = None  # (C,) L2 norm of each row of h's weight
+    feats: torch.Tensor = None  # (n, D) phi's features of the t-SNE images
+    tsne_labels: list = None  # (n,) their classes
+
+
+def load_run(path, reference=None):
+    """A checkpoint as a Run; a --compare one must share the reference's classes and training counts."""
+    if path.endswith(".json"):
+        raise LTauxError(f"{path}: --compare takes the checkpoints (best.pt) of the baseline runs, not metrics")
+    model, args, counts = runtime.model_from_checkpoint(path, torch.device("cpu"))
+    run = Run(path, model, args, counts.long())
+    if reference is not None:
+        C, ref = len(counts), reference.counts
+        if C != len(ref):
+            raise LTauxError(f"{path}: --compare checkpoint has {C} classes, {reference.path} has {len(ref)}: "
+                             "compare runs trained on the same list")
+        if not torch.equal(run.counts, ref):
+            c = int(torch.nonzero(run.counts != ref)[0])
+            raise LTauxError(f"{path}: --compare checkpoint was trained on other class counts than "
+                             f"{reference.path} (class {c}: {int(run.counts[c])} vs {int(ref[c])} images): "
+                             "compare runs trained on the same list")
+    return run
+
+
+def label_runs(runs):
+    """'<method> (<run folder>)', e.g. 'RRS-Only (in_r10_rrs)'; with the file name where two would clash."""
+    for r in runs:
+        name = METHOD_NAMES.get(r.args.get("method"), r.args.get("method", "?"))
+        name += "+rot.aug" if r.args.get("rotation_aug") else ""
+        r.label = f"{name} ({os.path.basename(os.path.dirname(os.path.abspath(r.path)))})"
+    clash = collections.Counter(r.label for r in runs)
+    for r in runs:
+        if clash[r.label] > 1:
+            folder = os.path.basename(os.path.dirname(os.path.abspath(r.path)))
+            r.label = r.label[:r.label.rindex("(")] + f"({folder}/{os.path.basename(r.path)})"
+    seen = collections.Counter()
+    for r in runs:  # the same file twice: number the repeats
+        seen[r.label] += 1
+        r.label += f" #{seen[r.label]}" if seen[r.label] > 1 else ""
+
+
+def settings(args, run, device):
+    """Fill the None arguments from the run's own (data, split, amp, many, few) and pick --out."""
+    args.data = args.data or run.get("data")
+    args.split = args.split or run.get("test_split") or run.get("val_split")
+    if not args.split:
+        raise LTauxError(f"{args.checkpoint}: its run had no test or validation list: pass --split LIST")
+    if not args.data or not os.path.isdir(args.data):
+        raise LTauxError(f"--data {args.data}: no such folder (the dataset root of {args.split})")
+    args.amp = args.amp or run.get("amp")
+    args.many = run.get("many", 100) if args.many is None else args.many
+    args.few = run.get("few", 20) if args.few is None else args.few
+    for name in ("eval_batch_size", "many", "few"):
+        if getattr(args, name) < (1 if name == "eval_batch_size" else 0):
+            raise LTauxError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least "
+                             f"{1 if name == 'eval_batch_size' else 0}")
+    if args.workers < 0:
+        raise LTauxError(f"--workers {args.workers}: must be >= 0")
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                        "eval-" + os.path.splitext(os.path.basename(args.split))[0])
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise LTauxError(f"--out {args.out}: exists and is not a folder")
+    if os.path.exists(os.path.join(args.out, "metrics.json")) and not args.overwrite:
+        raise LTauxError(f"{os.path.join(args.out, 'metrics.json')}: an earlier evaluation is there: "
+                         "pass --overwrite to replace it, or another --out")
+    return runtime.amp_dtype(args.amp, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def tsne_indices(labels, counts, many, few):
+    """Section 4.6's images: from each shot group, 6 classes evenly spaced through the group sorted by
+    training frequency (fewer if the group has fewer classes with test images), and up to 50 test images
+    of each, in list order. Returns (list indices, [(class, group)] in plot order)."""
+    by_class = collections.defaultdict(list)
+    for i, y in enumerate(labels):
+        if len(by_class[y]) < TSNE_IMAGES:
+            by_class[y].append(i)
     groups = ltaux.shot_groups(counts, many, few).tolist()
-    return [dict(cls=c, train_count=int(counts[c]), shot_group=GROUPS[groups[c]], test_count=metrics["counts"][c],
-                 accuracy=metrics["per_class"][c], weight_norm=float(norms[c])) for c in range(len(counts))]
+    order = sorted(by_class, key=lambda c: (-int(counts[c]), c))  # most frequent first
+    picked = []
+    for g in range(3):
+        members = [c for c in order if groups[c] == g]
+        k, n = min(TSNE_CLASSES, len(members)), len(members)
+        picked += [(members[(2 * i + 1) * n // (2 * k)], g) for i in range(k)]  # the centres of k equal parts
+    return [i for c, _ in picked for i in by_class[c]], picked
 
 
-def write_outputs(out, metrics, rows, meta):
-    os.makedirs(out, exist_ok=True)
-    summary = {k: metrics[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
+def evaluate(run, loaders, device, amp, args):
+    """Run the model over the evaluation list (and the t-SNE images): fills run.metrics, .norms, .feats."""
+    loader, tsne_loader = loaders(run.args["image_size"])
+    model = run.model.to(device)
+    pred, target = runtime.predict(model, loader, device, amp)
+    run.metrics = ltaux.shot_accuracy(pred, target, run.counts, args.many, args.few)
+    run.norms = model.fc.weight.detach().float().norm(dim=1).cpu().tolist()  # Fig. 4 right: ||w_c|| of h
+    if tsne_loader is not None:
+        run.feats = runtime.predict(model, tsne_loader, device, amp, features=True)[2]  # (n, D) phi's features
+    run.model = model.cpu()  # frees the device for the next run
+
+
+def make_loaders(args, device, subset):
+    """image size -> (loader over the evaluation list, loader over its `subset` indices or None), made once
+    per size: each run is evaluated with its own test transform, all on the same list."""
+    made = {}
+
+    def loaders(size):
+        if size not in made:
+            ds = ltaux.SplitDataset(args.data, args.split, runtime.build_transform(size, train=False),
+                                    allow_unsafe_paths=args.allow_unsafe_paths)
+            kw = dict(batch_size=args.eval_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
+            sub = torch.utils.data.Subset(ds, subset) if subset else None
+            made[size] = (torch.utils.data.DataLoader(ds, **kw), sub and torch.utils.data.DataLoader(sub, **kw))
+        return made[size]
+    return loaders
+
+
+def class_names(lists, num_classes):
+    """Each class's name: the folder of its first listed image (train/n01440764/x.JPEG -> n01440764),
+    lengthened by parent folders where classes share it (apartment_building/outdoor). Lists are tried
+    in turn for the classes still unnamed (a flat list such as Places' val_256/ names none); else the class index."""
+    names = {}
+    for paths, labels in lists:
+        dirs = {}
+        for p, y in zip(paths, labels):
+            dirs.setdefault(y, p.replace("\\", "/").split("/")[:-1])
+        depth = dict.fromkeys(dirs, 1)
+        while True:
+            name = {y: "/".join(d[-depth[y]:]) for y, d in dirs.items() if d}
+            seen = collections.Counter(name.values())
+            grow = [y for y, s in name.items() if seen[s] > 1 and depth[y] < len(dirs[y])]
+            if not grow:
+                break
+            for y in grow:
+                depth[y] += 1
+        for y, s in name.items():
+            if seen[s] == 1 and y < num_classes:
+                names.setdefault(y, s)
+        if len(names) == num_classes:
+            break
+    return [names.get(c, str(c)) for c in range(num_classes)]
+
+
+def training_list(run_args, allow_unsafe_paths):
+    """The run's training list as (paths, labels), or None where it is not readable here."""
+    try:
+        return ltaux.read_split(run_args["split"], allow_unsafe_paths) if run_args.get("split") else None
+    except LTauxError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+
+
+def per_class_rows(main, names, many, few):
+    """One CSV row per class: cls, name, train_count, shot_group, test_count, accuracy, weight_norm."""
+    groups = ltaux.shot_groups(main.counts, many, few).tolist()
+    m = main.metrics
+    return [dict(cls=c, name=names[c], train_count=int(main.counts[c]), shot_group=GROUPS[groups[c]],
+                 test_count=m["counts"][c], accuracy=m["per_class"][c], weight_norm=main.norms[c])
+            for c in range(len(names))]
+
+
+def summary(run):
+    return {k: run.metrics[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
+
+
+def write_tables(out, main, baselines, rows, args):
+    """metrics.json (this run, then a 'compare' entry per baseline) and per_class.csv."""
+    meta = dict(checkpoint=os.path.abspath(main.path), split=args.split, data=args.data,
+                method=main.args.get("method"), label=main.label, amp=args.amp_name,
+                thresholds=dict(many=args.many, few=args.few))
+    compare = [dict(checkpoint=os.path.abspath(b.path), method=b.args.get("method"), label=b.label, **summary(b),
+                    per_class=b.metrics["per_class"], weight_norms=b.norms) for b in baselines]
     with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(dict(summary, **meta, per_class=metrics["per_class"], test_counts=metrics["counts"],
-                       train_counts=[r["train_count"] for r in rows],
-                       weight_norms=[r["weight_norm"] for r in rows]), f, indent=1)
+        json.dump(dict(summary(main), per_class=main.metrics["per_class"], test_counts=main.metrics["counts"],
+                       train_counts=main.counts.tolist(), weight_norms=main.norms,
+                       class_names=[r["name"] for r in rows], **meta, compare=compare), f, indent=1)
     with open(os.path.join(out, "per_class.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -73,8 +259,29 @@ def write_outputs(out, metrics, rows, meta):
                       "weight_norm": f"{r['weight_norm']:.4f}"} for r in rows])
 
 
+def result_table(main, baselines):
+    """runtime.format_table's rows (this run first, then each baseline), plus one row per baseline with
+    this run's gain over it, in points."""
+    table = runtime.format_table({r.label: r.metrics for r in [main] + baselines})
+    for b in baselines:
+        cells = ["-" if main.metrics[k] is None or b.metrics[k] is None else f"{main.metrics[k] - b.metrics[k]:+.1f}"
+                 for k in ("many", "medium", "few", "overall", "mean_per_class")]
+        table += "\n| " + " | ".join([f"gain over {b.label}"] + cells) + " |"
+    return table
+
+
 # ----------------------------------------------------------------------------------------------
 # figures, drawn with Pillow alone
+
+GROUP_COLORS = ((31, 119, 180), (44, 160, 44), (148, 103, 189))  # many, medium, few bars: blue, green, purple
+FREQ_COLOR = (255, 140, 0)  # the training-frequency curve (right axis), orange everywhere
+RUN_COLORS = ((31, 119, 180), (214, 39, 40), (140, 86, 75), (23, 190, 207), (227, 119, 194), (188, 189, 34))
+THIS_COLOR = (20, 20, 20)  # this run's series in weight_norms.png; the baselines take RUN_COLORS (blue, red as Fig. 3)
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
+           (0, 128, 128), (255, 215, 0), (0, 0, 0), (154, 205, 50), (255, 105, 180), (160, 82, 45))  # tSNE classes
+SIZE = (1200, 560)  # accuracy.png, weight_norms.png, gain.png
+TSNE_PANEL, TSNE_LEGEND = 440, 300  # tsne.png: a square panel per run, then the class legend
 
 
 def font(size):
@@ -89,122 +296,308 @@ def nice_ticks(lo, hi, n=5):
     step = (hi - lo) / n or 1.0
     mag = 10 ** math.floor(math.log10(step))
     step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= step), default=10 * mag)
-    ticks = [math.floor(lo / step) * step]
+    ticks = [math.floor(lo / step + 1e-9) * step]
     while ticks[-1] < hi - 1e-9:  # up to the first tick at or above hi
         ticks.append(ticks[-1] + step)
     return ticks
 
 
-def bar_figure(path, values, title, ylabel, groups, curve=None, curve_label=None, colors=None):
-    """Bars of `values` (classes already sorted by training frequency, most first), dashed lines at
-    the many/medium/few boundaries, optional second series `curve` on a right-hand log axis."""
-    W, H, L, R, Tm, B = 1200, 560, 90, 100 if curve else 30, 50, 70
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    f, fs = font(16), font(13)
-    vals = [0.0 if v is None else v for v in values]
-    lo, hi = min(0.0, min(vals)), max(vals) or 1.0
-    ticks = nice_ticks(lo, hi)
-    lo, hi = min(lo, ticks[0]), max(hi, ticks[-1])
-    y_of = lambda v: Tm + (H - Tm - B) * (hi - v) / (hi - lo)
-    n, pw = len(vals), W - L - R
-    for t in ticks:
-        d.line([(L - 5, y_of(t)), (W - R, y_of(t))], fill=(225, 225, 225))
-        d.text((L - 8, y_of(t)), f"{t:g}", fill="black", font=fs, anchor="rm")
-    for i, v in enumerate(vals):
-        x0, x1 = L + pw * i / n, L + pw * (i + 1) / n
-        color = (colors or {}).get(groups[i], (70, 110, 180)) if v >= 0 else (200, 70, 60)
-        d.rectangle([x0, min(y_of(v), y_of(0)), max(x0, x1 - (1 if n < 200 else 0)), max(y_of(v), y_of(0))], fill=color)
-    d.line([(L, y_of(0)), (W - R, y_of(0))], fill="black")
-    d.line([(L, Tm), (L, H - B)], fill="black")
-    for g in range(1, 3):  # shot-group boundaries
-        i = next((j for j, x in enumerate(groups) if x >= g), n)
-        x = L + pw * i / n
-        for y in range(Tm, H - B, 8):
-            d.line([(x, y), (x, y + 4)], fill=(120, 120, 120))
-    for g, name in enumerate(GROUPS):
-        idx = [j for j, x in enumerate(groups) if x == g]
-        if idx:
-            d.text((L + pw * (idx[0] + len(idx) / 2) / n, Tm - 8), f"{name}-shot", fill="black", font=fs, anchor="md")
-    if curve:
-        c_lo, c_hi = math.log10(max(1, min(curve))), math.log10(max(curve)) + 1e-9
-        cy = lambda c: Tm + (H - Tm - B) * (c_hi - math.log10(max(c, 1))) / max(c_hi - c_lo, 1e-9)
-        d.line([(L + pw * (i + 0.5) / n, cy(c)) for i, c in enumerate(curve)], fill=(230, 120, 0), width=3)
-        d.line([(W - R, Tm), (W - R, H - B)], fill="black")
-        for e in range(math.floor(c_lo), math.ceil(c_hi) + 1):
+def rotated_text(img, xy, text, fill, fnt, angle):
+    """Paste `text` rotated by `angle` degrees with its centre at xy."""
+    w = int(fnt.getlength(text)) + 8 if hasattr(fnt, "getlength") else 8 * len(text)
+    label = Image.new("RGB", (w, 24), "white")
+    ImageDraw.Draw(label).text((w / 2, 12), text, fill=fill, font=fnt, anchor="mm")
+    label = label.rotate(angle, expand=True)
+    img.paste(label, (int(xy[0] - label.width / 2), int(xy[1] - label.height / 2)))
+
+
+class Chart:
+    """A per-class chart: n class slots (sorted by training frequency, most first) on the x axis, a linear
+    left axis over `ylim` and the training-frequency curve on a log right axis. Draw the series and the
+    curve in the order they should stack, then finish() adds the axes, the shot groups and the legend."""
+
+    def __init__(self, title, ylabel, ylim, n):
+        self.img = Image.new("RGB", SIZE, "white")
+        self.d, self.f, self.fs = ImageDraw.Draw(self.img), font(16), font(13)
+        self.W, self.H, self.L, self.R, self.T, self.B = *SIZE, 80, 90, 78, 58
+        self.lo, self.hi, self.n, self.title, self.legend = *ylim, n, title, []
+        for t in nice_ticks(self.lo, self.hi):  # grid and left tick labels
+            self.d.line([(self.L - 5, self.y(t)), (self.W - self.R, self.y(t))], fill=(228, 228, 228))
+            self.d.text((self.L - 8, self.y(t)), f"{t:g}", fill="black", font=self.fs, anchor="rm")
+        rotated_text(self.img, (18, (self.T + self.H - self.B) / 2), ylabel, "black", self.f, 90)
+
+    def x(self, i):
+        """Left edge of class slot i (i may be fractional)."""
+        return self.L + (self.W - self.L - self.R) * i / self.n
+
+    def y(self, v):
+        v = min(max(v, self.lo), self.hi)
+        return self.T + (self.H - self.T - self.B) * (self.hi - v) / (self.hi - self.lo)
+
+    def bars(self, series):
+        """series: [(values, colour or per-slot colours, legend label)], None = no bar. Side by side where a
+        slot holds >= 3 px per series, else overlaid, the largest |value| first so that each stays visible."""
+        slot = (self.W - self.L - self.R) / self.n
+        wide = slot >= 3 * len(series)
+        for i in range(self.n):
+            drawn = [(v[i], c if isinstance(c[0], int) else c[i], k) for k, (v, c, _) in enumerate(series)
+                     if v[i] is not None]
+            for v, color, k in (drawn if wide else sorted(drawn, key=lambda t: -abs(t[0]))):
+                x0 = self.x(i) + (slot * (0.1 + 0.8 * k / len(series)) if wide else 0)
+                x1 = x0 + (slot * 0.8 / len(series) if wide else slot) - (1 if slot >= 3 else 0)
+                self.d.rectangle([x0, min(self.y(v), self.y(0)), max(x0, x1), max(self.y(v), self.y(0))],
+                                 fill=color)
+        self.legend += [(label, c) for _, c, label in series if label]
+
+    def line(self, values, color, label, width=2):
+        """A polyline through the slot centres (broken at None values), with a legend entry."""
+        pts = [(self.x(i + 0.5), None if v is None else self.y(v)) for i, v in enumerate(values)]
+        run = []
+        for p in pts + [(0, None)]:
+            if p[1] is None:
+                if len(run) > 1:
+                    self.d.line(run, fill=color, width=width, joint="curve")
+                elif run:
+                    self.d.ellipse([run[0][0] - 2, run[0][1] - 2, run[0][0] + 2, run[0][1] + 2], fill=color)
+                run = []
+            else:
+                run.append(p)
+        self.legend.append((label, color))
+
+    def finish(self, path, groups):
+        """Axes, shot-group boundaries and names, class ranks, legend and title; save."""
+        d, L, R, T, B, W, H = self.d, self.L, self.R, self.T, self.B, self.W, self.H
+        d.line([(L, self.y(0)), (W - R, self.y(0))], fill="black")
+        d.line([(L, T), (L, H - B), (W - R, H - B), (W - R, T)], fill="black")
+        free, row = 0, 0  # right end of the last group name; names that would overlap go one line lower
+        for g, name in enumerate(GROUPS):  # dashed boundaries, the group's name on top
+            idx = [i for i, x in enumerate(groups) if x == g]
+            if not idx:
+                continue
+            if idx[0] > 0:
+                for y in range(T, H - B, 8):
+                    d.line([(self.x(idx[0]), y), (self.x(idx[0]), y + 4)], fill=(110, 110, 110), width=2)
+            text, width = f"{name}-shot", self.fs.getlength(f"{name}-shot") if hasattr(self.fs, "getlength") else 70
+            left = min(max(self.x(idx[0] + len(idx) / 2) - width / 2, L + 3), W - R - 3 - width)
+            row = row + 1 if left < free else 0
+            d.text((left, T + 4 + 16 * row), text, fill=(90, 90, 90), font=self.fs)
+            free = left + width + 6
+        for t in nice_ticks(1, self.n, 8):  # class ranks 1..n
+            if 1 <= t <= self.n and t == int(t):
+                d.text((self.x(t - 0.5), H - B + 4), f"{int(t)}", fill="black", font=self.fs, anchor="ma")
+        d.text((L + (W - L - R) / 2, H - B + 24), f"classes sorted by training frequency (most first, 1 ... {self.n})",
+               fill="black", font=self.f, anchor="ma")
+        d.text((W / 2, 8), self.title, fill="black", font=self.f, anchor="ma")
+        self.draw_legend(34)
+        self.img.save(path)
+
+    def frequency_curve(self, counts):
+        """Training images per class (most first) in orange on a log right axis."""
+        lo, hi = math.log10(max(1, min(counts))), math.log10(max(1, max(counts)))
+        if hi - lo < 1:  # at least one decade, so that a flat or narrow curve stays readable
+            lo, hi = max(0.0, (lo + hi) / 2 - 0.5), max(0.0, (lo + hi) / 2 - 0.5) + 1
+        lo, hi = lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo)  # the ends clear of the frame
+        cy = lambda c: self.T + (self.H - self.T - self.B) * (hi - math.log10(max(c, 1))) / (hi - lo)
+        self.d.line([(self.x(i + 0.5), cy(c)) for i, c in enumerate(counts)] * (1 + (len(counts) == 1)),
+                    fill=FREQ_COLOR, width=3, joint="curve")
+        for e in range(math.floor(lo), math.ceil(hi) + 1):
             for m in (1, 2, 5):
-                c = m * 10 ** e
-                if c_lo - 1e-9 <= math.log10(c) <= c_hi + 1e-9:
-                    d.text((W - R + 8, cy(c)), f"{c:g}", fill=(200, 100, 0), font=fs, anchor="lm")
-        label = Image.new("RGB", (H - Tm - B, 24), "white")
-        ImageDraw.Draw(label).text(((H - Tm - B) / 2, 12), curve_label, fill=(200, 100, 0), font=f, anchor="mm")
-        img.paste(label.rotate(-90, expand=True), (W - 30, Tm))
-    label = Image.new("RGB", (H - Tm - B, 24), "white")
-    ImageDraw.Draw(label).text(((H - Tm - B) / 2, 12), ylabel, fill="black", font=f, anchor="mm")
-    img.paste(label.rotate(90, expand=True), (8, Tm))
-    d.text((L + pw / 2, H - B + 12), f"classes sorted by training frequency (1 ... {n})", fill="black", font=f, anchor="ma")
-    d.text((W / 2, 10), title, fill="black", font=f, anchor="ma")
+                if lo - 1e-9 <= math.log10(m * 10 ** e) <= hi + 1e-9:
+                    c = m * 10 ** e
+                    self.d.line([(self.W - self.R, cy(c)), (self.W - self.R + 5, cy(c))], fill=FREQ_COLOR)
+                    self.d.text((self.W - self.R + 8, cy(c)), f"{c:g}", fill=(200, 100, 0), font=self.fs,
+                                anchor="lm")
+        rotated_text(self.img, (self.W - 22, (self.T + self.H - self.B) / 2), "training images per class (log)",
+                     (200, 100, 0), self.f, -90)
+        self.legend.append(("training images per class (right axis)", FREQ_COLOR))
+
+    def draw_legend(self, top):
+        """The entries under the title, a colour swatch and a label each, on one row or, if long, two."""
+        x = self.L
+        for label, color in self.legend:
+            width = 18 + (self.fs.getlength(label) if hasattr(self.fs, "getlength") else 7 * len(label))
+            if x > self.L and x + width > self.W - 10:  # the next row, between the title and the plot
+                x, top = self.L, top + 19
+            self.d.rectangle([x, top + 3, x + 12, top + 15], fill=color)
+            self.d.text((x + 18, top + 9), label, fill="black", font=self.fs, anchor="lm")
+            x += width + 22
+
+
+def draw_figures(out, main, baselines, rows, split, picked):
+    """accuracy.png, weight_norms.png and, with baselines, gain.png and tsne.png. Returns the file names."""
+    order = sorted(range(len(rows)), key=lambda c: (-rows[c]["train_count"], c))  # most frequent first
+    groups = [GROUPS.index(rows[c]["shot_group"]) for c in order]
+    counts = [rows[c]["train_count"] for c in order]
+    where = f"{main.label} on {os.path.basename(split)}"
+    chart = Chart(f"Per-class top-1 accuracy: {where}", "top-1 accuracy (%)", (0, 100), len(order))
+    acc = [rows[c]["accuracy"] for c in order]
+    chart.bars([(acc, [GROUP_COLORS[g] for g in groups], None)])
+    chart.legend += [(f"{GROUPS[g]}-shot classes", GROUP_COLORS[g]) for g in sorted(set(groups))]
+    chart.frequency_curve(counts)
+    chart.finish(os.path.join(out, "accuracy.png"), groups)
+
+    runs = [(main, THIS_COLOR)] + [(b, RUN_COLORS[k % len(RUN_COLORS)]) for k, b in enumerate(baselines)]
+    top = max(max(r.norms) for r, _ in runs)
+    chart = Chart(f"L2 norm of the classifier h's weight per class (Fig. 4): {where}", "||w_c||",
+                  (0, nice_ticks(0, top)[-1] or 1.0), len(order))
+    chart.frequency_curve(counts)  # behind the norms
+    for r, color in runs:
+        chart.line([r.norms[c] for c in order], color, r.label, width=2 if len(order) > 200 else 3)
+    chart.finish(os.path.join(out, "weight_norms.png"), groups)
+    if not baselines:
+        return ["accuracy.png", "weight_norms.png"]
+
+    gains = [[None if main.metrics["per_class"][c] is None or b.metrics["per_class"][c] is None else
+              main.metrics["per_class"][c] - b.metrics["per_class"][c] for c in order] for b in baselines]
+    vals = [v for g in gains for v in g if v is not None] or [0.0]
+    ticks = nice_ticks(min(0.0, min(vals)), max(0.0, max(vals)) or 1.0)
+    chart = Chart(f"Per-class accuracy gain (Fig. 3) of {main.label} on {os.path.basename(split)}",
+                  "accuracy gain (points)", (ticks[0], ticks[-1]), len(order))
+    chart.bars([(g, color, f"over {b.label}") for g, (b, color) in zip(gains, runs[1:])])
+    chart.frequency_curve(counts)
+    chart.finish(os.path.join(out, "gain.png"), groups)
+    draw_tsne(os.path.join(out, "tsne.png"), [main] + baselines, rows, picked, split)
+    return ["accuracy.png", "weight_norms.png", "gain.png", "tsne.png"]
+
+
+def marker(d, x, y, group, color, r=4):
+    """many: circle, medium: square, few: triangle; a thin dark outline keeps light colours visible."""
+    box, edge = [x - r, y - r, x + r, y + r], (60, 60, 60)
+    if group == 0:
+        d.ellipse(box, fill=color, outline=edge)
+    elif group == 1:
+        d.rectangle(box, fill=color, outline=edge)
+    else:
+        d.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=color, outline=edge)
+
+
+def draw_tsne(path, runs, rows, picked, split):
+    """Fig. 4's feature panels: a 2-D t-SNE of each run's phi features of the picked classes, one panel
+    per run, points coloured by class and shaped by shot group; the class legend on the right."""
+    P, head = TSNE_PANEL, 60
+    img = Image.new("RGB", (P * len(runs) + TSNE_LEGEND, P + head + 10), "white")
+    d, f, fs = ImageDraw.Draw(img), font(16), font(13)
+    d.text((img.width / 2, 8), f"t-SNE of phi's test features (Fig. 4), {len(picked)} classes, "
+           f"up to {TSNE_IMAGES} images each, {os.path.basename(split)}", fill="black", font=f, anchor="ma")
+    color_of = {c: PALETTE[k % len(PALETTE)] for k, (c, _) in enumerate(picked)}
+    group_of = dict(picked)
+    for k, run in enumerate(runs):
+        x0 = P * k
+        d.text((x0 + P / 2, 36), run.label, fill="black", font=f, anchor="ma")
+        d.rectangle([x0 + 10, head, x0 + P - 10, head + P - 20], outline=(180, 180, 180))
+        if run.feats is None or len(run.feats) == 0:
+            continue
+        y = tsne(run.feats, seed=0)  # (n, 2)
+        lo, hi = y.min(0).values, y.max(0).values
+        scale = float((hi - lo).max().clamp(min=1e-9))
+        for (px, py), c in zip(y.tolist(), run.tsne_labels):
+            sx = x0 + 30 + (P - 60) * ((px - float(lo[0])) / scale + (1 - float(hi[0] - lo[0]) / scale) / 2)
+            sy = head + 20 + (P - 60) * ((py - float(lo[1])) / scale + (1 - float(hi[1] - lo[1]) / scale) / 2)
+            marker(d, sx, sy, group_of[c], color_of[c])
+    yy, x = head, P * len(runs) + 10
+    for g, name in enumerate(GROUPS):
+        members = [c for c, gg in picked if gg == g]
+        if not members:
+            continue
+        d.text((x, yy), f"{name}-shot", fill="black", font=f)
+        yy += 22
+        for c in members:
+            marker(d, x + 8, yy + 8, g, color_of[c], r=5)
+            d.text((x + 22, yy + 8), f"{rows[c]['name']} ({rows[c]['train_count']} train)"[:34], fill="black",
+                   font=fs, anchor="lm")
+            yy += 19
+        yy += 8
     img.save(path)
 
 
-def draw_figures(out, rows, compare=None):
-    order = sorted(range(len(rows)), key=lambda c: -rows[c]["train_count"])
-    groups = [GROUPS.index(rows[c]["shot_group"]) for c in order]
-    curve = [rows[c]["train_count"] for c in order]
-    tint = {0: (70, 110, 180), 1: (90, 160, 90), 2: (200, 140, 40)}
-    bar_figure(os.path.join(out, "accuracy.png"), [rows[c]["accuracy"] for c in order],
-               "Per-class top-1 accuracy (Fig. 3)", "top-1 accuracy (%)", groups, curve,
-               "training images per class (log)", tint)
-    bar_figure(os.path.join(out, "weight_norms.png"), [rows[c]["weight_norm"] for c in order],
-               "L2 norm of the primary classifier weight per class (Fig. 4)", "||w_c||", groups, curve,
-               "training images per class (log)", tint)
-    if compare is not None:
-        other = compare["per_class"]
-        if len(other) != len(rows):
-            raise LTauxError(f"--compare metrics have {len(other)} classes, this checkpoint {len(rows)}")
-        gain = [None if rows[c]["accuracy"] is None or other[c] is None else rows[c]["accuracy"] - other[c]
-                for c in order]
-        bar_figure(os.path.join(out, "gain.png"), gain, f"Per-class accuracy gain over {compare.get('checkpoint')}",
-                   "accuracy gain (points)", groups, curve, "training images per class (log)")
+# ----------------------------------------------------------------------------------------------
+# t-SNE (van der Maaten & Hinton 2008), exact, in torch: Fig. 4 only, not part of the method
+
+
+def pairwise_sq(x):
+    """Squared Euclidean distances (N, N) of the rows of x (N, D)."""
+    s = (x * x).sum(1)
+    return (s[:, None] + s[None, :] - 2 * x @ x.T).clamp(min=0)
+
+
+def affinities(x, perplexity):
+    """The symmetrised input affinities P (N, N): per point, a Gaussian whose width is found by binary
+    search so that the conditional distribution has the given perplexity; then (P + P^T) / 2N."""
+    n = len(x)
+    d = pairwise_sq(x)
+    if bool((d > 0).any()):
+        d = d / d[d > 0].mean()  # scale-free: beta starts near the right range
+    d = d - d.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).min(1, keepdim=True).values  # stability
+    d.fill_diagonal_(float("inf"))  # p_ii = 0
+    target = math.log(perplexity)  # the entropy H(P_i) of perplexity 2^H, in nats
+    beta = torch.ones(n, 1, dtype=x.dtype)  # 1 / (2 sigma_i^2)
+    lo, hi = torch.zeros_like(beta), torch.full_like(beta, float("inf"))
+    for _ in range(64):
+        p = torch.exp(-d * beta)
+        s = p.sum(1, keepdim=True)
+        h = torch.log(s) + beta * (d.nan_to_num(posinf=0.0) * p).sum(1, keepdim=True) / s
+        flat = h > target  # too wide a Gaussian: raise beta
+        lo, hi = torch.where(flat, beta, lo), torch.where(flat, hi, beta)
+        beta = torch.where(torch.isinf(hi), beta * 2, (lo + hi) / 2)
+    p = p / s
+    return ((p + p.T) / (2 * n)).clamp(min=1e-12)
+
+
+def tsne(x, dims=2, perplexity=30.0, iters=500, seed=0):
+    """Exact t-SNE of x (N, D) -> (N, dims): early exaggeration 12 and momentum 0.5 for the first quarter
+    of the iterations (at most 250), then momentum 0.8; gradient descent with per-coordinate gains and a
+    Student-t Q. Deterministic for a seed; O(N^2) memory, about 2 s for N = 900 on one CPU core."""
+    x = torch.as_tensor(x, dtype=torch.float64).cpu().flatten(1)
+    n = len(x)
+    if n < 3:
+        return torch.zeros(n, dims)
+    p = affinities(x, min(perplexity, (n - 1) / 3)).float()  # the search in float64, the descent in float32
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, dims, generator=gen) * 1e-4
+    step, gains = torch.zeros_like(y), torch.ones_like(y)
+    lr, early, p_early = max(n / 48, 50.0), min(250, iters // 4), 12 * p  # lr: N / (4 * exaggeration), >= 50
+    for it in range(iters):
+        num = torch.cdist(y, y).square_().add_(1).reciprocal_()  # Student-t kernel 1 / (1 + |y_i - y_j|^2)
+        num.fill_diagonal_(0)
+        w = ((p_early if it < early else p) - num / num.sum()).mul_(num)  # (p_ij - q_ij) num_ij, (N, N)
+        grad = 4 * (w.sum(1, keepdim=True) * y - w @ y)  # dC/dy_i = 4 sum_j (p_ij - q_ij) num_ij (y_i - y_j)
+        gains = torch.where((grad > 0) != (step > 0), gains + 0.2, gains * 0.8).clamp_(min=0.01)
+        step = (0.5 if it < early else 0.8) * step - lr * gains * grad
+        y = y + step
+        y = y - y.mean(0)
+    return y
 
 
 # ----------------------------------------------------------------------------------------------
 
 
 def run(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, run_args, counts = load_model(args.checkpoint, device)
-    data = args.data or run_args["data"]
-    split = args.split or run_args.get("test_split") or run_args.get("val_split")
-    if not split:
-        raise LTauxError("--split is required (the checkpoint's run had no test or validation list)")
-    compare = None
-    if args.compare:
-        try:
-            compare = json.load(open(args.compare))
-        except (OSError, ValueError) as e:
-            raise LTauxError(f"{args.compare}: cannot read metrics ({e})") from None
-    ds = ltaux.SplitDataset(data, split, train.build_transform(run_args["image_size"], train=False),
-                            allow_unsafe_paths=args.allow_unsafe_paths)
-    for y, line in zip(ds.labels, ds.lines):
-        if y >= len(counts):
-            raise LTauxError(f"{split}:{line}: label {y} is not a class of the checkpoint ({len(counts)} classes)")
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda")
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    pred, target = train.predict(model, loader, device, amp)
-    metrics = ltaux.shot_accuracy(pred, target, counts, args.many, args.few)
-    norms = model.fc.weight.detach().norm(dim=1).cpu()
-    rows = per_class_rows(metrics, counts, norms, args.many, args.few)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   "eval-" + os.path.splitext(os.path.basename(split))[0])
-    write_outputs(out, metrics, rows, dict(checkpoint=os.path.abspath(args.checkpoint), split=split,
-                                          method=run_args["method"], many_threshold=args.many, few_threshold=args.few))
-    draw_figures(out, rows, compare)
-    balanced = len(set(metrics["counts"]) - {0}) == 1
-    print(f"{args.checkpoint} on {split} ({len(ds)} images{'' if balanced else ', unbalanced'}):")
-    print(train.format_table({run_args["method"]: metrics}))
-    print(f"wrote {out}/: metrics.json per_class.csv accuracy.png weight_norms.png" + (" gain.png" if compare else ""))
+    device = runtime.choose_device(args.device)
+    main = load_run(args.checkpoint)
+    args.amp_name, amp = settings(args, main.args, device)
+    baselines = [load_run(p, main) for p in args.compare or []]  # every checkpoint checked before any work
+    label_runs([main] + baselines)
+    ds = ltaux.SplitDataset(args.data, args.split, None, allow_unsafe_paths=args.allow_unsafe_paths)
+    runtime.check_label_range(ds, len(main.counts), f"the checkpoint {args.checkpoint}")
+    subset, picked = tsne_indices(ds.labels, main.counts, args.many, args.few) if baselines else ([], [])
+    loaders = make_loaders(args, device, subset)
+    for r in [main] + baselines:
+        evaluate(r, loaders, device, amp, args)
+        r.tsne_labels = [ds.labels[i] for i in subset]  # (n,) the class of each t-SNE point
+    lists = [(ds.paths, ds.labels)] + [training_list(main.args, args.allow_unsafe_paths)]
+    names = class_names([x for x in lists if x], len(main.counts))
+    rows = per_class_rows(main, names, args.many, args.few)
+    os.makedirs(args.out, exist_ok=True)
+    for name in OUTPUTS:  # no stale figure of an earlier evaluation survives (--overwrite)
+        if os.path.isfile(os.path.join(args.out, name)):
+            os.remove(os.path.join(args.out, name))
+    write_tables(args.out, main, baselines, rows, args)
+    figures = draw_figures(args.out, main, baselines, rows, args.split, picked)
+    balanced = len(set(main.metrics["counts"]) - {0}) == 1
+    print(f"{args.checkpoint} on {args.split} ({len(ds)} images{'' if balanced else ', unbalanced'}; "
+          f"amp {args.amp_name}; many > {args.many}, few < {args.few} train images):")
+    print(result_table(main, baselines))
+    print("wrote:\n" + "\n".join(f"  {os.path.join(args.out, n)}" for n in ["metrics.json", "per_class.csv"] + figures))
     return 0
 
 
@@ -213,7 +606,7 @@ def main(argv=None):
     try:
         return run(args)
     except LTauxError as e:
-        return train.report(e)
+        return runtime.report(e)
 
 
 if __name__ == "__main__":

@@ -547,23 +547,14 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
             continue
         if len(fields) != 2:
             raise LTauxError(f"{path}:{n}: expected 'relative/path label', got {line.strip()!r}")
-        p, lab = fields
-        try:
-            y = int(lab)
-        except ValueError:
-            raise LTauxError(f"{path}:{n}: label {lab!r} is not an integer") from None
-        if y < 0 and not (allow_negative and y == -1):
-            raise LTauxError(f"{path}:{n}: label {y} is negative")
-        if y > max_label:
-            raise LTauxError(f"{path}:{n}: label {y} is larger than {max_label} (a typo?)")
+        p, y = fields[0], _split_label(path, n, fields[1], allow_negative, max_label)
         if not allow_unsafe_paths and (os.path.isabs(p) or ".." in p.replace("\\", "/").split("/")):
             raise LTauxError(f"{path}:{n}: path {p!r} is absolute or contains '..' "
                              "(lists are read relative to the dataset root; allow_unsafe_paths=True "
                              "or --allow-unsafe-paths accepts it)")
         if p in seen:
             dups.append(f"{path}:{n}: duplicate path {p!r} (first on line {seen[p]})")
-        else:
-            seen[p] = n
+        seen.setdefault(p, n)
         paths.append(p)
         labels.append(y)
         lines.append(n)
@@ -573,6 +564,19 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
         more = f" (and {len(dups) - 1} more duplicate lines)" if len(dups) > 1 else ""
         warnings.warn(dups[0] + more, stacklevel=2)
     return (paths, labels, lines) if return_lines else (paths, labels)
+
+
+def _split_label(path, n, text, allow_negative, max_label):
+    """The label of line n of a split list: an int in 0..max_label (or -1 if allowed), else LTauxError."""
+    try:
+        y = int(text)
+    except ValueError:
+        raise LTauxError(f"{path}:{n}: label {text!r} is not an integer") from None
+    if y < 0 and not (allow_negative and y == -1):
+        raise LTauxError(f"{path}:{n}: label {y} is negative")
+    if y > max_label:
+        raise LTauxError(f"{path}:{n}: label {y} is larger than {max_label} (a typo?)")
+    return y
 
 
 def load_rgb(path, max_aspect=50):

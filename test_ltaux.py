@@ -8,16 +8,24 @@ labels or loss weights swapped, a CBS part that is not class-balanced, rotation 
 match the rotation, a deployed model that uses another head.
 """
 
+import ast
 import collections
 import contextlib
+import csv
 import hashlib
+import importlib.util
 import io
 import json
 import os
+import pickle
+import random
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -25,6 +33,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import evaluate
 import ltaux
 import runtime
 import train
@@ -793,6 +802,230 @@ def test_init_loads_all_of_phi_and_fresh_heads(runs, tiny, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# evaluate.py: metrics, per-class CSV, Fig. 3 / Fig. 4 and t-SNE, on a flat test list
+
+NAMES = ["c0", "c1", "c2", "c3", "c4", "c5"]
+SUMMARY = ("many", "medium", "few", "overall", "mean_per_class")
+
+
+@pytest.fixture(scope="module")
+def flat_tiny(tmp_path_factory):
+    """6 classes of 16 px PNGs in class folders train/c<k>/ (40 ... 4 images), a balanced val list and a
+    flat test list (test/<k>_<i>.png, as Places-LT's val_256/: class names must come from the train list)."""
+    root = tmp_path_factory.mktemp("tiny")
+    g = torch.Generator().manual_seed(0)
+    lists = {}
+    for split, counts in (("train", TRAIN_COUNTS), ("val", [3] * 6), ("test", [4] * 6)):
+        rows = []
+        for c, n in enumerate(counts):
+            folder = root / split / (f"c{c}" if split != "test" else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                x = (torch.rand(3, 16, 16, generator=g) * 80 + c * 30).to(torch.uint8)
+                name = f"{i}.png" if split != "test" else f"{c}_{i}.png"
+                train.save_png(x, str(folder / name))
+                rows.append(f"{os.path.relpath(folder / name, root)} {c}\n")
+        lists[split] = str(root / f"tiny_{split}.txt")
+        with open(lists[split], "w") as f:
+            f.writelines(rows)
+    return root, lists
+
+
+@pytest.fixture(scope="module")
+def eval_runs(flat_tiny, tmp_path_factory):
+    """Checkpoints made once: the method (cbs_rrs_ss), RRS-Only (with --amp bf16) and CBS-Only (with
+    --many 30 --few 5), plus two doctored copies: 5 classes, and other training counts."""
+    root, lists = flat_tiny
+    out = tmp_path_factory.mktemp("runs")
+    paths = {}
+    for method, extra in (("cbs_rrs_ss", []), ("rrs", ["--amp", "bf16"]), ("cbs", ["--many", "30", "--few", "5"])):
+        rc = train.main(["--data", str(root), "--split", lists["train"], "--val-split", lists["val"], "--test-split",
+                         lists["test"], "--arch", "resnet10", "--image-size", "16", "--batch-size", "8",
+                         "--per-class", "2", "--embed-dim", "8", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                         "--method", method, "--out", str(out / method), *extra])
+        assert rc == 0, method
+        paths[method] = str(out / method / "best.pt")
+    ckpt = torch.load(paths["rrs"], weights_only=True)
+    five = dict(ckpt, train_counts=ckpt["train_counts"][:5])
+    five["model"] = {k: v[:5] if k.split(".")[0] in ("fc", "aux_fc") else v for k, v in ckpt["model"].items()}
+    torch.save(five, str(out / "five.pt"))
+    torch.save(dict(ckpt, train_counts=ckpt["train_counts"] + torch.tensor([0, 0, 0, 1, 0, 0])), str(out / "other.pt"))
+    paths["five"], paths["other"] = str(out / "five.pt"), str(out / "other.pt")
+    return paths
+
+
+def ev(*argv, capsys=None):
+    rc = evaluate.main(["--workers", "0", "--device", "cpu", *argv])
+    cap = capsys.readouterr() if capsys else None
+    return rc, cap
+
+
+def png(path):
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def has_color(img, color, box=None):
+    """Whether the exact colour occurs (within box = (left, top, right, bottom))."""
+    img = img.crop(box) if box else img
+    return any(c == color for _, c in img.getcolors(1 << 20))
+
+
+def test_metrics_and_csv(eval_runs, flat_tiny, tmp_path, capsys):
+    rc, cap = ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(tmp_path / "e"), capsys=capsys)
+    assert rc == 0, cap.err
+    m = json.load(open(tmp_path / "e" / "metrics.json"))
+    assert m["class_names"] == NAMES  # from the train list's folders: the test list is flat
+    assert m["train_counts"] == TRAIN_COUNTS and m["test_counts"] == [4] * 6
+    assert m["thresholds"] == {"many": 100, "few": 20} and m["method"] == "cbs_rrs_ss" and m["compare"] == []
+    assert m["split"] == flat_tiny[1]["test"] and m["checkpoint"] == os.path.abspath(eval_runs["cbs_rrs_ss"])
+    fc = torch.load(eval_runs["cbs_rrs_ss"], weights_only=True)["model"]["fc.weight"]  # h, not h_a
+    assert m["weight_norms"] == pytest.approx(fc.norm(dim=1).tolist(), rel=1e-5)
+    model, _, counts = runtime.model_from_checkpoint(eval_runs["cbs_rrs_ss"], torch.device("cpu"))
+    ds = ltaux.SplitDataset(flat_tiny[0], flat_tiny[1]["test"], runtime.build_transform(16, train=False))
+    pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, batch_size=7), torch.device("cpu"))
+    want = ltaux.shot_accuracy(pred, target, counts)
+    assert [m[k] for k in SUMMARY] == pytest.approx([want[k] for k in SUMMARY])
+    assert m["per_class"] == pytest.approx(want["per_class"])
+    rows = list(csv.DictReader(open(tmp_path / "e" / "per_class.csv")))
+    assert list(rows[0]) == ["cls", "name", "train_count", "shot_group", "test_count", "accuracy", "weight_norm"]
+    assert [r["name"] for r in rows] == NAMES and [int(r["train_count"]) for r in rows] == TRAIN_COUNTS
+    assert [r["shot_group"] for r in rows] == ["medium", "medium", "few", "few", "few", "few"]
+    assert [float(r["weight_norm"]) for r in rows] == pytest.approx(fc.norm(dim=1).tolist(), abs=1e-4)
+    assert [float(r["accuracy"]) for r in rows] == pytest.approx(want["per_class"], abs=0.01)
+    assert sorted(os.listdir(tmp_path / "e")) == ["accuracy.png", "metrics.json", "per_class.csv", "weight_norms.png"]
+    for name in ("accuracy.png", "weight_norms.png"):
+        img = png(tmp_path / "e" / name)
+        assert img.size == evaluate.SIZE and has_color(img, evaluate.FREQ_COLOR)
+    assert has_color(png(tmp_path / "e" / "weight_norms.png"), evaluate.THIS_COLOR, (80, 80, 1100, 500))
+
+
+def test_thresholds_come_from_the_checkpoint(eval_runs, tmp_path, capsys):
+    rc, cap = ev("--checkpoint", eval_runs["cbs"], "--out", str(tmp_path / "e"), capsys=capsys)  # run: --many 30 --few 5
+    assert rc == 0, cap.err
+    rows = list(csv.DictReader(open(tmp_path / "e" / "per_class.csv")))
+    assert [r["shot_group"] for r in rows] == ["many", "medium", "medium", "medium", "medium", "few"]
+    m = json.load(open(tmp_path / "e" / "metrics.json"))
+    assert m["thresholds"] == {"many": 30, "few": 5} and m["many"] is not None
+    rc, cap = ev("--checkpoint", eval_runs["cbs"], "--out", str(tmp_path / "f"), "--many", "100", "--few", "20",
+                 capsys=capsys)
+    rows = list(csv.DictReader(open(tmp_path / "f" / "per_class.csv")))
+    assert rc == 0 and [r["shot_group"] for r in rows] == ["medium", "medium", "few", "few", "few", "few"]
+
+
+def test_amp_comes_from_the_checkpoint(eval_runs, tmp_path, monkeypatch, capsys):
+    seen, predict = [], runtime.predict
+
+    def spy(model, loader, device, amp=None, *a, **kw):
+        seen.append(amp)
+        return predict(model, loader, device, amp, *a, **kw)
+    monkeypatch.setattr(runtime, "predict", spy)
+    assert ev("--checkpoint", eval_runs["rrs"], "--out", str(tmp_path / "e"), capsys=capsys)[0] == 0  # run: --amp bf16
+    assert seen == [torch.bfloat16] and json.load(open(tmp_path / "e" / "metrics.json"))["amp"] == "bf16"
+    assert ev("--checkpoint", eval_runs["rrs"], "--out", str(tmp_path / "f"), "--amp", "off", capsys=capsys)[0] == 0
+    assert seen[1:] == [None]
+    assert ev("--checkpoint", eval_runs["cbs"], "--out", str(tmp_path / "g"), capsys=capsys)[0] == 0  # run: no --amp
+    assert seen[2:] == [None]  # CPU: off
+
+
+def test_refuses_to_overwrite_an_evaluation(eval_runs, capsys):
+    folder = os.path.join(os.path.dirname(eval_runs["cbs"]), "eval-tiny_test")  # the default --out
+    assert ev("--checkpoint", eval_runs["cbs"], capsys=capsys)[0] == 0
+    rc, cap = ev("--checkpoint", eval_runs["cbs"], capsys=capsys)
+    assert rc == 2 and cap.err.count("\n") == 1 and cap.err.startswith("error: ")
+    assert os.path.join(folder, "metrics.json") in cap.err and "--overwrite" in cap.err
+    open(os.path.join(folder, "gain.png"), "wb").close()  # a stale figure of an earlier --compare
+    rc, cap = ev("--checkpoint", eval_runs["cbs"], "--overwrite", capsys=capsys)
+    assert rc == 0, cap.err
+    assert "gain.png" not in os.listdir(folder) and "metrics.json" in os.listdir(folder)
+
+
+@pytest.mark.parametrize("bad, words", [("five", "has 5 classes"), ("other", "other class counts")])
+def test_compare_needs_the_same_classes(eval_runs, tmp_path, capsys, bad, words):
+    rc, cap = ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(tmp_path / "e"), "--compare", eval_runs["rrs"],
+                 eval_runs[bad], capsys=capsys)
+    assert rc == 2 and cap.err.count("\n") == 1 and cap.err.startswith(f"error: {eval_runs[bad]}: ")
+    assert words in cap.err and not os.path.exists(tmp_path / "e")  # refused before any work or output
+
+
+def test_compare_table_and_figures(eval_runs, tmp_path, capsys):
+    out = tmp_path / "e"
+    rc, cap = ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(out), "--compare", eval_runs["rrs"], eval_runs["cbs"],
+                 capsys=capsys)
+    assert rc == 0, cap.err
+    m = json.load(open(out / "metrics.json"))
+    assert [c["method"] for c in m["compare"]] == ["rrs", "cbs"]
+    labels = ["CBS+RRS+SS (cbs_rrs_ss)", "RRS-Only (rrs)", "CBS-Only (cbs)"]
+    rows = [line for line in cap.out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0][2:] for r in rows] == labels + [f"gain over {b}" for b in labels[1:]]
+    for row, base in zip(rows[3:], m["compare"]):  # this run minus each baseline, in points
+        cells = [c.strip() for c in row.strip("| ").split(" | ")[1:]]
+        want = ["-" if m[k] is None or base[k] is None else f"{m[k] - base[k]:+.1f}" for k in SUMMARY]
+        assert cells == want
+    for name in evaluate.OUTPUTS:
+        assert str(out / name) in cap.out  # the list of files written
+    gain, norms, tsne = png(out / "gain.png"), png(out / "weight_norms.png"), png(out / "tsne.png")
+    assert gain.size == norms.size == evaluate.SIZE
+    plot = (81, 80, evaluate.SIZE[0] - 91, evaluate.SIZE[1] - 59)  # inside the axes, below the legend
+    for base, color in zip(m["compare"], evaluate.RUN_COLORS):  # blue: over RRS-Only, red: over CBS-Only
+        if any(a != b for a, b in zip(m["per_class"], base["per_class"])):
+            assert has_color(gain, color, plot)
+        assert has_color(norms, color, plot)  # each model's series of ||w_c||
+    assert has_color(norms, evaluate.THIS_COLOR, plot)
+    P = evaluate.TSNE_PANEL
+    assert tsne.size == (3 * P + evaluate.TSNE_LEGEND, P + 70)
+    for k in range(3):  # each panel holds points of several of the 6 classes (all tiny classes are picked)
+        panel = tsne.crop((k * P + 11, 61, (k + 1) * P - 11, P + 39))
+        assert sum(has_color(panel, c) for c in evaluate.PALETTE[:6]) >= 4
+
+
+def test_tsne_keeps_blobs_apart_and_is_deterministic():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 10, generator=g) * 10
+    x = torch.cat([c + torch.randn(30, 10, generator=g) for c in centres])  # 3 blobs x 30 points in 10-D
+    label = torch.arange(3).repeat_interleave(30)
+    y = evaluate.tsne(x, seed=0)
+    assert y.shape == (90, 2) and bool(torch.isfinite(y).all())
+    d = torch.cdist(y, y).fill_diagonal_(float("inf"))
+    assert (label[d.argmin(1)] == label).float().mean() >= 0.95
+    assert torch.equal(y, evaluate.tsne(x, seed=0)) and not torch.equal(y, evaluate.tsne(x, seed=1))
+    shuffled = evaluate.tsne(x[torch.randperm(90, generator=g)], seed=0)  # a different input: embedding changes
+    assert not torch.equal(y, shuffled)
+
+
+def test_tsne_picks_six_classes_per_group_evenly():
+    counts = torch.tensor([500 - 10 * c for c in range(20)] + [60 - c for c in range(20)] + [10] * 4)
+    labels = [c for c in range(44) for _ in range(60 if c % 2 else 3)]
+    idx, picked = evaluate.tsne_indices(labels, counts, many=100, few=20)
+    groups = [g for _, g in picked]
+    assert groups == [0] * 6 + [1] * 6 + [2] * 4  # few: only 4 classes
+    many = [c for c, g in picked if g == 0]
+    assert many[0] == 1 and many[-1] == 18 and sorted(many) == many  # spread over the group, most frequent first
+    per_class = {c: sum(labels[i] == c for i in idx) for c, _ in picked}
+    assert all(n == (50 if c % 2 else 3) for c, n in per_class.items())  # up to 50 images per class
+
+
+def test_class_names_from_folders():
+    names = evaluate.class_names([
+        (["val/x.jpg", "val/y.jpg"], [0, 1]),  # flat: names nothing
+        (["train/n01440764/a.JPEG", "d/a/apartment_building/outdoor/1.jpg", "d/b/bus/outdoor/2.jpg",
+          "train/n01443537/b.JPEG", "train/n01440764/c.JPEG"], [0, 1, 2, 3, 0]),
+        (["v/a/1.jpg", "v/b/1.jpg", "v/c/1.jpg", "v/n01443537/1.jpg"], [5, 5, 5, 3]),  # 3 is named; 5 too big
+    ], 5)
+    assert names == ["n01440764", "apartment_building/outdoor", "bus/outdoor", "n01443537", "4"]
+
+
+def test_help_and_imports():
+    text = evaluate.get_args_parser().format_help()
+    assert "--eval-batch-size" in text and "--batch-size " not in text and "(default: 256)" in text
+    tree = ast.parse(open(os.path.join(HERE, "evaluate.py")).read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "train" not in imported and imported <= {"argparse", "collections", "csv", "dataclasses", "json", "math",
+                                                    "os", "sys", "torch", "PIL", "ltaux", "runtime"}
+
+
+# ----------------------------------------------------------------------------------------------
 # bad input: one clear line, exit status 2, nothing written
 
 
@@ -1139,3 +1372,482 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     assert "| ratio method / plain |" in out
     with pytest.raises(SystemExit):
         bench.main(["--steps", "0"])
+
+
+def test_readme_snippet_runs_as_written(tmp_path, capsys):
+    """The "own training loop" snippet of README.md, on a small demo dataset, one epoch."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    section = text[text.index("## Using the method in your own training loop"):]
+    code = section[section.index("```python\n") + 10: section.index("\n```", section.index("```python"))]
+    root = tmp_path / "demo"
+    train.make_demo_data(str(root), classes=12, head=60, tail=5, val=2, test=3, size=32)
+    assert 'os.path.expanduser("~/.cache/ltaux/demo")' in code and "EPOCHS, S, Z = 4, 32, 4" in code
+    code = code.replace('os.path.expanduser("~/.cache/ltaux/demo")', repr(str(root)))
+    exec(compile(code.replace("EPOCHS, S, Z = 4, 32, 4", "EPOCHS, S, Z = 1, 32, 4"), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "epoch 0: cbs " in out and "'overall':" in out and "'few':" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# data_lists/make_lt_split.py: your own long-tailed splits
+
+SCRIPT = os.path.join(HERE, "data_lists", "make_lt_split.py")
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("make_lt_split_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_png():
+    """A valid 1x1 grey PNG."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00\x80")) + chunk(b"IEND", b""))
+
+
+def make_tree(root, sizes):
+    """root/<class>/<i>.png for {class: number of images}; also a non-image and a hidden file per class."""
+    png = tiny_png()
+    for c, n in sizes.items():
+        os.makedirs(root / c)
+        for i in range(n):
+            (root / c / f"{i:04d}.png").write_bytes(png)
+        (root / c / "notes.txt").write_text("not an image")
+        (root / c / f".{c}_hidden.png").write_bytes(png)
+    return root
+
+
+def read_split_maker_list(path):
+    rows = [line.split() for line in open(path)]
+    assert all(len(r) == 2 for r in rows), path
+    return [(p, int(y)) for p, y in rows]
+
+
+def per_class(rows):
+    counts = {}
+    for _, y in rows:
+        counts[y] = counts.get(y, 0) + 1
+    return counts
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+def one_error_line(res):
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+SIZES = {"ant": 130, "bee": 115, "cat": 120, "dog": 112, "eel": 110, "fox": 140}  # >= 20 + 50 + 40 each
+
+
+def test_default_run_holds_out_balanced_disjoint_val_and_test(tmp_path, capsys):
+    tree = make_tree(tmp_path / "tree", SIZES)
+    prefix = str(tmp_path / "My_LT")
+    assert load_module().main(["--root", str(tree), "--prefix", prefix, "--max", "40", "--min", "2"]) == 0
+    lists = {s: read_split_maker_list(f"{prefix}_{s}.txt") for s in ("train", "val", "test")}
+    classes = sorted(SIZES)
+    for split, rows in lists.items():
+        for p, y in rows:  # relative paths into the tree, label = index of the sorted class name
+            assert p.split("/")[0] == classes[y] and (tree / p).is_file() and p.endswith(".png"), (split, p)
+        assert len({p for p, _ in rows}) == len(rows), split  # no image twice in one list
+    assert per_class(lists["val"]) == {k: 20 for k in range(len(classes))}  # the documented defaults
+    assert per_class(lists["test"]) == {k: 50 for k in range(len(classes))}
+    train, val, test = ({p for p, _ in lists[s]} for s in ("train", "val", "test"))
+    assert not train & val and not train & test and not val & test
+    counts = sorted(per_class(lists["train"]).values(), reverse=True)
+    assert len(counts) == len(classes) and counts[0] == 40 and counts[-1] == 2  # long-tailed, every class
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    out = capsys.readouterr().out
+    assert f"{prefix}_val.txt: 120 images" in out and f"{prefix}_test.txt: 300 images" in out
+
+
+def test_seeded_and_zero_skips_a_list(tmp_path):
+    tree = make_tree(tmp_path / "tree", SIZES)
+    mod = load_module()
+    texts = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert mod.main(["--root", str(tree), "--prefix", str(tmp_path / name), "--seed", str(seed)]) == 0
+        texts.append([open(tmp_path / f"{name}_{s}.txt").read() for s in ("train", "val", "test")])
+    assert texts[0] == texts[1] and texts[0] != texts[2]  # same seed, same lists; another seed, other lists
+    assert mod.main(["--root", str(tree), "--prefix", str(tmp_path / "d"), "--val-per-class", "0",
+                     "--test-per-class", "3"]) == 0
+    assert not (tmp_path / "d_val.txt").exists()
+    assert per_class(read_split_maker_list(tmp_path / "d_test.txt")) == {k: 3 for k in range(len(SIZES))}
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--max", "0"], "--max"),
+    (["--min", "0"], "--min"),
+    (["--min", "10", "--max", "5"], "--min"),
+    (["--imbalance", "0.5"], "--imbalance"),
+    (["--imbalance", "nan"], "--imbalance"),
+    (["--imbalance", "1000", "--max", "500"], "--imbalance"),
+    (["--imbalance", "10", "--min", "3"], "--imbalance"),
+    (["--alpha", "0", "--profile", "pareto"], "--alpha"),
+    (["--val-per-class", "-1"], "--val-per-class"),
+    (["--test-per-class", "-5"], "--test-per-class"),
+    (["--max", "ten"], "--max"),
+    (["--profile", "linear"], "--profile"),
+])
+def test_bad_argument_exits_2_with_one_line(tmp_path, args, flag):
+    tree = make_tree(tmp_path / "tree", {"a": 80, "b": 80})
+    line = one_error_line(cli("--root", tree, "--prefix", tmp_path / "X", *args))
+    assert flag in line
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("X")]  # nothing written
+
+
+def test_missing_or_unusable_input_exits_2_naming_it(tmp_path):
+    missing = tmp_path / "no_such_tree"
+    assert str(missing) in one_error_line(cli("--root", missing, "--prefix", tmp_path / "X"))
+    tree = make_tree(tmp_path / "tree", {"a": 80, "b": 80})
+    out_dir = tmp_path / "no_such_dir"
+    assert str(out_dir) in one_error_line(cli("--root", tree, "--prefix", out_dir / "X"))
+    small = make_tree(tmp_path / "small", {"a": 80, "b": 30, "c": 10})
+    line = one_error_line(cli("--root", small, "--prefix", tmp_path / "X"))  # defaults need 71 per class
+    assert str(small) in line and "2 of 3 classes" in line and "b (30)" in line and "c (10)" in line
+    spaced = make_tree(tmp_path / "spaced", {"a": 80, "b c": 80})
+    assert "'b c'" in one_error_line(cli("--root", spaced, "--prefix", tmp_path / "X"))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("X")]
+
+
+@pytest.mark.parametrize("n_short", [3, 8])
+def test_shortfall_message_count_matches_the_names_listed(tmp_path, n_short):
+    sizes = {f"c{i}": 8 for i in range(n_short)}  # 2 + 2 held out, 4 left: short of any target above 4
+    sizes.update({f"d{i}": 60 for i in range(2)})
+    tree = make_tree(tmp_path / "tree", sizes)
+    res = cli("--root", tree, "--prefix", tmp_path / "S", "--val-per-class", "2", "--test-per-class", "2",
+              "--max", "50", "--min", "5", "--profile", "pareto")
+    assert res.returncode == 0, res.stderr
+    msg = [line for line in res.stdout.splitlines() if "fewer images than" in line]
+    assert len(msg) == 1, res.stdout
+    m = re.fullmatch(r"(\d+) of (\d+) classes have fewer images than their training target \((.*)\)", msg[0])
+    assert m, msg[0]
+    count, total, listed = int(m.group(1)), int(m.group(2)), m.group(3)
+    first = re.match(r"first (\d+) of (\d+): ", listed)
+    entries = listed[first.end():].split("; ") if first else listed.split("; ")
+    assert total == len(sizes)
+    if first:
+        assert int(first.group(2)) == count and int(first.group(1)) == len(entries) < count
+    else:
+        assert len(entries) == count
+    train = per_class(read_split_maker_list(tmp_path / "S_train.txt"))
+    assert count == sum(1 for i, c in enumerate(sorted(sizes)) if c.startswith("c")) == n_short
+    assert all(train[i] == 4 for i, c in enumerate(sorted(sizes)) if c.startswith("c"))  # keeps what it has
+
+
+def test_refuses_to_overwrite_without_force_and_writes_atomically(tmp_path, monkeypatch):
+    tree = make_tree(tmp_path / "tree", SIZES)
+    prefix = tmp_path / "O"
+    assert cli("--root", tree, "--prefix", prefix).returncode == 0
+    (tmp_path / "O_test.txt").write_text("sentinel\n")
+    line = one_error_line(cli("--root", tree, "--prefix", prefix, "--seed", "1"))
+    assert str(tmp_path / "O_test.txt") in line and "--force" in line
+    assert (tmp_path / "O_test.txt").read_text() == "sentinel\n"  # untouched, and nothing else rewritten
+    before = (tmp_path / "O_train.txt").read_text()
+
+    mod = load_module()  # a write that fails half-way leaves the old lists whole and no temporary file
+    def fail(src, dst):
+        raise OSError(28, "No space left on device", dst)
+    monkeypatch.setattr(mod.os, "replace", fail)
+    assert mod.main(["--root", str(tree), "--prefix", str(prefix), "--seed", "1", "--force"]) == 2
+    monkeypatch.undo()
+    assert (tmp_path / "O_test.txt").read_text() == "sentinel\n"
+    assert (tmp_path / "O_train.txt").read_text() == before
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+    res = cli("--root", tree, "--prefix", prefix, "--seed", "1", "--force")
+    assert res.returncode == 0, res.stderr
+    assert per_class(read_split_maker_list(tmp_path / "O_test.txt")) == {k: 50 for k in range(len(SIZES))}
+    assert (tmp_path / "O_train.txt").read_text() != before  # another seed, rewritten
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert os.stat(tmp_path / "O_train.txt").st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# data_lists/make_cifar_lt.py: CIFAR-10/100-LT from torchvision's download
+
+CONVERTER = os.path.join(HERE, "data_lists", "make_cifar_lt.py")
+_spec = importlib.util.spec_from_file_location("make_cifar_lt", CONVERTER)
+mcl = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mcl)
+
+C10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+# ----------------------------------------------------------------------------------------------
+# fake numpy arrays: pickled under our names, which are then swapped for numpy's in the bytes (protocol 2 names a
+# global as the text line "c<module>\n<name>\n"), so the files look like the real download without numpy
+
+def _reconstruct(*args):  # only pickled by name
+    raise AssertionError
+
+
+class _FakeDtype:
+    def __reduce__(self):
+        return _FakeDtype, ("u1", False, True), (3, "|", None, None, None, -1, -1, 0)
+
+
+class _FakeArray:
+    """Pickles like numpy.uint8 array of shape (N, 3072)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def __reduce__(self):
+        shape = (len(self.raw) // 3072, 3072)
+        return _reconstruct, (_FakeArray, (0,), b"b"), (1, shape, _FakeDtype(), False, self.raw)
+
+
+def numpy_style_dump(obj, path):
+    blob = pickle.dumps(obj, protocol=2)
+    for ours, numpy_name in (("_reconstruct", "numpy.core.multiarray\n_reconstruct"),
+                             ("_FakeArray", "numpy\nndarray"), ("_FakeDtype", "numpy\ndtype")):
+        blob = blob.replace(f"c{__name__}\n{ours}\n".encode(), f"c{numpy_name}\n".encode())
+    assert __name__.encode() not in blob
+    with open(path, "wb") as f:
+        f.write(blob)
+
+
+def make_batch(rng, labels, key, extra=()):
+    raw = rng.getrandbits(8 * 3072 * len(labels)).to_bytes(3072 * len(labels), "little")
+    d = {b"batch_label": b"fake", key: labels, b"data": _FakeArray(raw),
+         b"filenames": [b"img_%d.png" % i for i in range(len(labels))]}
+    d.update(extra)
+    return d
+
+
+def fake_cifar10(root, n_train=30, n_test=10, seed=0):
+    """root/cifar-10-batches-py with 10 classes; returns {split: (raw, labels)} as the converter should see it."""
+    rng, folder = random.Random(seed), os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    numpy_style_dump({b"label_names": [n.encode() for n in C10_NAMES], b"num_vis": 3072},
+                     os.path.join(folder, "batches.meta"))
+    train = [c for c in range(10) for _ in range(n_train)]
+    rng.shuffle(train)
+    truth = {"train": (b"", [])}
+    for b in range(5):  # five batches, as in the download
+        d = make_batch(rng, train[b::5], b"labels")
+        numpy_style_dump(d, os.path.join(folder, f"data_batch_{b + 1}"))
+        truth["train"] = (truth["train"][0] + d[b"data"].raw, truth["train"][1] + d[b"labels"])
+    test = [c for c in range(10) for _ in range(n_test)]
+    rng.shuffle(test)
+    d = make_batch(rng, test, b"labels")
+    numpy_style_dump(d, os.path.join(folder, "test_batch"))
+    truth["test"] = (d[b"data"].raw, test)
+    return truth
+
+
+def fake_cifar100(folder, C=12, n_train=20, n_test=5, seed=1):
+    """cifar-100-python with C classes; coarse labels differ from the fine ones so taking the wrong key fails."""
+    rng = random.Random(seed)
+    os.makedirs(folder)
+    names = [b"class_%02d" % c for c in range(C)]
+    numpy_style_dump({b"fine_label_names": names, b"coarse_label_names": [b"superclass"]},
+                     os.path.join(folder, "meta"))
+    truth = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        fine = [c for c in range(C) for _ in range(n)]
+        rng.shuffle(fine)
+        d = make_batch(rng, fine, b"fine_labels", {b"coarse_labels": [(y + 1) % C for y in fine]})
+        numpy_style_dump(d, os.path.join(folder, split))
+        truth[split] = (d[b"data"].raw, fine)
+    return truth
+
+
+# ----------------------------------------------------------------------------------------------
+
+def planar_to_rgb(row):
+    """The expected decoded pixels, written independently of the converter: R, G, B planes -> RGB triples."""
+    return bytes(v for px in zip(row[:1024], row[1024:2048], row[2048:]) for v in px)
+
+
+def read_cifar_list(path):
+    with open(path) as f:
+        return [(p, int(y)) for p, y in (line.split() for line in f)]
+
+
+def check_list(out, list_name, split, truth, names):
+    """Every line names an existing image whose pixels and label are those of its pickle row; returns the rows."""
+    raw, labels = truth[split]
+    rows = []
+    for rel, y in read_cifar_list(os.path.join(out, list_name)):
+        top, cls, fname = rel.split("/")
+        i = int(fname.split(".")[0])
+        assert (top, cls, y) == (split, names[labels[i]], labels[i]), rel
+        with Image.open(os.path.join(out, rel)) as im:
+            assert (im.format, im.mode, im.size) == ("PNG", "RGB", (32, 32))
+            assert im.tobytes() == planar_to_rgb(raw[i * 3072:(i + 1) * 3072]), rel
+        rows.append(i)
+    assert len(rows) == len(set(rows))
+    return rows
+
+
+def files_under(root):
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+
+
+def run(args):
+    r = subprocess.run([sys.executable, CONVERTER] + args, capture_output=True, text=True, timeout=60)
+    return r.returncode, r.stdout, r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+
+def test_ldam_counts_cifar10_r100():
+    assert mcl.ldam_counts(10, 5000, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert sum(mcl.ldam_counts(100, 500, 100)) == 10847  # CIFAR-100-LT r100 as in LDAM's paper
+    assert mcl.ldam_counts(100, 500, 100)[-1] == 5
+
+
+def test_cifar10_tree_lists_pixels_and_counts(tmp_path, capsys):
+    truth = fake_cifar10(tmp_path / "dl")
+    out = tmp_path / "c10"
+    assert mcl.main(["--src", str(tmp_path / "dl"), "--out", str(out), "--imbalance", "10",
+                     "--max-per-class", "30"]) == 0
+    train = check_list(out, "CIFAR10_LT_r10_train.txt", "train", truth, C10_NAMES)
+    test = check_list(out, "CIFAR10_test.txt", "test", truth, C10_NAMES)
+    per_class = [sum(truth["train"][1][i] == c for i in train) for c in range(10)]
+    assert per_class == [int(30 * 0.1 ** (c / 9)) for c in range(10)] == [30, 23, 17, 13, 10, 8, 6, 5, 3, 3]
+    assert sorted(test) == list(range(100))  # the whole test set
+    listed = {p for p, _ in read_cifar_list(out / "CIFAR10_LT_r10_train.txt") + read_cifar_list(out / "CIFAR10_test.txt")}
+    assert files_under(out) == listed | {"CIFAR10_LT_r10_train.txt", "CIFAR10_test.txt"}  # kept images only
+    assert sorted(os.listdir(tmp_path)) == ["c10", "dl"]  # no temporary folder left
+    text = capsys.readouterr().out
+    assert "10 classes, 118 train images (3 ... 30 per class), 100 test images" in text
+    assert "many-shot (> 100): 0 classes, medium: 2, few-shot (< 20): 8" in text
+    assert (f"python train.py --recipe cifar10_lt --data {out} --split {out}/CIFAR10_LT_r10_train.txt "
+            f"--test-split {out}/CIFAR10_test.txt") in text
+
+
+def test_cifar100_fine_labels_and_detection(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    truth = fake_cifar100(folder)
+    names = ["class_%02d" % c for c in range(12)]
+    out = tmp_path / "out"
+    out.mkdir()  # an empty --out is fine
+    rc, stdout, err = run(["--src", str(folder), "--out", str(out), "--imbalance", "5", "--max-per-class", "20"])
+    assert (rc, err) == (0, ""), err
+    train = check_list(out, "CIFAR100_LT_r5_train.txt", "train", truth, names)
+    assert [sum(truth["train"][1][i] == c for i in train) for c in range(12)] == \
+        [int(20 * 0.2 ** (c / 11)) for c in range(12)]
+    assert sorted(check_list(out, "CIFAR100_test.txt", "test", truth, names)) == list(range(60))
+    assert "--recipe cifar100_lt" in stdout
+
+
+def test_seed_decides_the_selection(tmp_path):
+    fake_cifar10(tmp_path / "dl")
+    common = ["--src", str(tmp_path / "dl"), "--imbalance", "10", "--max-per-class", "30"]
+    lists = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert mcl.main(common + ["--out", str(tmp_path / name), "--seed", str(seed)]) == 0
+        lists.append(read_cifar_list(tmp_path / name / "CIFAR10_LT_r10_train.txt"))
+    assert lists[0] == lists[1]
+    assert lists[0] != lists[2]
+    assert sorted(y for _, y in lists[0]) == sorted(y for _, y in lists[2])  # same counts, other images
+
+
+def test_jpg_format(tmp_path):
+    fake_cifar10(tmp_path / "dl", n_train=3, n_test=1)
+    out = tmp_path / "j"
+    assert mcl.main(["--src", str(tmp_path / "dl"), "--out", str(out), "--imbalance", "1", "--max-per-class", "2",
+                     "--format", "jpg"]) == 0
+    paths = [p for p, _ in read_cifar_list(out / "CIFAR10_LT_r1_train.txt")]
+    assert len(paths) == 20 and all(p.endswith(".jpg") for p in paths)
+    with Image.open(out / paths[0]) as im:
+        assert (im.format, im.size) == ("JPEG", (32, 32))
+
+
+def test_refuses_non_empty_out(tmp_path):
+    fake_cifar10(tmp_path / "dl", n_train=3, n_test=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc, stdout, err = run(["--src", str(tmp_path / "dl"), "--out", str(out), "--max-per-class", "3",
+                           "--imbalance", "1"])
+    assert rc == 2 and stdout == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: {out}: ")
+    assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["dl", "out"]
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
+    fake_cifar10(tmp_path / "dl", n_train=3, n_test=1)
+    calls = []
+
+    def flaky(raw, i):
+        calls.append(i)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return Image.new("RGB", (32, 32))
+
+    monkeypatch.setattr(mcl, "to_image", flaky)
+    assert mcl.main(["--src", str(tmp_path / "dl"), "--out", str(tmp_path / "out"), "--max-per-class", "3",
+                     "--imbalance", "1"]) == 130
+    assert os.listdir(tmp_path) == ["dl"]
+
+
+def _corrupt(dl):  # a batch of random bytes
+    (dl / "cifar-10-batches-py" / "test_batch").write_bytes(random.Random(0).randbytes(500))
+
+
+def _evil(dl):  # a pickle that would run a command: the restricted unpickler must refuse it
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {dl / 'pwned'}",)
+    (dl / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(Evil(), protocol=2))
+
+
+def _cifar100_file(dl):  # CIFAR-100's layout under CIFAR-10's name: no b"labels"
+    d = make_batch(random.Random(0), [0, 1], b"fine_labels")
+    numpy_style_dump(d, dl / "cifar-10-batches-py" / "test_batch")
+
+
+@pytest.mark.parametrize("case, args, blame", [
+    ("missing src", ["--src", "{tmp}/nowhere"], "{tmp}/nowhere"),
+    ("src without cifar", ["--src", "{tmp}"], "{tmp}"),
+    ("wrong --dataset", ["--dataset", "cifar100"], "{tmp}/dl"),
+    ("ratio < 1", ["--imbalance", "0.5"], "--imbalance"),
+    ("too few images", ["--max-per-class", "31", "--imbalance", "2"], "{tmp}/dl/cifar-10-batches-py"),
+    ("corrupt pickle", [_corrupt], "{tmp}/dl/cifar-10-batches-py/test_batch"),
+    ("code in pickle", [_evil], "{tmp}/dl/cifar-10-batches-py/data_batch_2"),
+    ("wrong pickle", [_cifar100_file], "{tmp}/dl/cifar-10-batches-py/test_batch"),
+])
+def test_user_errors_are_one_line(tmp_path, case, args, blame):
+    fake_cifar10(tmp_path / "dl")
+    for a in args:
+        if callable(a):
+            a(tmp_path / "dl")
+    argv = ["--src", str(tmp_path / "dl"), "--out", str(tmp_path / "out"), "--max-per-class", "30"]
+    argv += [a.format(tmp=tmp_path) for a in args if not callable(a)]
+    rc, stdout, err = run(argv)
+    assert (rc, stdout) == (2, ""), case
+    assert err.count("\n") == 1 and err.startswith(f"error: {blame.format(tmp=tmp_path)}: "), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "dl" / "pwned").exists()
+
+
+def test_bad_option_is_one_line():
+    rc, stdout, err = run(["--src", "x", "--out", "y", "--imbalance", "lots"])
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--imbalance" in err
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_reads_real_numpy_pickles_without_numpy(tmp_path, protocol):
+    np = pytest.importorskip("numpy")  # only to write them; the converter never imports it
+    data = np.frombuffer(random.Random(protocol).randbytes(3 * 3072), dtype=np.uint8).reshape(3, 3072)
+    (tmp_path / "b").write_bytes(pickle.dumps({b"data": data, b"labels": [2, 0, 1]}, protocol=protocol))
+    assert mcl.read_batch(str(tmp_path / "b"), b"labels") == (data.tobytes(), [2, 0, 1])
+    assert "numpy" not in vars(mcl)

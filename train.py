@@ -58,7 +58,7 @@ RECIPES = {
 }
 NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files")
 FIXED_ON_RESUME = ("method", "arch", "embed_dim", "batch_size", "per_class", "seed", "image_size", "rotation",
-                   "rotation_aug", "data", "split")
+                   "rotation_aug")
 
 
 def get_args_parser():
@@ -76,7 +76,8 @@ def get_args_parser():
     g.add_argument("--check-files", action="store_true", help="open every listed image before training "
                    "and report all unreadable ones at once")
     g.add_argument("--allow-unsafe-paths", action="store_true", help="accept absolute paths and '..' in lists")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes per GPU")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader worker processes per GPU")
     g.add_argument("--image-size", type=int, default=224, help="training crop; >= 64 uses the ImageNet-LT "
                    "augmentation, smaller the CIFAR one (pad 4 + random crop)")
     g = p.add_argument_group("method")
@@ -114,7 +115,11 @@ def get_args_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs: one all-reduce "
                    "per BN layer per step; matters when per-GPU batches are small")
-    g = p.add_argument_group("run")
+    add_run_args(p.add_argument_group("run"))
+    return p
+
+
+def add_run_args(g):
     g.add_argument("--out", default=None, help="output folder (None: runs/<date>-<method>; with --resume "
                    "the checkpoint's folder)")
     g.add_argument("--resume", default=None, help="continue from a last.pt (model, optimiser, "
@@ -126,7 +131,6 @@ def get_args_parser():
     g.add_argument("--eval-freq", type=int, default=1, help="epochs between validations")
     g.add_argument("--many", type=int, default=100, help="many-shot: more than this many train images")
     g.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many train images")
-    return p
 
 
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
@@ -385,8 +389,7 @@ def lr_factor(step, total, warmup):
 def claim_out(args, ckpt_path):
     """Choose --out and lock it for this run (an OS lock: a crashed run leaves no stale lock). Refuses
     a folder that holds another run unless it is the one resumed or --overwrite is given."""
-    out = args.out or (os.path.dirname(os.path.abspath(ckpt_path)) if ckpt_path else
-                       os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
+    out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise LTauxError(f"--out {out}: is a file, not a folder")
     parent = os.path.dirname(os.path.abspath(out))
@@ -454,7 +457,8 @@ def save_checkpoint(path, args, model, optimizer, scaler, counts, steps_per_epoc
     """Write one checkpoint atomically: everything needed to resume, as tensors and plain types."""
     ckpt = dict(format=runtime.CKPT_FORMAT, args=plain_args(args), model=model.state_dict(),
                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), train_counts=counts, epoch=epoch,
-                step_in_epoch=step_in_epoch, global_step=epoch * steps_per_epoch + step_in_epoch, best_acc=float(best_acc),
+                step_in_epoch=step_in_epoch, global_step=epoch * steps_per_epoch + step_in_epoch,
+                best_acc=float(best_acc),
                 rng_cpu=torch.get_rng_state(), partial=partial or {},
                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     runtime.atomic_save(ckpt, path)
@@ -632,8 +636,14 @@ def trim_log(out, epoch):
     """On resume: keep the log lines of the epochs before `epoch` (a crash may have left one more)."""
     path = os.path.join(out, "log.jsonl")
     if os.path.exists(path):
+        keep = []
         with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) < epoch]
+            for line in f:
+                try:
+                    if json.loads(line).get("epoch", -1) < epoch:
+                        keep.append(line)
+                except ValueError:  # a line cut short by a crash
+                    pass
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
@@ -724,8 +734,12 @@ def train(args, ckpt):
     model = build_model(args, train_set.num_classes, device, args.world_size)
     optimizer = build_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_name == "fp16")
+    if ckpt and not torch.equal(ckpt["train_counts"], counts):
+        raise LTauxError(f"{args.split}: not the training list of the resumed run (other class counts)")
+    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                            os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
     if args.check_files and args.rank == 0:
-        check_files([train_set] + list(evals.values()), log, args.out or "runs")
+        check_files([train_set] + list(evals.values()), log, args.out)
 
     # the output folder: claimed only now
     out, lock = claim_out(args, args.resume) if args.rank == 0 else (None, None)
