@@ -9,12 +9,16 @@ sampler: batches/s and indices/s of AuxBatchSampler on Places-LT labels (../shar
 step:    images/s of a cbs_rrs_ss step (all 4S images: B_cbs, B_rrs and their rotations) and of a
          plain classifier step (one head, cross-entropy, one batch of 4S images), same device, arch,
          size and precision, timed alternately after warm-up. Their ratio is the headline figure.
-loader:  images/s of the real data path (Pillow decode + transforms + collate) in one worker,
-         on the demo dataset.
+loader:  images/s of one data-loader worker (one core) on real JPEGs (--images, default
+         ../shared/bench_images): the OLTR / Decoupling pipeline (decode, RandomResizedCrop, flip,
+         ColorJitter, ToTensor, Normalize) against ltaux's (decode, RandomResizedCrop, flip, uint8 out;
+         colour jitter and normalisation on the device, timed there too), and the workers that
+         --target-rate images/s would need with each.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -43,7 +47,12 @@ def get_args_parser():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
     p.add_argument("--amp", default=None, choices=["bf16", "off"], help="autocast (None: bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--loader-images", type=int, default=2000, help="images decoded for the loader figure")
+    p.add_argument("--loader-images", type=int, default=400, help="images decoded per pipeline for the loader figure")
+    p.add_argument("--images", default=os.path.join(HERE, "..", "shared", "bench_images"),
+                   help="folder of JPEGs for the loader figure (absent: the demo's PNGs, with a note)")
+    p.add_argument("--loader-size", type=int, default=224, help="crop size of the loader figure")
+    p.add_argument("--target-rate", type=float, default=5000.0, help="decoded images/s the GPU needs (e.g. "
+                   "ResNet-10 at ~10,000 images/s through the network decodes half of them)")
     p.add_argument("--demo-dir", default=train.get_args_parser().get_default("demo_dir"),
                    help="the demo dataset the loader figure reads (written if absent)")
     return p
@@ -133,19 +142,56 @@ def bench_step(args, device):
                 plain_ms_per_step=1000 * med["plain"], amp="bf16" if amp else "off")
 
 
-def bench_loader(n_images, demo_dir):
-    lists = train.make_demo_data(demo_dir)
-    ds = ltaux.SplitDataset(os.path.dirname(lists["train"]), lists["train"], runtime.build_transform(32, True))
-    sampler = ltaux.AuxBatchSampler(ds.labels, 64, 4, mode="rrs", with_seeds=True)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=0)
-    seen, t0 = 0, time.perf_counter()
-    while seen < n_images:
-        for x, _ in loader:
-            seen += len(x)
-            if seen >= n_images:
-                break
-    return dict(dataset="demo (32 px PNG, CIFAR augmentation)",
-                images_per_s_per_worker=seen / (time.perf_counter() - t0))
+def loader_files(args):
+    """The loader figure's image files: --images when it holds images, else the demo's PNGs."""
+    if os.path.isdir(args.images):
+        files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images)
+                       if f.lower().endswith((".jpg", ".jpeg", ".png")))
+        if files:
+            return files, f"{len(files)} images in {os.path.abspath(args.images)}"
+    lists = train.make_demo_data(args.demo_dir)
+    paths = ltaux.read_split(lists["train"])[0]
+    return [os.path.join(args.demo_dir, p) for p in paths], "demo PNGs (32 px; no --images folder found)"
+
+
+def time_pipeline(files, tf, n):
+    """Images/s of decode + transform in this process, one thread, as one DataLoader worker runs."""
+    done, t0 = 0, time.perf_counter()
+    while done < n:
+        for f in files[: n - done]:
+            tf(ltaux.load_rgb(f))
+            done += 1
+    return done / (time.perf_counter() - t0)
+
+
+def bench_loader(args, device):
+    import torchvision.transforms as T
+    files, source = loader_files(args)
+    size = args.loader_size
+    oltr = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4),
+                      T.ToTensor(), T.Normalize(runtime.MEAN, runtime.STD)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # DataLoader workers run torch with one thread
+    try:
+        time_pipeline(files, oltr, min(20, args.loader_images))  # warm-up: file cache, allocations
+        rates = {"oltr": time_pipeline(files, oltr, args.loader_images),
+                 "ltaux": time_pipeline(files, runtime.build_transform(size, train=True), args.loader_images)}
+    finally:
+        torch.set_num_threads(threads)
+    x = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8)
+    gen, sync = torch.Generator(device=device), torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    runtime.to_device(x, device, gen)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        runtime.to_device(x, device, gen)  # the copy, colour jitter and normalisation train.py does
+    sync()
+    device_rate = 3 * len(x) / (time.perf_counter() - t0)
+    return dict(source=source, size=size, oltr_images_per_s_per_worker=rates["oltr"],
+                ltaux_images_per_s_per_worker=rates["ltaux"], speedup=rates["ltaux"] / rates["oltr"],
+                device_jitter_images_per_s=device_rate, target_rate=args.target_rate,
+                workers_oltr=math.ceil(args.target_rate / rates["oltr"]),
+                workers_ltaux=math.ceil(args.target_rate / rates["ltaux"]))
 
 
 def main(argv=None):
@@ -171,7 +217,7 @@ def main(argv=None):
     res["sampler"] = bench_sampler(args.batch_size)
     res["step"] = bench_step(args, device)
     res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"]["method_ms_per_step"]
-    res["loader"] = bench_loader(args.loader_images, args.demo_dir)
+    res["loader"] = bench_loader(args, device)
     print(json.dumps(res, indent=1))
     print_table(res, args)
     return res
@@ -187,7 +233,12 @@ def print_table(res, args):
           f"| {st['method_images_per_s']:.0f} images/s |\n"
           f"| plain classifier step, same images | {st['plain_images_per_s']:.0f} images/s |\n"
           f"| ratio method / plain | {st['ratio']:.3f} |\n"
-          f"| loader, one worker ({ld['dataset']}) | {ld['images_per_s_per_worker']:.0f} images/s |")
+          f"| loader, one worker, OLTR pipeline ({ld['source']}, {ld['size']} px) | "
+          f"{ld['oltr_images_per_s_per_worker']:.0f} images/s, {ld['workers_oltr']} workers for "
+          f"{ld['target_rate']:.0f} images/s |\n"
+          f"| loader, one worker, ltaux pipeline (jitter on the device) | {ld['ltaux_images_per_s_per_worker']:.0f} "
+          f"images/s ({ld['speedup']:.2f}x), {ld['workers_ltaux']} workers for {ld['target_rate']:.0f} images/s |\n"
+          f"| colour jitter + normalisation on {res['device']} | {ld['device_jitter_images_per_s']:.0f} images/s |")
 
 
 if __name__ == "__main__":

@@ -47,14 +47,49 @@ def amp_dtype(amp, device):
 
 
 def build_transform(size, train):
-    """PIL image -> uint8 tensor (3, size, size); float conversion and normalisation happen on the device."""
-    if size >= 64:  # the ImageNet-LT recipe of OLTR: RandomResizedCrop, flip, ColorJitter 0.4; test 256/224
-        aug = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4)] if train
+    """PIL image -> uint8 tensor (3, size, size). What needs no PIL runs later on the device (to_device):
+    float conversion, ColorJitter of the ImageNet-LT recipe (color_jitter), normalisation."""
+    if size >= 64:  # the ImageNet-LT recipe of OLTR: RandomResizedCrop, flip (+ ColorJitter 0.4 on the device)
+        aug = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if train
                else [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
     else:  # the CIFAR recipe: pad 4 + random crop, flip
         aug = [T.Resize(size), T.CenterCrop(size)] + ([T.RandomCrop(size, padding=4),
                                                          T.RandomHorizontalFlip()] if train else [])
     return T.Compose(aug + [T.PILToTensor()])
+
+
+def jitter_on_device(size, train):
+    """Whether training images of this size get color_jitter on the device (the ImageNet-LT recipe)."""
+    return train and size >= 64
+
+
+def color_jitter(x, generator=None, brightness=0.4, contrast=0.4, saturation=0.4):
+    """torchvision's ColorJitter(brightness, contrast, saturation), batched on the images' device.
+
+    Every image draws its own factors, uniform in [1 - s, 1 + s] for each strength s, as ColorJitter
+    does; each operation is torchvision's tensor version (adjust_brightness: scale; adjust_contrast:
+    blend with the image's mean grey; adjust_saturation: blend with its grey image; grey = ITU-R 601
+    luma), clamped to [0, 255] after each. Differences: the operations run in a fixed order
+    (brightness, contrast, saturation), where torchvision draws a random order per image, and in float,
+    where PIL rounds to 8 bits after each operation.
+
+    Args:
+        x: float images (B, 3, H, W) with values in [0, 255].
+        generator: torch.Generator on x.device (default: the global RNG).
+    Returns:
+        float images (B, 3, H, W) in [0, 255].
+    """
+    strength = torch.tensor([brightness, contrast, saturation], device=x.device).view(3, 1, 1, 1, 1)
+    f = 1 + strength * (2 * torch.rand(3, x.shape[0], 1, 1, 1, device=x.device, generator=generator) - 1)
+    x = (x * f[0]).clamp(0, 255)  # brightness: (B, 3, H, W)
+    mean = grey(x).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
+    x = (f[1] * x + (1 - f[1]) * mean).clamp(0, 255)  # contrast
+    return (f[2] * x + (1 - f[2]) * grey(x)).clamp(0, 255)  # saturation
+
+
+def grey(x):
+    """ITU-R 601 luma of RGB images: (B, 3, H, W) -> (B, 1, H, W), as torchvision's rgb_to_grayscale."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,11 +99,14 @@ def mean_std(device):
             torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
 
 
-def to_device(x, device):
-    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W) on the device, channels_last on CUDA."""
-    x = x.to(device, non_blocking=True)
+def to_device(x, device, jitter=None):
+    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W) on the device, channels_last on CUDA.
+    With jitter = a torch.Generator on the device, color_jitter first (training, ImageNet-LT recipe)."""
+    x = x.to(device, non_blocking=True).float()
+    if jitter is not None:
+        x = color_jitter(x, jitter)
     mean, std = mean_std(device)
-    x = (x.float() - mean) / std
+    x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 

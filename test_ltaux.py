@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -564,6 +565,53 @@ def test_wide_greyscale_is_rescaled_and_extreme_aspect_ratios_refused(tmp_path):
     assert x[0] == 0 and x[-1] == 255 and len(x.unique()) > 32  # the ramp survives
     with pytest.raises(ltaux.LTauxError, match=r"w.txt:2: .*aspect ratio 4000x8"):
         ds[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# the input pipeline: colour jitter on the device (runtime.color_jitter)
+
+
+def jitter_factors(which, n=2000, seed=0):
+    """Run color_jitter with one operation on, on mid-range images (no clamping), and read back each
+    image's factor together with torchvision's own operation applied with that factor."""
+    import torchvision.transforms.functional as TF
+    g = torch.Generator().manual_seed(seed)
+    x = 60 + 120 * torch.rand(n, 3, 4, 4, generator=g)
+    strengths = {**dict(brightness=0.0, contrast=0.0, saturation=0.0), which: 0.4}
+    out = runtime.color_jitter(x, torch.Generator().manual_seed(seed + 1), **strengths)
+    if which == "brightness":
+        f = (out / x).mean(dim=(1, 2, 3))
+        ref = torch.stack([TF.adjust_brightness(x[i] / 255, float(f[i])) * 255 for i in range(8)])
+    elif which == "contrast":
+        f = out.std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))
+        ref = torch.stack([TF.adjust_contrast(x[i] / 255, float(f[i])) * 255 for i in range(8)])
+    else:
+        g_x = runtime.grey(x)
+        f = ((out - g_x) * (x - g_x)).sum(dim=(1, 2, 3)) / ((x - g_x) ** 2).sum(dim=(1, 2, 3))
+        ref = torch.stack([TF.adjust_saturation(x[i] / 255, float(f[i])) * 255 for i in range(8)])
+    return f, out[:8], ref
+
+
+@pytest.mark.parametrize("which", ["brightness", "contrast", "saturation"])
+def test_color_jitter_is_torchvisions_operation_with_uniform_factors(which):
+    f, out, ref = jitter_factors(which)
+    assert torch.allclose(out, ref, atol=1e-2)  # the same operation as torchvision, factor for factor (0..255)
+    assert f.min() >= 0.6 - 1e-4 and f.max() <= 1.4 + 1e-4  # ColorJitter(0.4): uniform in [0.6, 1.4]
+    quantiles = torch.linspace(0.6, 1.4, len(f))
+    assert (f.sort().values - quantiles).abs().max() < 0.04  # and uniform (Kolmogorov-Smirnov distance)
+
+
+def test_training_images_are_jittered_on_the_device_and_only_at_imagenet_sizes():
+    x = torch.full((4, 3, 8, 8), 128, dtype=torch.uint8)
+    plain = runtime.to_device(x, torch.device("cpu"))
+    jittered = runtime.to_device(x, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.allclose(plain[0], plain[1]) and not torch.allclose(jittered[0], jittered[1])
+    again = runtime.to_device(x, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.equal(jittered, again)  # seeded per step: an exact resume
+    assert runtime.jitter_on_device(224, train=True) and not runtime.jitter_on_device(224, train=False)
+    assert not runtime.jitter_on_device(32, train=True)  # the CIFAR recipe has no colour jitter
+    names = [type(t).__name__ for t in runtime.build_transform(224, train=True).transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "PILToTensor"]  # workers: no jitter, uint8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1345,6 +1393,20 @@ def test_torchrun_two_processes_on_cpu(tiny, tmp_path):
     assert ddp["overall"] == pytest.approx(single["overall"])  # gathered: no test image lost or counted twice
 
 
+def test_sigterm_under_torchrun_every_rank_stops_after_the_same_step(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(HERE, "train.py"), *base_args(tiny, out, "--epochs", "50", "--print-freq", "1")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE, env=env,
+                         start_new_session=True)
+    text = signal_when(p, "epoch 0 [ 3/", signal.SIGTERM)
+    p.wait(timeout=120)
+    assert "stopped at epoch 0 step" in text, text
+    ckpt = runtime.load_checkpoint(str(out / "last.pt"))
+    assert ckpt["epoch"] == 0 and 3 <= ckpt["step_in_epoch"] <= 6  # agreed within a few steps, then saved
+
+
 # ----------------------------------------------------------------------------------------------
 # the demo and bench.py
 
@@ -1363,13 +1425,19 @@ def test_demo_data_is_long_tailed_and_never_written_into_a_users_folder(tmp_path
 
 def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     import bench
+    for i in range(4):
+        Image.effect_noise((120 + 20 * i, 90), 50).convert("RGB").save(tmp_path / f"{i}.jpg", quality=90)
     res = bench.main(["--image-size", "16", "--batch-size", "4", "--num-classes", "5", "--steps", "2", "--warmup", "1",
-                      "--loader-images", "64", "--demo-dir", str(tmp_path / "demo")])
+                      "--loader-images", "8", "--loader-size", "64", "--images", str(tmp_path),
+                      "--target-rate", "1000", "--demo-dir", str(tmp_path / "demo")])
     out = capsys.readouterr().out
     assert json.loads(out[: out.index("\n}\n") + 2])["step"]["images_per_step"] == 16
     assert res["sampler"]["S"] == 4 and res["sampler"]["batches_per_s"] > 0 and res["sampler"]["fraction_of_step"] > 0
-    assert res["step"]["ratio"] > 0 and res["loader"]["images_per_s_per_worker"] > 0
-    assert "| ratio method / plain |" in out
+    assert res["step"]["ratio"] > 0
+    ld = res["loader"]
+    assert ld["source"].startswith("4 images in") and ld["oltr_images_per_s_per_worker"] > 0
+    assert ld["workers_ltaux"] == math.ceil(1000 / ld["ltaux_images_per_s_per_worker"])
+    assert "| ratio method / plain |" in out and "ltaux pipeline" in out
     with pytest.raises(SystemExit):
         bench.main(["--steps", "0"])
 

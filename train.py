@@ -499,7 +499,8 @@ def restore(ckpt, path, model, optimizer, scaler, args, log):
 
 def step_inputs(images, labels, args, device, gen):
     """A loader batch [B_cbs; B_rrs] (uint8, this rank's S/W + S/W rows) -> aux_loss's four inputs."""
-    x, y = runtime.to_device(images, device), labels.to(device, non_blocking=True)
+    jitter = gen if runtime.jitter_on_device(args.image_size, train=True) else None
+    x, y = runtime.to_device(images, device, jitter), labels.to(device, non_blocking=True)
     mode = METHODS[args.method].sampler
     if mode == "rrs":
         return None, None, x, y
