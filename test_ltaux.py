@@ -660,22 +660,28 @@ def test_shipped_checksums_match_the_official_lists_and_train_py_says_so(tmp_pat
 TRAIN_COUNTS = [40, 25, 12, 6, 5, 4]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """6 classes of 16 px PNGs (40 ... 4 training images), balanced val and test lists."""
-    root = tmp_path_factory.mktemp("tiny")
+def make_tiny(root, flat_test=False):
+    """6 classes of 16 px PNGs (40 ... 4 training images) in class folders, balanced val and test lists;
+    flat_test: the test images in one folder (test/<k>_<i>.png, as Places-LT's val_256/)."""
     g = torch.Generator().manual_seed(0)
     lists = {}
     for split, counts in (("train", TRAIN_COUNTS), ("val", [3] * 6), ("test", [4] * 6)):
-        rows = []
+        rows, flat = [], flat_test and split == "test"
         for c, n in enumerate(counts):
-            (root / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+            folder = root / split / ("" if flat else f"c{c}")
+            folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 x = (torch.rand(3, 16, 16, generator=g) * 80 + c * 30).to(torch.uint8)
-                train.save_png(x, str(root / split / f"c{c}" / f"{i}.png"))
-                rows.append(f"{split}/c{c}/{i}.png {c}\n")
+                name = f"{c}_{i}.png" if flat else f"{i}.png"
+                train.save_png(x, str(folder / name))
+                rows.append(f"{os.path.relpath(folder / name, root)} {c}\n")
         lists[split] = write_list(root / f"tiny_{split}.txt", rows)
     return root, lists
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def base_args(tiny, out, *extra):
@@ -858,40 +864,18 @@ SUMMARY = ("many", "medium", "few", "overall", "mean_per_class")
 
 @pytest.fixture(scope="module")
 def flat_tiny(tmp_path_factory):
-    """6 classes of 16 px PNGs in class folders train/c<k>/ (40 ... 4 images), a balanced val list and a
-    flat test list (test/<k>_<i>.png, as Places-LT's val_256/: class names must come from the train list)."""
-    root = tmp_path_factory.mktemp("tiny")
-    g = torch.Generator().manual_seed(0)
-    lists = {}
-    for split, counts in (("train", TRAIN_COUNTS), ("val", [3] * 6), ("test", [4] * 6)):
-        rows = []
-        for c, n in enumerate(counts):
-            folder = root / split / (f"c{c}" if split != "test" else "")
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                x = (torch.rand(3, 16, 16, generator=g) * 80 + c * 30).to(torch.uint8)
-                name = f"{i}.png" if split != "test" else f"{c}_{i}.png"
-                train.save_png(x, str(folder / name))
-                rows.append(f"{os.path.relpath(folder / name, root)} {c}\n")
-        lists[split] = str(root / f"tiny_{split}.txt")
-        with open(lists[split], "w") as f:
-            f.writelines(rows)
-    return root, lists
+    """tiny, with a flat test list: class names must come from the training list's folders."""
+    return make_tiny(tmp_path_factory.mktemp("flat"), flat_test=True)
 
 
 @pytest.fixture(scope="module")
 def eval_runs(flat_tiny, tmp_path_factory):
     """Checkpoints made once: the method (cbs_rrs_ss), RRS-Only (with --amp bf16) and CBS-Only (with
     --many 30 --few 5), plus two doctored copies: 5 classes, and other training counts."""
-    root, lists = flat_tiny
     out = tmp_path_factory.mktemp("runs")
     paths = {}
     for method, extra in (("cbs_rrs_ss", []), ("rrs", ["--amp", "bf16"]), ("cbs", ["--many", "30", "--few", "5"])):
-        rc = train.main(["--data", str(root), "--split", lists["train"], "--val-split", lists["val"], "--test-split",
-                         lists["test"], "--arch", "resnet10", "--image-size", "16", "--batch-size", "8",
-                         "--per-class", "2", "--embed-dim", "8", "--epochs", "1", "--workers", "0", "--device", "cpu",
-                         "--method", method, "--out", str(out / method), *extra])
-        assert rc == 0, method
+        assert train.main(base_args(flat_tiny, out / method, "--epochs", "1", "--method", method, *extra)) == 0
         paths[method] = str(out / method / "best.pt")
     ckpt = torch.load(paths["rrs"], weights_only=True)
     five = dict(ckpt, train_counts=ckpt["train_counts"][:5])
@@ -1405,6 +1389,19 @@ def test_sigterm_under_torchrun_every_rank_stops_after_the_same_step(tiny, tmp_p
     assert "stopped at epoch 0 step" in text, text
     ckpt = runtime.load_checkpoint(str(out / "last.pt"))
     assert ckpt["epoch"] == 0 and 3 <= ckpt["step_in_epoch"] <= 6  # agreed within a few steps, then saved
+
+
+def test_bad_image_under_torchrun_prints_one_error_line(tiny, tmp_path):
+    root, lists = tiny
+    rows = open(lists["train"]).readlines()
+    rows[50] = "train/c0/missing.png 0\n"
+    bad = write_list(tmp_path / "bad_train.txt", rows)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), *base_args((root, {**lists, "train": bad}), tmp_path / "o")],
+                       capture_output=True, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    ours = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error: ")]
+    assert p.returncode != 0 and len(ours) == 1 and "bad_train.txt:51: cannot read image" in ours[0]
+    assert "Connection closed by peer" not in p.stderr and "ProcessGroupGloo" not in p.stderr  # no collective traceback
 
 
 # ----------------------------------------------------------------------------------------------

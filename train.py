@@ -823,6 +823,10 @@ def main(argv=None):
         return train(args, ckpt)
     except LTauxError as e:
         return runtime.report(e)
+    except RuntimeError as e:  # a collective broke because a peer failed first and printed its one error line:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (isinstance(e, dist.DistError) or "closed by peer" in str(e)):
+            return 2  # no collective traceback from the ranks it left waiting
+        raise
     finally:
         warnings.formatwarning = plain_format  # user warnings print as one line while main() runs
         if dist.is_initialized():
