@@ -803,6 +803,54 @@ def test_train_py_feeds_eq2_as_the_method_says(tiny, tmp_path, capsys, monkeypat
             assert find_rotation(x_cbs[8 + i], x_cbs[:8])[0] == i
 
 
+@pytest.mark.parametrize("method, trained", [
+    ("rrs", {"fc"}), ("cbs", {"fc"}), ("cbs_rrs", {"fc", "aux_fc"}), ("cbs_rrs_ss", {"fc", "aux_fc", "rot_fc"}),
+])
+def test_build_model_freezes_the_heads_a_method_does_not_use(method, trained):
+    """A head outside the loss must not require grad: DistributedDataParallel (find_unused_parameters
+    off) fails on a trainable parameter that gets no gradient, so this matters for multi-GPU runs
+    even though a single process leaves such a head unchanged."""
+    args, _ = train.parse_args(["--data", "/d", "--split", "s", "--method", method, "--embed-dim", "8"])
+    model = train.build_model(args, 6, torch.device("cpu"), 1)
+    got = {h for h in ("fc", "aux_fc", "rot_fc") if all(p.requires_grad for p in getattr(model, h).parameters())}
+    assert got == trained
+    for h in {"fc", "aux_fc", "rot_fc"} - trained:
+        assert not any(p.requires_grad for p in getattr(model, h).parameters()), h
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith(("backbone.", "embed.")))
+
+
+@pytest.mark.parametrize("extra, lambdas, rotation, x_rows", [
+    (["--method", "cbs_rrs_ss", "--rotation", "all", "--lambdas", "1", "2", "0.5"], [1.0, 2.0, 0.5], "all", 8),
+    (["--method", "cbs_rrs", "--lambdas", "0.3", "2", "0"], [0.3, 2.0, 0.0], "off", 8),
+    (["--method", "cbs_rrs", "--rotation-aug", "--rotation", "all"], [0.5, 1.0, 0.0], "off", 40),
+])
+def test_train_py_honours_lambdas_and_rotation_flags(tiny, tmp_path, capsys, monkeypatch, extra, lambdas,
+                                                     rotation, x_rows):
+    """--lambdas reach Eq. 2 for every method; --rotation all reaches h_s (Table 5) and the augmentation
+    baseline (5 copies: the image and its 4 rotations)."""
+    spy = AuxLossSpy()
+    monkeypatch.setattr(ltaux, "aux_loss", spy)
+    assert run_train(tiny, tmp_path / "o", *extra, "--epochs", "1", capsys=capsys)[0] == 0
+    assert spy.calls
+    for x_cbs, y_cbs, x_rrs, y_rrs, got_lambdas, got_rotation in spy.calls:
+        assert got_lambdas == pytest.approx(lambdas) and got_rotation == rotation
+        assert len(x_cbs) == len(y_cbs) == len(x_rrs) == len(y_rrs) == x_rows
+
+
+def test_train_py_draws_new_rotation_angles_every_step(tiny, tmp_path, capsys, monkeypatch):
+    """One random angle per image (Section 3.3) means new angles each step, not one fixed pattern."""
+    real, seen = ltaux.rotate_batch, []
+
+    def spy(x, mode="random", generator=None):
+        x_rot, y_rot = real(x, mode, generator)
+        seen.append(y_rot.clone())
+        return x_rot, y_rot
+
+    monkeypatch.setattr(ltaux, "rotate_batch", spy)
+    assert run_train(tiny, tmp_path / "o", *METHOD_RUNS["cbs_rrs_ss"], "--epochs", "1", capsys=capsys)[0] == 0
+    assert len(seen) == 12 and len({tuple(y.tolist()) for y in seen}) > 1
+
+
 def test_recipes_defaults_and_explicit_flags():
     a, _ = train.parse_args(["--data", "/d", "--split", "s", "--recipe", "places_lt_r152", "--lr", "0.5"])
     assert a.arch == "resnet152" and a.backbone_lr_scale == 0.01 and a.lr == 0.5 and a.epochs == 30
