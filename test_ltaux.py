@@ -1346,10 +1346,11 @@ def signal_when(p, prefix, signum):
     return "".join(lines) + p.stdout.read()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_to_the_process_group_saves_and_resume_matches_an_uninterrupted_run(runs, tiny, tmp_path, workers):
+def test_sigterm_to_the_process_group_saves_and_resume_matches_an_uninterrupted_run(runs, tiny, tmp_path):
+    """Cut with 2 workers (they must not die first), resumed with none: the same weights as the run
+    straight through (made with none), bit for bit."""
     straight = runs["cbs_rrs_ss"][0]
-    p = start(base_args(tiny, tmp_path / "cut", "--print-freq", "1", "--workers", str(workers)))
+    p = start(base_args(tiny, tmp_path / "cut", "--print-freq", "1", "--workers", "2"))
     out = signal_when(p, "epoch 1 [ 4/", signal.SIGTERM)
     assert p.wait(timeout=120) == 0, out
     assert "stopped at epoch 1 step" in out and "--resume" in out and "Traceback" not in out
@@ -1358,7 +1359,7 @@ def test_sigterm_to_the_process_group_saves_and_resume_matches_an_uninterrupted_
     assert cut["global_step"] == 12 + cut["step_in_epoch"]
     assert not [f for f in os.listdir(tmp_path / "cut") if ".tmp" in f]
     p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--resume", str(tmp_path / "cut" / "last.pt"),
-                        "--workers", str(workers)], capture_output=True, text=True, cwd=HERE, timeout=300)
+                        "--workers", "0"], capture_output=True, text=True, cwd=HERE, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     a, b = weights(straight), weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit, BN buffers too
