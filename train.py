@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 
@@ -331,10 +332,23 @@ def check_files(datasets, log, out_dir, shown=20):
 
 
 def ignore_stop_signals(_worker_id):
-    """DataLoader workers ignore SIGTERM / SIGINT: a signal sent to the whole process group (Slurm,
-    systemd, Ctrl-C) then reaches the main process, which finishes the step and saves."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers ignore SIGINT, and SIGTERM unless the main process sends it (the DataLoader's
+    own terminate()): a signal sent to the whole process group (Slurm, systemd, kill -TERM -PGID,
+    Ctrl-C) then reaches the main process, which finishes the step and saves while workers keep serving.
+    A watcher thread reads each SIGTERM's sender (sigwaitinfo; where that is missing, e.g. macOS,
+    SIGTERM keeps its default action). Workers still exit when the main process dies (PyTorch's watchdog)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # delivered to the watcher alone
+
+    def watch():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass  # from the process group or another process: ignored
+        os._exit(0)  # the main process terminates this worker
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def make_loader(ds, args, device, sampler=None, rank=0, world_size=1):
