@@ -1375,7 +1375,10 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     try:
         stop.handle(signal.SIGINT, None)
         assert stop.agreed() and exits == []
-        stop.handle(signal.SIGINT, None)
+        stop.handle(signal.SIGTERM, None)  # the same request delivered twice (Slurm + torchrun): no exit
+        assert exits == []
+        stop.first_at -= 2.0
+        stop.handle(signal.SIGINT, None)  # a second Ctrl-C a while later: out, now
         assert exits == [128 + signal.SIGINT]
     finally:
         stop.restore()

@@ -601,18 +601,22 @@ def check_finite(sums, n, epoch, step_in_epoch):
 
 class StopFlag:
     """SIGTERM / SIGINT set a flag: the run finishes its step, saves last.pt and exits 0. A second
-    signal exits at once (status 128 + signal). With W processes the flag is all-reduced every step,
-    read one step later (no stall of the GPU queue), so every rank stops after the same step."""
+    signal more than a second later exits at once (status 128 + signal); one within the second is the
+    same request delivered twice (Slurm signals every process, torchrun forwards it again). With W
+    processes the flag is all-reduced every step, read one step later (no stall of the GPU queue),
+    so every rank stops after the same step."""
 
     def __init__(self, device, world_size):
         self.signum, self.device, self.world_size, self.pending = None, device, world_size, None
+        self.first_at = None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is None:
+            self.signum, self.first_at = signum, time.monotonic()
+        elif time.monotonic() - self.first_at > 1.0:
             print(f"second {signal.Signals(signum).name}: exiting now, without saving", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.signum = signum
 
     def agreed(self):
         if self.world_size == 1:
