@@ -81,10 +81,11 @@ def color_jitter(x, generator=None, brightness=0.4, contrast=0.4, saturation=0.4
     """
     strength = torch.tensor([brightness, contrast, saturation], device=x.device).view(3, 1, 1, 1, 1)
     f = 1 + strength * (2 * torch.rand(3, x.shape[0], 1, 1, 1, device=x.device, generator=generator) - 1)
-    x = (x * f[0]).clamp(0, 255)  # brightness: (B, 3, H, W)
+    x = (x * f[0]).clamp_(0, 255)  # brightness: (B, 3, H, W), the one new batch; the rest in place
     mean = grey(x).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
-    x = (f[1] * x + (1 - f[1]) * mean).clamp(0, 255)  # contrast
-    return (f[2] * x + (1 - f[2]) * grey(x)).clamp(0, 255)  # saturation
+    x.mul_(f[1]).add_((1 - f[1]) * mean).clamp_(0, 255)  # contrast
+    g = grey(x)  # (B, 1, H, W)
+    return x.mul_(f[2]).add_((1 - f[2]) * g).clamp_(0, 255)  # saturation
 
 
 def grey(x):

@@ -410,8 +410,8 @@ def claim_out(args, ckpt_path):
     probe = out if os.path.isdir(out) else next(p for p in _ancestors(parent) if os.path.exists(p))
     if not os.access(probe, os.W_OK | os.X_OK):
         raise LTauxError(f"--out {out}: {probe} is not writable")
-    resumed_here = ckpt_path and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), out) \
-        if os.path.isdir(out) and ckpt_path else False
+    resumed_here = bool(ckpt_path) and os.path.isdir(out) and os.path.samefile(os.path.dirname(
+        os.path.abspath(ckpt_path)), out)
     taken = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if taken and not resumed_here and not args.overwrite:
         hint = f"pass --resume {os.path.join(out, 'last.pt')} to continue it, " if "last.pt" in taken else ""
