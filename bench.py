@@ -10,10 +10,11 @@ step:    images/s of a cbs_rrs_ss step (all 4S images: B_cbs, B_rrs and their ro
          plain classifier step (one head, cross-entropy, one batch of 4S images), same device, arch,
          size and precision, timed alternately after warm-up. Their ratio is the headline figure.
 loader:  images/s of one data-loader worker (one core) on real JPEGs (--images, default
-         ../shared/bench_images): the OLTR / Decoupling pipeline (decode, RandomResizedCrop, flip,
-         ColorJitter, ToTensor, Normalize) against ltaux's (decode, RandomResizedCrop, flip, uint8 out;
-         colour jitter and normalisation on the device, timed there too), and the workers that
-         --target-rate images/s would need with each.
+         ../shared/bench_images): the OLTR / Decoupling pipeline (PIL decode, RandomResizedCrop, flip,
+         ColorJitter, ToTensor, Normalize) against ltaux's (decode_jpeg, the same crop and flip on the
+         uint8 tensor; colour jitter and normalisation on the device) and against --decode gpu's worker
+         share (file bytes, header, crop draw), with the workers --target-rate images/s would need; then
+         the device's own share, timed on --device: colour jitter, and --decode gpu's decode + crop.
 """
 
 import argparse
@@ -154,44 +155,79 @@ def loader_files(args):
     return [os.path.join(args.demo_dir, p) for p in paths], "demo PNGs (32 px; no --images folder found)"
 
 
-def time_pipeline(files, tf, n):
-    """Images/s of decode + transform in this process, one thread, as one DataLoader worker runs."""
+def time_pipeline(files, work, n):
+    """Images/s of work(path) in this process, one thread, as one DataLoader worker runs it."""
     done, t0 = 0, time.perf_counter()
     while done < n:
         for f in files[: n - done]:
-            tf(ltaux.load_rgb(f))
+            work(f)
             done += 1
     return done / (time.perf_counter() - t0)
 
 
-def bench_loader(args, device):
+def loader_pipelines(size):
+    """{name: path -> one training sample}: what a worker does per image in each pipeline."""
     import torchvision.transforms as T
-    files, source = loader_files(args)
-    size = args.loader_size
     oltr = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4),
                       T.ToTensor(), T.Normalize(runtime.MEAN, runtime.STD)])
+    pil = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
+    crop = runtime.build_transform(size, train=True)
+
+    def gpu_worker(path):  # DeviceDecodeDataset.__getitem__: bytes, header, crop draw
+        data, is_jpeg, (h, w) = runtime.read_encoded(path)
+        p = crop.params(h, w)
+        return data if is_jpeg else crop.apply(runtime.read_image(path), p)
+
+    return {"oltr": lambda f: oltr(ltaux.load_rgb(f)),  # OLTR / Decoupling, all on the CPU
+            "pil_uint8": lambda f: pil(ltaux.load_rgb(f)),  # the same without jitter and float (ltaux <= v2)
+            "ltaux": lambda f: crop(runtime.read_image(f)),  # decode_jpeg + tensor crop; jitter on the device
+            "gpu_worker": gpu_worker}  # --decode gpu: the worker's whole share
+
+
+def device_rates(files, size, device, n=64):
+    """Images/s on `device` in this process: colour jitter + normalisation of a uint8 batch (train.py's
+    to_device), and --decode gpu's decode + crop + flip of n real JPEGs (DeviceDecodeDataset.decode)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    gen = torch.Generator(device=device)
+    crop = runtime.RandomResizedCropFlip(size)
+    data = [runtime.read_encoded(files[i % len(files)])[0] for i in range(n)]
+    params = [crop.params(*runtime.read_encoded(files[i % len(files)])[2]) for i in range(n)]
+
+    def decode():
+        for d, p, x_ in zip(data, params, runtime.decode_many(data, device)):
+            crop.apply(x_ if x_ is not None else runtime.read_image(files[0]).to(device), p)
+
+    rates = {}
+    for name, fn in (("jitter", lambda: runtime.to_device(x, device, gen)), ("decode", decode)):
+        fn()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        sync()
+        rates[name] = 3 * n / (time.perf_counter() - t0)
+    return rates
+
+
+def bench_loader(args, device):
+    files, source = loader_files(args)
+    work = loader_pipelines(args.loader_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # DataLoader workers run torch with one thread
     try:
-        time_pipeline(files, oltr, min(20, args.loader_images))  # warm-up: file cache, allocations
-        rates = {"oltr": time_pipeline(files, oltr, args.loader_images),
-                 "ltaux": time_pipeline(files, runtime.build_transform(size, train=True), args.loader_images)}
+        time_pipeline(files, work["oltr"], min(20, args.loader_images))  # warm-up: file cache, allocations
+        rates = {k: time_pipeline(files, fn, args.loader_images) for k, fn in work.items()}
     finally:
         torch.set_num_threads(threads)
-    x = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8)
-    gen, sync = torch.Generator(device=device), torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    runtime.to_device(x, device, gen)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        runtime.to_device(x, device, gen)  # the copy, colour jitter and normalisation train.py does
-    sync()
-    device_rate = 3 * len(x) / (time.perf_counter() - t0)
-    return dict(source=source, size=size, oltr_images_per_s_per_worker=rates["oltr"],
-                ltaux_images_per_s_per_worker=rates["ltaux"], speedup=rates["ltaux"] / rates["oltr"],
-                device_jitter_images_per_s=device_rate, target_rate=args.target_rate,
-                workers_oltr=math.ceil(args.target_rate / rates["oltr"]),
-                workers_ltaux=math.ceil(args.target_rate / rates["ltaux"]))
+    dev = device_rates(files, args.loader_size, device)
+    res = dict(source=source, size=args.loader_size, target_rate=args.target_rate,
+               device_jitter_images_per_s=dev["jitter"], device_decode_images_per_s=dev["decode"],
+               speedup=rates["ltaux"] / rates["oltr"], gpu_worker_cost_ratio=rates["gpu_worker"] / rates["oltr"])
+    for k, r in rates.items():
+        res[f"{k}_images_per_s_per_worker"] = r
+        res[f"workers_{k}"] = math.ceil(args.target_rate / r)
+    return res
 
 
 def main(argv=None):
@@ -233,13 +269,20 @@ def print_table(res, args):
           f"| {st['method_images_per_s']:.0f} images/s |\n"
           f"| plain classifier step, same images | {st['plain_images_per_s']:.0f} images/s |\n"
           f"| ratio method / plain | {st['ratio']:.3f} |\n"
-          f"| loader, one worker, OLTR pipeline ({ld['source']}, {ld['size']} px) | "
-          f"{ld['oltr_images_per_s_per_worker']:.0f} images/s, {ld['workers_oltr']} workers for "
+          f"| loader: one worker ({ld['source']}, {ld['size']} px) | images/s per worker, workers for "
           f"{ld['target_rate']:.0f} images/s |\n"
-          f"| loader, one worker, ltaux pipeline (jitter on the device) | {ld['ltaux_images_per_s_per_worker']:.0f} "
-          f"images/s ({ld['speedup']:.2f}x), {ld['workers_ltaux']} workers for {ld['target_rate']:.0f} images/s |\n"
-          f"| colour jitter + normalisation on {res['device']} | {ld['device_jitter_images_per_s']:.0f} images/s |")
+          + "".join(f"| {label} | {ld[k + '_images_per_s_per_worker']:.0f} "
+                    f"({ld[k + '_images_per_s_per_worker'] / ld['oltr_images_per_s_per_worker']:.2f}x), "
+                    f"{ld['workers_' + k]} workers |\n" for k, label in LOADER_ROWS)
+          + f"| colour jitter + normalisation on {res['device']} | {ld['device_jitter_images_per_s']:.0f} images/s |\n"
+          f"| --decode gpu's decode + crop + flip on {res['device']} (main process) | "
+          f"{ld['device_decode_images_per_s']:.0f} images/s |")
 
+
+LOADER_ROWS = [("oltr", "OLTR / Decoupling: PIL decode, crop, flip, ColorJitter, ToTensor, Normalize"),
+               ("pil_uint8", "PIL decode, crop, flip, uint8 out (jitter on the device)"),
+               ("ltaux", "ltaux --decode cpu: decode_jpeg, tensor crop + flip, uint8 out"),
+               ("gpu_worker", "ltaux --decode gpu, the worker's share: read bytes, header, crop draw")]
 
 if __name__ == "__main__":
     main()

@@ -182,7 +182,7 @@ def make_loaders(args, device, subset):
     def loaders(size):
         if size not in made:
             ds = ltaux.SplitDataset(args.data, args.split, runtime.build_transform(size, train=False),
-                                    allow_unsafe_paths=args.allow_unsafe_paths)
+                                    allow_unsafe_paths=args.allow_unsafe_paths, read=runtime.read_image)
             kw = dict(batch_size=args.eval_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
             sub = torch.utils.data.Subset(ds, subset) if subset else None
             made[size] = (torch.utils.data.DataLoader(ds, **kw), sub and torch.utils.data.DataLoader(sub, **kw))

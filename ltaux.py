@@ -602,13 +602,14 @@ def load_rgb(path, max_aspect=50):
 
 
 class SplitDataset(torch.utils.data.Dataset):
-    """A dataset over a split list: images under `root`, read with Pillow and converted to RGB.
+    """A dataset over a split list: images under `root`, read with Pillow (or `read`) in RGB.
 
     Args:
         root: dataset root; list paths are joined under it.
         split_file: the split list (see read_split).
-        transform: callable applied to the PIL image (default: None, returns the PIL image).
+        transform: callable applied to the image `read` returns (default: None, the image itself).
         allow_unsafe_paths: see read_split (default: False).
+        read: path -> image (default: load_rgb, an RGB PIL image; train.py passes a tensor decoder).
     Attributes:
         paths, labels, lines: the parsed list (lines are 1-based line numbers).
         num_classes: 1 + the largest label.
@@ -620,10 +621,10 @@ class SplitDataset(torch.utils.data.Dataset):
         LTauxError naming the image path and the split line if an image is missing or unreadable.
     """
 
-    def __init__(self, root, split_file, transform=None, allow_unsafe_paths=False):
+    def __init__(self, root, split_file, transform=None, allow_unsafe_paths=False, read=load_rgb):
         self.root = os.fspath(root)
         self.split_file = os.fspath(split_file)
-        self.transform = transform
+        self.transform, self.read = transform, read
         self.paths, self.labels, self.lines = read_split(
             split_file, allow_unsafe_paths=allow_unsafe_paths, return_lines=True)
         self.num_classes = max(self.labels) + 1
@@ -631,11 +632,11 @@ class SplitDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def load(self, i):
-        """The RGB PIL image of entry i; LTauxError names the file and split line on failure."""
+    def load(self, i, read=None):
+        """Entry i read by `read` (default: self.read); LTauxError names the file and split line on failure."""
         full = os.path.join(self.root, self.paths[i])
         try:
-            return load_rgb(full)
+            return (read or self.read)(full)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             reason = "file not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
             raise LTauxError(f"{self.split_file}:{self.lines[i]}: cannot read image {full} ({reason})") from None

@@ -1,17 +1,27 @@
 """Run-time pieces shared by train.py, evaluate.py and bench.py (not the method: that is ltaux.py).
 
-Device and precision choice, the image transforms, uint8 -> normalised float on the device,
+Device and precision choice, image reading (decode_jpeg, Pillow for the rest) and the transforms,
+--decode gpu's two halves (DeviceDecodeDataset), uint8 -> jittered, normalised float on the device,
 checkpoint files (atomic writes, safe reads, weight loading with checks), prediction over a
 (sharded) loader, the result table, and the one-line error report of the entry points.
 """
 
 import functools
+import io
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 import torchvision.transforms as T
+import torchvision.transforms.v2 as T2
+import torchvision.transforms.v2.functional as F2
+from PIL import Image
+
+try:  # deprecated in torchvision 0.29 for TorchCodec; without it, Pillow decodes every image
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    ImageReadMode = decode_jpeg = None
 
 import ltaux
 from ltaux import LTauxError
@@ -47,15 +57,151 @@ def amp_dtype(amp, device):
 
 
 def build_transform(size, train):
-    """PIL image -> uint8 tensor (3, size, size). What needs no PIL runs later on the device (to_device):
-    float conversion, ColorJitter of the ImageNet-LT recipe (color_jitter), normalisation."""
+    """uint8 image tensor (3, H, W) -> uint8 (3, size, size), as DataLoader workers run it. What needs no
+    worker runs later, batched, on the device (to_device): float conversion, the ImageNet-LT recipe's
+    ColorJitter (color_jitter), normalisation. Resizing is torchvision's antialiased bilinear on tensors
+    (within one grey level of PIL's, and faster: README "Input pipeline")."""
     if size >= 64:  # the ImageNet-LT recipe of OLTR: RandomResizedCrop, flip (+ ColorJitter 0.4 on the device)
-        aug = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if train
-               else [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
-    else:  # the CIFAR recipe: pad 4 + random crop, flip
-        aug = [T.Resize(size), T.CenterCrop(size)] + ([T.RandomCrop(size, padding=4),
-                                                         T.RandomHorizontalFlip()] if train else [])
-    return T.Compose(aug + [T.PILToTensor()])
+        if train:
+            return RandomResizedCropFlip(size)
+        return T2.Compose([T2.Resize(round(size * 256 / 224), antialias=True), T2.CenterCrop(size)])
+    # the CIFAR recipe: pad 4 + random crop, flip
+    return T2.Compose([T2.Resize(size, antialias=True), T2.CenterCrop(size)] + (
+        [T2.RandomCrop(size, padding=4), T2.RandomHorizontalFlip()] if train else []))
+
+
+class RandomResizedCropFlip:
+    """torchvision's RandomResizedCrop(size) then RandomHorizontalFlip() on uint8 tensors, with the random
+    draw (params) apart from the pixel work (apply): --decode gpu draws in the workers and applies on
+    the device. The draws are torchvision's own (get_params, then torch.rand(1) < 0.5), from torch's
+    global RNG, so that a seeded sample gives the same crop whichever half runs it.
+
+    Args:
+        size: output side (default: none, required).
+        scale: range of the crop's area, a fraction of the image's (default: (0.08, 1.0)).
+        ratio: range of the crop's aspect ratio (default: (3/4, 4/3)).
+    """
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def params(self, height, width):
+        """(top, left, crop height, crop width, flip 0/1) for an image of height x width."""
+        shape_only = torch.zeros(1).expand(1, height, width)  # get_params reads the size alone: no pixels
+        top, left, h, w = T.RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio))
+        return top, left, h, w, int(torch.rand(1) < 0.5)
+
+    def apply(self, x, p):
+        """uint8 (3, H, W) on any device + params -> uint8 (3, size, size) on that device."""
+        top, left, h, w, flip = (int(v) for v in p)
+        x = F2.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
+        return x.flip(-1) if flip else x
+
+    def __call__(self, x):
+        return self.apply(x, self.params(*x.shape[-2:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# reading images: JPEGs by torchvision.io.decode_jpeg, in the workers or (--decode gpu) on the device
+
+
+JPEG_MODES = ("RGB", "L", "CMYK")  # decode_jpeg(mode=RGB) gives Pillow's convert("RGB") pixels for these
+
+
+def read_encoded(path, max_aspect=50):
+    """An image file's bytes and header -> (data uint8 (N,), is_jpeg, (H, W)). Only the header is
+    parsed (Pillow: format, size, its decompression-bomb check, and load_rgb's aspect limit)."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        if max(w, h) > max_aspect * max(1, min(w, h)):
+            raise ValueError(f"aspect ratio {w}x{h} exceeds {max_aspect}:1")
+        is_jpeg = img.format == "JPEG" and img.mode in JPEG_MODES and decode_jpeg is not None
+    return torch.frombuffer(data, dtype=torch.uint8), is_jpeg, (h, w)
+
+
+def read_image(path):
+    """An image file -> uint8 RGB (3, H, W). JPEGs are decoded by torchvision.io.decode_jpeg
+    (libjpeg-turbo: Pillow's pixels, bit for bit); other files, and JPEGs it rejects, by Pillow
+    (ltaux.load_rgb), whose error then names what is wrong."""
+    data, is_jpeg, _ = read_encoded(path)
+    if is_jpeg:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # truncated or damaged: Pillow reads it again and raises an OSError that says why
+    return F2.pil_to_tensor(ltaux.load_rgb(path))
+
+
+class DeviceDecodeDataset(torch.utils.data.Dataset):
+    """--decode gpu, the workers' half: a training SplitDataset's items as file bytes plus the crop to
+    apply after decoding, so that workers only read files and draw random numbers.
+
+    Args:
+        dataset: ltaux.SplitDataset of the training list (its labels, lines and error messages).
+        size: crop size of RandomResizedCropFlip.
+    Items:
+        dataset[(i, seed)] -> (data, params (6,) int64: i, top, left, h, w, flip; label). data is the
+        JPEG file's bytes (N,), or, for any other file, the finished uint8 image (3, size, size). The
+        seed gives the crop that SplitDataset's transform would draw for (i, seed).
+    Batches (collate): (list of data, params (B, 6), labels (B,)); decode() finishes them on the device.
+    """
+
+    def __init__(self, dataset, size):
+        self.dataset, self.crop = dataset, RandomResizedCropFlip(size)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        i, seed = item
+        data, is_jpeg, (h, w) = self.dataset.load(i, read=read_encoded)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            p = self.crop.params(h, w)
+        if not is_jpeg:  # PNG and the rest: the CPU path, here in the worker
+            data = self.crop.apply(self.dataset.load(i, read=read_image), p)
+        return data, torch.tensor((i,) + p), self.dataset.labels[i]
+
+    @staticmethod
+    def collate(items):
+        data, params, labels = zip(*items)
+        return list(data), torch.stack(params), torch.tensor(labels)
+
+    def decode(self, batch, device):
+        """A collated batch -> (uint8 images (B, 3, size, size) on the device, labels (B,)). JPEGs are
+        decoded together by decode_jpeg(device=...); one the device decoder rejects is read on the CPU
+        (read_image); one that fails there too raises LTauxError naming its file and split line."""
+        data, params, labels = batch
+        out = torch.empty(len(data), 3, self.crop.size, self.crop.size, dtype=torch.uint8, device=device)
+        jpeg = [b for b, d in enumerate(data) if d.dim() == 1]
+        for b, x in zip(jpeg, decode_many([data[b] for b in jpeg], device)):
+            if x is None:  # the device decoder said no: the CPU path, with its error messages
+                x = self.dataset.load(int(params[b, 0]), read=read_image)
+            out[b] = self.crop.apply(x.to(device, non_blocking=True), params[b, 1:].tolist())
+        for b, d in enumerate(data):
+            if d.dim() == 3:
+                out[b] = d.to(device, non_blocking=True)
+        return out, labels
+
+
+def decode_many(data, device):
+    """JPEG bytes [(N_i,)] -> [uint8 (3, H_i, W_i) on the device, or None where decoding failed]: one
+    batched decode_jpeg call, or one call per image when the batch fails."""
+    if not data:
+        return []
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    out = []
+    for d in data:
+        try:
+            out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out.append(None)
+    return out
 
 
 def jitter_on_device(size, train):

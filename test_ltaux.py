@@ -39,6 +39,8 @@ import ltaux
 import runtime
 import train
 
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision"
+                                        ":DeprecationWarning")  # torchvision 0.29 on decode_jpeg (README)
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared")
 SHARED_LISTS = os.path.join(SHARED, "data_lists")
@@ -501,6 +503,10 @@ def make_image_tree(tmp_path):
 def test_dataset_converts_every_mode_to_rgb(tmp_path):
     root, split = make_image_tree(tmp_path)
     ds = ltaux.SplitDataset(root, split, transform=torchvision.transforms.PILToTensor())
+    tensors = ltaux.SplitDataset(root, split, read=runtime.read_image)  # train.py's reader: the same pixels
+    for i in range(len(ds)):
+        diff = (ds[i][0].float() - tensors[i][0].float()).abs()
+        assert diff.mean() < 0.5 and diff.max() <= 8, ds.paths[i]
     assert len(ds) == 6 and ds.num_classes == 6 and ds.labels == list(range(6))
     for i in range(len(ds)):
         x, y = ds[i]
@@ -520,13 +526,14 @@ def test_dataset_seeded_items_are_reproducible_and_leave_rng_alone(tmp_path):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+@pytest.mark.parametrize("read", ["load_rgb", "read_image"])
 @pytest.mark.parametrize("content, reason", [
     (None, "file not found"),
     (b"", "UnidentifiedImageError"),
     (b"this is not an image at all", "UnidentifiedImageError"),
     ("truncated", "truncated"),
 ])
-def test_dataset_bad_image_names_path_and_line(tmp_path, content, reason):
+def test_dataset_bad_image_names_path_and_line(tmp_path, content, reason, read):
     root = tmp_path / "r"
     root.mkdir()
     Image.new("RGB", (8, 8)).save(root / "ok.jpg")
@@ -537,7 +544,7 @@ def test_dataset_bad_image_names_path_and_line(tmp_path, content, reason):
     elif content is not None:
         (root / "bad.jpg").write_bytes(content)
     split = write_list(tmp_path / "s.txt", ["ok.jpg 0\n", "\n", "bad.jpg 1\n"])
-    ds = ltaux.SplitDataset(root, split)
+    ds = ltaux.SplitDataset(root, split, read=ltaux.load_rgb if read == "load_rgb" else runtime.read_image)
     ds[0]
     with pytest.raises(ltaux.LTauxError) as e:
         ds[1]
@@ -554,17 +561,22 @@ def test_read_split_drops_a_byte_order_mark_and_bounds_labels(tmp_path):
         ltaux.read_split(big)
 
 
-def test_wide_greyscale_is_rescaled_and_extreme_aspect_ratios_refused(tmp_path):
+@pytest.mark.parametrize("read", ["load_rgb", "read_image"])
+def test_wide_greyscale_is_rescaled_and_extreme_aspect_ratios_refused(tmp_path, read):
     ramp = Image.new("I;16", (64, 2))
     ramp.putdata([v * 1000 for v in range(64)] * 2)  # 0 .. 63000 of 65535: Pillow alone clips to white
     ramp.save(tmp_path / "g16.png")
     Image.new("RGB", (4000, 8)).save(tmp_path / "strip.png")
-    split = write_list(tmp_path / "w.txt", ["g16.png 0\n", "strip.png 1\n"])
-    ds = ltaux.SplitDataset(tmp_path, split, transform=torchvision.transforms.PILToTensor())
+    Image.new("RGB", (4000, 8)).save(tmp_path / "strip.jpg")
+    split = write_list(tmp_path / "w.txt", ["g16.png 0\n", "strip.png 1\n", "strip.jpg 2\n"])
+    ds = ltaux.SplitDataset(tmp_path, split, transform=torchvision.transforms.PILToTensor()) if read == "load_rgb" \
+        else ltaux.SplitDataset(tmp_path, split, read=runtime.read_image)
     x = ds[0][0][0, 0].float()
     assert x[0] == 0 and x[-1] == 255 and len(x.unique()) > 32  # the ramp survives
     with pytest.raises(ltaux.LTauxError, match=r"w.txt:2: .*aspect ratio 4000x8"):
         ds[1]
+    with pytest.raises(ltaux.LTauxError, match=r"w.txt:3: .*aspect ratio 4000x8"):
+        ds[2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,8 +622,172 @@ def test_training_images_are_jittered_on_the_device_and_only_at_imagenet_sizes()
     assert torch.equal(jittered, again)  # seeded per step: an exact resume
     assert runtime.jitter_on_device(224, train=True) and not runtime.jitter_on_device(224, train=False)
     assert not runtime.jitter_on_device(32, train=True)  # the CIFAR recipe has no colour jitter
-    names = [type(t).__name__ for t in runtime.build_transform(224, train=True).transforms]
-    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "PILToTensor"]  # workers: no jitter, uint8
+    x = torch.full((3, 300, 200), 100, dtype=torch.uint8)
+    for size, train_ in ((224, True), (224, False), (32, False)):  # workers: no jitter, uint8 out
+        assert torch.equal(runtime.build_transform(size, train_)(x), torch.full((3, size, size), 100, dtype=torch.uint8))
+    cifar = runtime.build_transform(32, train=True)(x)  # pad 4 + random crop: zeros at most on 4 rows / columns
+    assert cifar.dtype == torch.uint8 and set(cifar.unique().tolist()) <= {0, 100} and (cifar == 100).sum() >= 3 * 28 * 28
+
+
+# ----------------------------------------------------------------------------------------------
+# the input pipeline: reading and cropping (runtime.read_image, RandomResizedCropFlip, --decode gpu)
+
+
+def pattern_image(w=120, h=90):
+    """A smooth RGB image that is neither symmetric nor square: red ramps left to right, green top to
+    bottom, blue is a blob near the top-left corner (a swapped axis, offset or flip shows)."""
+    xs, ys = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    blob = torch.exp(-((xs - 0.3) ** 2 + (ys - 0.2) ** 2) / 0.05)
+    x = (torch.stack([ys, xs, blob]) * 230 + 10).round().to(torch.uint8)
+    return x, torchvision.transforms.functional.to_pil_image(x)
+
+
+def test_crop_draws_torchvisions_crop_and_flip_and_applies_them_as_pil_does():
+    crop, (x, img) = runtime.RandomResizedCropFlip(48), pattern_image()
+    T = torchvision.transforms
+    flips, differences = [], []
+    for seed in range(60):
+        torch.manual_seed(seed)
+        p = crop.params(90, 120)
+        torch.manual_seed(seed)  # torchvision's RandomResizedCrop then RandomHorizontalFlip, on PIL
+        want = T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) + (int(torch.rand(1) < 0.5),)
+        assert p == want
+        top, left, h, w, flip = p
+        ref = img.resize((48, 48), Image.BILINEAR, box=(left, top, left + w, top + h))
+        ref = T.functional.pil_to_tensor(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref)
+        out = crop.apply(x, p)
+        assert out.shape == (3, 48, 48) and out.dtype == torch.uint8
+        differences.append((out.float() - ref.float()).abs().mean())
+        flips.append(flip)
+    assert max(differences) < 1.0  # the same crop, resize and flip as PIL, to within a grey level
+    assert 15 < sum(flips) < 45
+    torch.manual_seed(3)
+    a = crop(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, crop.apply(x, crop.params(90, 120)))  # __call__ = params then apply
+
+
+def test_read_image_decodes_jpegs_with_decode_jpeg_and_the_rest_with_pillow(tmp_path, monkeypatch):
+    root, split = make_image_tree(tmp_path)
+    calls = []
+    real = runtime.decode_jpeg
+    monkeypatch.setattr(runtime, "decode_jpeg", lambda data, **kw: calls.append(len(data)) or real(data, **kw))
+    for name in ("rgb.jpg", "cmyk.jpg", "grey.png", "pal.png"):
+        x = runtime.read_image(str(root / name))
+        assert x.shape == (3, 12, 20) and x.dtype == torch.uint8
+    assert calls == [os.path.getsize(root / "rgb.jpg"), os.path.getsize(root / "cmyk.jpg")]
+
+
+def jpeg_set(root, n=10, png=(3,)):
+    """n noisy JPEGs of different sizes (one greyscale), entries in `png` saved as PNG: a split list."""
+    os.makedirs(root, exist_ok=True)
+    rows = []
+    for i in range(n):
+        img = Image.effect_noise((70 + 9 * i, 60 + 5 * (i % 4)), 40 + i).convert("RGB")
+        img = Image.merge("RGB", (img.getchannel(0), img.getchannel(1).rotate(90), img.getchannel(2)))
+        name = f"{i}.png" if i in png else f"{i}.jpg"
+        (img.convert("L") if i == 5 else img).save(root / name, **({} if i in png else {"quality": 90}))
+        rows.append(f"{name} {i % 3}\n")
+    return write_list(root / "list.txt", rows)
+
+
+def both_paths(root, split, items, size=64, device="cpu"):
+    """The same seeded items through the workers' CPU path and through --decode gpu's two halves."""
+    ds = ltaux.SplitDataset(root, split, runtime.build_transform(size, train=True), read=runtime.read_image)
+    cpu_images, cpu_labels = torch.utils.data.default_collate([ds[it] for it in items])
+    dd = runtime.DeviceDecodeDataset(ds, size)
+    batch = dd.collate([dd[it] for it in items])
+    images, labels = dd.decode(batch, torch.device(device))
+    assert torch.equal(labels, cpu_labels) and torch.equal(batch[1][:, 0], torch.tensor([i for i, _ in items]))
+    return cpu_images, images, batch
+
+
+def test_decode_gpu_path_on_cpu_gives_the_workers_images_bit_for_bit(tmp_path):
+    split = jpeg_set(tmp_path)
+    items = [(i % 10, 1000 + i) for i in range(20)]
+    cpu_images, images, (data, _, _) = both_paths(tmp_path, split, items, size=64)
+    assert images.dtype == torch.uint8 and images.shape == (20, 3, 64, 64)
+    assert torch.equal(images, cpu_images)  # same seeds -> same crops; decode_jpeg on CPU = Pillow's pixels
+    assert [d.dim() for d in data] == [3 if i == 3 else 1 for i, _ in items]  # JPEGs travel as bytes only
+    assert not torch.equal(images[0], images[10])  # image 0 under two seeds: two crops
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA"))])
+def test_decode_gpu_path_has_the_workers_augmentation_statistics(tmp_path, device):
+    """Over 200 seeded crops of 4 pattern JPEGs: per-image mean and spread, the flip (which way the
+    red ramp rises) and the zoom (how much of the ramp the crop spans) agree between the two halves
+    (on CUDA nvjpeg and the resize differ in bits, not in distribution)."""
+    rows = []
+    for i in range(4):
+        pattern_image(100 + 30 * i, 90 + 10 * i)[1].save(tmp_path / f"{i}.jpg", quality=90)
+        rows.append(f"{i}.jpg {i}\n")
+    split = write_list(tmp_path / "p.txt", rows)
+    cpu_images, images, _ = both_paths(tmp_path, split, [(i % 4, i) for i in range(200)], device=device)
+
+    def stats(x):
+        red = x.float().cpu()[:, 0].mean(dim=1)  # (B, 64): the red ramp across the crop
+        return torch.stack([x.float().cpu().mean(dim=(1, 2, 3)), x.float().cpu().std(dim=(1, 2, 3)),
+                            (red[:, -8:].mean(1) > red[:, :8].mean(1)).float(), (red[:, -8:].mean(1) -
+                            red[:, :8].mean(1)).abs()], 1)
+
+    a, b = stats(cpu_images), stats(images)
+    assert 0.3 < a[:, 2].mean() < 0.7 and a[:, 3].std() > 10  # the statistics vary: they can tell
+    assert (a - b).abs().mean(0).tolist() < [1.0, 1.0, 0.02, 1.0]  # image by image
+    assert (a.mean(0) - b.mean(0)).abs().tolist() < [0.5, 0.5, 0.01, 0.5]  # and on average
+
+
+def test_decode_gpu_falls_back_to_the_cpu_path_and_names_a_bad_file(tmp_path, monkeypatch):
+    split = jpeg_set(tmp_path)
+    rejected = runtime.read_encoded(str(tmp_path / "4.jpg"))[0]
+    calls, real = [], runtime.decode_jpeg
+
+    def picky(data, **kw):  # a device decoder that cannot read 4.jpg (as nvjpeg with some files)
+        calls.append(len(data) if isinstance(data, list) else 1)
+        if any(torch.equal(d, rejected) for d in (data if isinstance(data, list) else [data])):
+            raise RuntimeError("nvjpeg: unsupported")
+        return real(data, **kw)
+
+    items = [(i, 7 + i) for i in range(10)]
+    ds = ltaux.SplitDataset(tmp_path, split, runtime.build_transform(64, train=True), read=runtime.read_image)
+    want = torch.stack([ds[it][0] for it in items])
+    monkeypatch.setattr(runtime, "decode_jpeg", picky)
+    dd = runtime.DeviceDecodeDataset(ds, 64)
+    images, _ = dd.decode(dd.collate([dd[it] for it in items]), torch.device("cpu"))
+    assert torch.equal(images, want)  # 4.jpg read by Pillow instead, same crop
+    assert calls[0] == 9 and calls[1:10] == [1] * 9  # one batched call for the 9 JPEGs, then one by one
+
+    data = (tmp_path / "6.jpg").read_bytes()
+    (tmp_path / "6.jpg").write_bytes(data[: len(data) // 2])  # its header still parses: the worker sends it
+    batch = dd.collate([dd[it] for it in items])
+    with pytest.raises(ltaux.LTauxError, match=r"list.txt:7: cannot read image .*6.jpg .*truncated"):
+        dd.decode(batch, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def jpeg_tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    return root, jpeg_set(root, n=24, png=(3, 11))
+
+
+def test_train_decode_gpu_trains_exactly_as_decode_cpu(jpeg_tiny, tmp_path, monkeypatch, capsys):
+    root, split = jpeg_tiny
+    common = ["--data", str(root), "--split", split, "--arch", "resnet10", "--image-size", "64",
+              "--batch-size", "6", "--per-class", "2", "--embed-dim", "8", "--epochs", "1", "--device", "cpu",
+              "--print-freq", "1", "--lr", "0.05"]
+    assert train.main(common + ["--out", str(tmp_path / "gpu"), "--decode", "gpu"]) == 2
+    assert "--decode gpu needs a CUDA device (this run is on cpu)" in capsys.readouterr().err
+    assert train.main(common + ["--out", str(tmp_path / "c"), "--decode", "gpu", "--image-size", "32"]) == 2
+    assert "--decode gpu is for the ImageNet-LT recipe" in capsys.readouterr().err
+    assert train.main(common + ["--out", str(tmp_path / "cpu"), "--workers", "0"]) == 0
+    monkeypatch.setattr(train, "DECODE_DEVICES", ("cuda", "cpu"))  # the same code, on the CPU
+    spy = []
+    real = runtime.DeviceDecodeDataset.decode
+    monkeypatch.setattr(runtime.DeviceDecodeDataset, "decode", lambda self, b, d: spy.append(len(b[0])) or real(self, b, d))
+    assert train.main(common + ["--out", str(tmp_path / "gpu"), "--decode", "gpu", "--workers", "2"]) == 0
+    assert spy == [12] * 4  # every step decoded in the main process: 2S images, ceil(24 / 6) steps
+    cpu, gpu = read_log(tmp_path / "cpu"), read_log(tmp_path / "gpu")
+    assert [r["loss"] for r in gpu] == pytest.approx([r["loss"] for r in cpu], rel=1e-5)  # same crops, same order
 
 
 # ----------------------------------------------------------------------------------------------
@@ -962,7 +1138,8 @@ def test_metrics_and_csv(eval_runs, flat_tiny, tmp_path, capsys):
     fc = torch.load(eval_runs["cbs_rrs_ss"], weights_only=True)["model"]["fc.weight"]  # h, not h_a
     assert m["weight_norms"] == pytest.approx(fc.norm(dim=1).tolist(), rel=1e-5)
     model, _, counts = runtime.model_from_checkpoint(eval_runs["cbs_rrs_ss"], torch.device("cpu"))
-    ds = ltaux.SplitDataset(flat_tiny[0], flat_tiny[1]["test"], runtime.build_transform(16, train=False))
+    ds = ltaux.SplitDataset(flat_tiny[0], flat_tiny[1]["test"], runtime.build_transform(16, train=False),
+                            read=runtime.read_image)
     pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, batch_size=7), torch.device("cpu"))
     want = ltaux.shot_accuracy(pred, target, counts)
     assert [m[k] for k in SUMMARY] == pytest.approx([want[k] for k in SUMMARY])
@@ -1422,7 +1599,8 @@ def test_torchrun_two_processes_on_cpu(tiny, tmp_path):
     ckpt = runtime.load_checkpoint(str(out / "last.pt"))
     assert ckpt["global_step"] == 12 and ckpt["args"]["batch_size"] == 8
     model, _, counts = runtime.model_from_checkpoint(str(out / "best.pt"), torch.device("cpu"))
-    ds = ltaux.SplitDataset(tiny[0], tiny[1]["test"], runtime.build_transform(16, train=False))
+    ds = ltaux.SplitDataset(tiny[0], tiny[1]["test"], runtime.build_transform(16, train=False),
+                            read=runtime.read_image)
     pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, batch_size=7), torch.device("cpu"))
     single = ltaux.shot_accuracy(pred, target, counts)
     ddp = json.load(open(out / "test_metrics.json"))
@@ -1486,7 +1664,9 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     ld = res["loader"]
     assert ld["source"].startswith("4 images in") and ld["oltr_images_per_s_per_worker"] > 0
     assert ld["workers_ltaux"] == math.ceil(1000 / ld["ltaux_images_per_s_per_worker"])
-    assert "| ratio method / plain |" in out and "ltaux pipeline" in out
+    assert ld["speedup"] == pytest.approx(ld["ltaux_images_per_s_per_worker"] / ld["oltr_images_per_s_per_worker"])
+    assert ld["gpu_worker_cost_ratio"] > 1 and ld["device_decode_images_per_s"] > 0  # a worker that only reads bytes
+    assert "| ratio method / plain |" in out and "| ltaux --decode cpu: decode_jpeg" in out and "--decode gpu's decode" in out
     with pytest.raises(SystemExit):
         bench.main(["--steps", "0"])
 

@@ -57,7 +57,8 @@ RECIPES = {
     "demo": dict(arch="resnet10", epochs=8, batch_size=64, lr=0.1, weight_decay=5e-4, image_size=32,
                  workers=1, print_freq=20, paper=None),
 }
-NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files")
+NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files", "decode")
+DECODE_DEVICES = ("cuda",)  # where --decode gpu may run
 FIXED_ON_RESUME = ("method", "arch", "embed_dim", "batch_size", "per_class", "seed", "image_size", "rotation",
                    "rotation_aug")
 
@@ -79,6 +80,9 @@ def get_args_parser():
     g.add_argument("--allow-unsafe-paths", action="store_true", help="accept absolute paths and '..' in lists")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per GPU")
+    g.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="where training JPEGs are "
+                   "decoded: cpu (in the workers) or gpu (workers send the file bytes; decode_jpeg, crop, "
+                   "flip and jitter on the CUDA device; ImageNet-LT recipe only)")
     g.add_argument("--image-size", type=int, default=224, help="training crop; >= 64 uses the ImageNet-LT "
                    "augmentation, smaller the CIFAR one (pad 4 + random crop)")
     g = p.add_argument_group("method")
@@ -176,6 +180,9 @@ def check_args(args, saved):
     method, (l1, l2, l3) = METHODS[args.method], args.lambdas
     if not all(v >= 0 and math.isfinite(v) for v in args.lambdas):
         raise LTauxError(f"--lambdas {l1:g} {l2:g} {l3:g}: weights must be finite and >= 0")
+    if args.decode == "gpu" and args.image_size < 64:
+        raise LTauxError(f"--decode gpu is for the ImageNet-LT recipe (--image-size >= 64, here {args.image_size}): "
+                         "use --decode cpu")
     if args.rotation_aug and args.method != "cbs_rrs":
         raise LTauxError("--rotation-aug is the augmentation baseline of Table 5: use it with --method cbs_rrs")
     if len(method.heads) > 1:  # Table 4's endpoints are the baselines: run those, not a head that never learns
@@ -274,7 +281,7 @@ def open_list(args, path, train):
         raise LTauxError(f"{path}: split list not found (the official lists: see data_lists/README.md, "
                          "then check them with: cd data_lists && sha256sum -c SHA256SUMS --ignore-missing)")
     return ltaux.SplitDataset(args.data, path, runtime.build_transform(args.image_size, train),
-                              allow_unsafe_paths=args.allow_unsafe_paths)
+                              allow_unsafe_paths=args.allow_unsafe_paths, read=runtime.read_image)
 
 
 def check_root(ds, probe=8):
@@ -352,10 +359,14 @@ def ignore_stop_signals(_worker_id):
 
 
 def make_loader(ds, args, device, sampler=None, rank=0, world_size=1):
-    """The training loader (batch_sampler = AuxBatchSampler) or this rank's shard (rank::W) of an
-    evaluation list, S / W images per batch."""
+    """The training loader (batch_sampler = AuxBatchSampler; with --decode gpu its batches are file
+    bytes, finished by loader.dataset.decode) or this rank's shard (rank::W) of an evaluation list,
+    S / W images per batch."""
     kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     if sampler is not None:
+        if args.decode == "gpu":
+            ds = runtime.DeviceDecodeDataset(ds, args.image_size)
+            kw["collate_fn"] = ds.collate
         return torch.utils.data.DataLoader(ds, batch_sampler=sampler, persistent_workers=args.workers > 0, **kw)
     shard = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
     return torch.utils.data.DataLoader(shard, batch_size=max(1, args.batch_size // world_size), **kw)
@@ -550,7 +561,8 @@ def train_one_epoch(model, loader, optimizer, scaler, stop, epoch, first_step, p
     lambdas = list(args.lambdas) if method.rotation else [args.lambdas[0], args.lambdas[1], 0.0]
     rotation = args.rotation if method.rotation else "off"
     step_in_epoch = first_step
-    for images, labels in loader:
+    for batch in loader:
+        images, labels = loader.dataset.decode(batch, device) if args.decode == "gpu" else batch
         step = epoch * steps + step_in_epoch
         for g in optimizer.param_groups:
             g["lr"] = args.lr * g["lr_scale"] * lr_factor(step, total, warmup)
@@ -696,6 +708,8 @@ def setup_processes(args):
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (1 process without torchrun); NCCL on CUDA, gloo on CPU."""
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = runtime.choose_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if args.decode == "gpu" and device.type not in DECODE_DEVICES:
+        raise LTauxError(f"--decode gpu needs a CUDA device (this run is on {device.type}): use --decode cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if args.world_size > 1 and not dist.is_initialized():
