@@ -14,7 +14,9 @@ loader:  images/s of one data-loader worker (one core) on real JPEGs (--images, 
          ColorJitter, ToTensor, Normalize) against ltaux's (decode_jpeg, the same crop and flip on the
          uint8 tensor; colour jitter and normalisation on the device) and against --decode gpu's worker
          share (file bytes, header, crop draw), with the workers --target-rate images/s would need; then
-         the device's own share, timed on --device: colour jitter, and --decode gpu's decode + crop.
+         the device's own share, timed on --device: colour jitter, and --decode gpu's decode + crop;
+         last, end to end: train.py's training loader with --loader-workers processes over the same
+         files, batches of 2S carried to the device and jittered (both --decode modes on CUDA).
 """
 
 import argparse
@@ -54,6 +56,9 @@ def get_args_parser():
     p.add_argument("--loader-size", type=int, default=224, help="crop size of the loader figure")
     p.add_argument("--target-rate", type=float, default=5000.0, help="decoded images/s the GPU needs (e.g. "
                    "ResNet-10 at ~10,000 images/s through the network decodes half of them)")
+    p.add_argument("--loader-workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="worker processes of the end-to-end loader figure (0: skip it)")
+    p.add_argument("--loader-batches", type=int, default=10, help="timed batches of the end-to-end loader figure")
     p.add_argument("--demo-dir", default=train.get_args_parser().get_default("demo_dir"),
                    help="the demo dataset the loader figure reads (written if absent)")
     return p
@@ -230,14 +235,50 @@ def bench_loader(args, device):
     return res
 
 
+def bench_workers(args, device):
+    """Images/s out of train.py's own training loader (AuxBatchSampler, --loader-workers processes, 2S
+    images a batch) over the --images files, to the device with colour jitter, as a step receives them:
+    {decode mode: images/s}, --decode cpu, and gpu too on CUDA. Timed after the prefetched batches."""
+    import tempfile
+    from types import SimpleNamespace
+    files, _ = loader_files(args)
+    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen, rates = torch.Generator(device=device), {}
+    warm = 2 * max(1, args.loader_workers)  # what the workers prefetched while starting
+    with tempfile.TemporaryDirectory() as tmp:
+        split = os.path.join(tmp, "bench.txt")
+        with open(split, "w") as f:  # one class per image: the sampler's k = S/Z classes always exist
+            f.write("".join(f"{os.path.relpath(p, root)} {i}\n" for i, p in enumerate(files)))
+        ds = ltaux.SplitDataset(root, split, runtime.build_transform(args.loader_size, train=True),
+                                read=runtime.read_image)
+        for mode in ("cpu", "gpu") if device.type == "cuda" else ("cpu",):
+            sampler = ltaux.AuxBatchSampler(ds.labels, args.batch_size, 4, num_batches=warm + args.loader_batches,
+                                            with_seeds=True)
+            opts = SimpleNamespace(workers=args.loader_workers, decode=mode, image_size=args.loader_size)
+            loader = train.make_loader(ds, opts, device, sampler)
+            batches = iter(loader)
+            for k in range(warm + args.loader_batches):
+                if k == warm:
+                    sync()
+                    t0 = time.perf_counter()
+                batch = next(batches)
+                images, _ = loader.dataset.decode(batch, device) if mode == "gpu" else batch
+                runtime.to_device(images, device, gen)
+            sync()
+            rates[mode] = args.loader_batches * 2 * args.batch_size / (time.perf_counter() - t0)
+            del batches, loader
+    return rates
+
+
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "image_size", "num_classes", "loader_images"):
+    for name in ("steps", "batch_size", "image_size", "num_classes", "loader_images", "loader_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
+    if args.warmup < 0 or args.loader_workers < 0:
+        parser.error("--warmup and --loader-workers must be >= 0")
     if args.batch_size % 4:
         parser.error("--batch-size (S) must be a multiple of Z = 4 for the sampler figure")
     if args.steps < 5 or args.warmup < 2:
@@ -254,6 +295,9 @@ def main(argv=None):
     res["step"] = bench_step(args, device)
     res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"]["method_ms_per_step"]
     res["loader"] = bench_loader(args, device)
+    if args.loader_workers > 0:
+        res["loader"]["workers"] = args.loader_workers
+        res["loader"]["end_to_end_images_per_s"] = bench_workers(args, device)
     print(json.dumps(res, indent=1))
     print_table(res, args)
     return res
@@ -276,7 +320,9 @@ def print_table(res, args):
                     f"{ld['workers_' + k]} workers |\n" for k, label in LOADER_ROWS)
           + f"| colour jitter + normalisation on {res['device']} | {ld['device_jitter_images_per_s']:.0f} images/s |\n"
           f"| --decode gpu's decode + crop + flip on {res['device']} (main process) | "
-          f"{ld['device_decode_images_per_s']:.0f} images/s |")
+          f"{ld['device_decode_images_per_s']:.0f} images/s |"
+          + "".join(f"\n| train.py's loader, {ld['workers']} workers, --decode {m}, to {res['device']} with jitter "
+                    f"(2S={2 * args.batch_size}) | {r:.0f} images/s |" for m, r in ld.get("end_to_end_images_per_s", {}).items()))
 
 
 LOADER_ROWS = [("oltr", "OLTR / Decoupling: PIL decode, crop, flip, ColorJitter, ToTensor, Normalize"),

@@ -790,6 +790,19 @@ def test_train_decode_gpu_trains_exactly_as_decode_cpu(jpeg_tiny, tmp_path, monk
     assert [r["loss"] for r in gpu] == pytest.approx([r["loss"] for r in cpu], rel=1e-5)  # same crops, same order
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_train_on_cuda_with_both_decoders(jpeg_tiny, tmp_path):
+    """The CUDA path end to end: bf16, channels_last, jitter on the GPU, nvJPEG with --decode gpu."""
+    root, split = jpeg_tiny
+    common = ["--data", str(root), "--split", split, "--arch", "resnet10", "--image-size", "64", "--batch-size", "6",
+              "--per-class", "2", "--embed-dim", "8", "--epochs", "2", "--device", "cuda", "--lr", "0.05"]
+    for mode in ("cpu", "gpu"):
+        assert train.main(common + ["--out", str(tmp_path / mode), "--decode", mode, "--workers", "2"]) == 0
+    cpu, gpu = read_log(tmp_path / "cpu"), read_log(tmp_path / "gpu")
+    assert all(math.isfinite(r["loss"]) for r in cpu + gpu)
+    assert gpu[0]["loss"] == pytest.approx(cpu[0]["loss"], rel=0.05)  # the same crops; nvJPEG, resize differ in bits
+
+
 # ----------------------------------------------------------------------------------------------
 # the official lists (read from ../shared when present; never shipped)
 
@@ -1656,7 +1669,8 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
         Image.effect_noise((120 + 20 * i, 90), 50).convert("RGB").save(tmp_path / f"{i}.jpg", quality=90)
     res = bench.main(["--image-size", "16", "--batch-size", "4", "--num-classes", "5", "--steps", "2", "--warmup", "1",
                       "--loader-images", "8", "--loader-size", "64", "--images", str(tmp_path),
-                      "--target-rate", "1000", "--demo-dir", str(tmp_path / "demo")])
+                      "--target-rate", "1000", "--demo-dir", str(tmp_path / "demo"), "--loader-workers", "1",
+                      "--loader-batches", "2"])
     out = capsys.readouterr().out
     assert json.loads(out[: out.index("\n}\n") + 2])["step"]["images_per_step"] == 16
     assert res["sampler"]["S"] == 4 and res["sampler"]["batches_per_s"] > 0 and res["sampler"]["fraction_of_step"] > 0
@@ -1667,6 +1681,8 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     assert ld["speedup"] == pytest.approx(ld["ltaux_images_per_s_per_worker"] / ld["oltr_images_per_s_per_worker"])
     assert ld["gpu_worker_cost_ratio"] > 1 and ld["device_decode_images_per_s"] > 0  # a worker that only reads bytes
     assert "| ratio method / plain |" in out and "| ltaux --decode cpu: decode_jpeg" in out and "--decode gpu's decode" in out
+    assert list(ld["end_to_end_images_per_s"]) == ["cpu"] and ld["end_to_end_images_per_s"]["cpu"] > 0
+    assert "| train.py's loader, 1 workers, --decode cpu" in out
     with pytest.raises(SystemExit):
         bench.main(["--steps", "0"])
 
