@@ -660,6 +660,10 @@ def test_crop_draws_torchvisions_crop_and_flip_and_applies_them_as_pil_does():
         differences.append((out.float() - ref.float()).abs().mean())
         flips.append(flip)
     assert max(differences) < 1.0  # the same crop, resize and flip as PIL, to within a grey level
+    noise = Image.effect_noise((120, 90), 60).convert("RGB")  # aliasing shows on noise: antialiased like PIL
+    small = runtime.RandomResizedCropFlip(24).apply(T.functional.pil_to_tensor(noise), (0, 0, 90, 120, 0))
+    pil = T.functional.pil_to_tensor(noise.resize((24, 24), Image.BILINEAR))
+    assert (small.float() - pil.float()).abs().mean() < 1.0
     assert 15 < sum(flips) < 45
     torch.manual_seed(3)
     a = crop(x)
@@ -676,6 +680,22 @@ def test_read_image_decodes_jpegs_with_decode_jpeg_and_the_rest_with_pillow(tmp_
         x = runtime.read_image(str(root / name))
         assert x.shape == (3, 12, 20) and x.dtype == torch.uint8
     assert calls == [os.path.getsize(root / "rgb.jpg"), os.path.getsize(root / "cmyk.jpg")]
+
+
+def test_worker_transforms_follow_the_recipes():
+    """Test time: resize the short side to size * 256 / 224, centre crop. CIFAR: pad 4, crop, flip."""
+    ramp = torch.arange(256, dtype=torch.uint8).expand(3, 256, 256).contiguous()  # value = column
+    out = runtime.build_transform(224, train=False)(ramp)
+    assert out.shape == (3, 224, 224) and out[0, 0, 0] == 16 and out[0, 0, -1] == 239  # 256 px, centre 224
+    cifar = runtime.build_transform(32, train=True)
+    ramp = (50 + 5 * torch.arange(32)).to(torch.uint8).expand(3, 32, 32).contiguous()
+    flipped = padded = 0
+    for seed in range(200):
+        torch.manual_seed(seed)
+        x = cifar(ramp)[0].float()
+        flipped += int(x[16, 8:24].diff().mean() < 0)
+        padded += int((x == 0).any())
+    assert 60 < flipped < 140 and 100 < padded < 200  # flipped half the time, padded most of the time
 
 
 def jpeg_set(root, n=10, png=(3,)):
@@ -705,7 +725,9 @@ def both_paths(root, split, items, size=64, device="cpu"):
 def test_decode_gpu_path_on_cpu_gives_the_workers_images_bit_for_bit(tmp_path):
     split = jpeg_set(tmp_path)
     items = [(i % 10, 1000 + i) for i in range(20)]
+    before = torch.get_rng_state()
     cpu_images, images, (data, _, _) = both_paths(tmp_path, split, items, size=64)
+    assert torch.equal(torch.get_rng_state(), before)  # seeded items leave the caller's RNG alone
     assert images.dtype == torch.uint8 and images.shape == (20, 3, 64, 64)
     assert torch.equal(images, cpu_images)  # same seeds -> same crops; decode_jpeg on CPU = Pillow's pixels
     assert [d.dim() for d in data] == [3 if i == 3 else 1 for i, _ in items]  # JPEGs travel as bytes only
@@ -743,7 +765,7 @@ def test_decode_gpu_falls_back_to_the_cpu_path_and_names_a_bad_file(tmp_path, mo
     calls, real = [], runtime.decode_jpeg
 
     def picky(data, **kw):  # a device decoder that cannot read 4.jpg (as nvjpeg with some files)
-        calls.append(len(data) if isinstance(data, list) else 1)
+        calls.append((len(data) if isinstance(data, list) else 1, "device" in kw))
         if any(torch.equal(d, rejected) for d in (data if isinstance(data, list) else [data])):
             raise RuntimeError("nvjpeg: unsupported")
         return real(data, **kw)
@@ -755,7 +777,8 @@ def test_decode_gpu_falls_back_to_the_cpu_path_and_names_a_bad_file(tmp_path, mo
     dd = runtime.DeviceDecodeDataset(ds, 64)
     images, _ = dd.decode(dd.collate([dd[it] for it in items]), torch.device("cpu"))
     assert torch.equal(images, want)  # 4.jpg read by Pillow instead, same crop
-    assert calls[0] == 9 and calls[1:10] == [1] * 9  # one batched call for the 9 JPEGs, then one by one
+    # one batched call for the 9 JPEGs, then one by one on the device, then 4.jpg by read_image (Pillow)
+    assert calls == [(9, True)] + [(1, True)] * 9 + [(1, False)]
 
     data = (tmp_path / "6.jpg").read_bytes()
     (tmp_path / "6.jpg").write_bytes(data[: len(data) // 2])  # its header still parses: the worker sends it
