@@ -322,7 +322,8 @@ def print_table(res, args):
           f"| --decode gpu's decode + crop + flip on {res['device']} (main process) | "
           f"{ld['device_decode_images_per_s']:.0f} images/s |"
           + "".join(f"\n| train.py's loader, {ld['workers']} workers, --decode {m}, to {res['device']} with jitter "
-                    f"(2S={2 * args.batch_size}) | {r:.0f} images/s |" for m, r in ld.get("end_to_end_images_per_s", {}).items()))
+                    f"(2S={2 * args.batch_size}) | {r:.0f} images/s |"
+                    for m, r in ld.get("end_to_end_images_per_s", {}).items()))
 
 
 LOADER_ROWS = [("oltr", "OLTR / Decoupling: PIL decode, crop, flip, ColorJitter, ToTensor, Normalize"),
