@@ -111,6 +111,11 @@ JPEG_MODES = ("RGB", "L", "CMYK")  # decode_jpeg(mode=RGB) gives Pillow's conver
 def read_encoded(path, max_aspect=50):
     """An image file's bytes and header -> (data uint8 (N,), is_jpeg, (H, W)). Only the header is
     parsed (Pillow: format, size, its decompression-bomb check, and load_rgb's aspect limit)."""
+    data, is_jpeg, size = _read_header(path, max_aspect)
+    return torch.frombuffer(data, dtype=torch.uint8), is_jpeg, size
+
+
+def _read_header(path, max_aspect=50):
     with open(path, "rb") as f:
         data = bytearray(f.read())
     with Image.open(io.BytesIO(data)) as img:
@@ -118,20 +123,20 @@ def read_encoded(path, max_aspect=50):
         if max(w, h) > max_aspect * max(1, min(w, h)):
             raise ValueError(f"aspect ratio {w}x{h} exceeds {max_aspect}:1")
         is_jpeg = img.format == "JPEG" and img.mode in JPEG_MODES and decode_jpeg is not None
-    return torch.frombuffer(data, dtype=torch.uint8), is_jpeg, (h, w)
+    return data, is_jpeg, (h, w)
 
 
 def read_image(path):
     """An image file -> uint8 RGB (3, H, W). JPEGs are decoded by torchvision.io.decode_jpeg
     (libjpeg-turbo: Pillow's pixels, bit for bit); other files, and JPEGs it rejects, by Pillow
-    (ltaux.load_rgb), whose error then names what is wrong."""
-    data, is_jpeg, _ = read_encoded(path)
+    (ltaux.load_rgb), whose error then names what is wrong. The file is read once."""
+    data, is_jpeg, _ = _read_header(path)
     if is_jpeg:
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
+            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # truncated or damaged: Pillow reads it again and raises an OSError that says why
-    return F2.pil_to_tensor(ltaux.load_rgb(path))
+    return F2.pil_to_tensor(ltaux.load_rgb(io.BytesIO(data)))
 
 
 class DeviceDecodeDataset(torch.utils.data.Dataset):
