@@ -196,8 +196,9 @@ def device_rates(files, size, device, n=64):
     x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
     gen = torch.Generator(device=device)
     crop = runtime.RandomResizedCropFlip(size)
-    data = [runtime.read_encoded(files[i % len(files)])[0] for i in range(n)]
-    params = [crop.params(*runtime.read_encoded(files[i % len(files)])[2]) for i in range(n)]
+    encoded = [runtime.read_encoded(files[i % len(files)]) for i in range(n)]  # (bytes, is_jpeg, (H, W))
+    data = [e[0] for e in encoded]
+    params = [crop.params(*e[2]) for e in encoded]
 
     def decode():
         for d, p, x_ in zip(data, params, runtime.decode_many(data, device)):

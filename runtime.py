@@ -179,12 +179,13 @@ class DeviceDecodeDataset(torch.utils.data.Dataset):
         decoded together by decode_jpeg(device=...); one the device decoder rejects is read on the CPU
         (read_image); one that fails there too raises LTauxError naming its file and split line."""
         data, params, labels = batch
+        rows = params.tolist()  # one conversion, not two tensor reads per image
         out = torch.empty(len(data), 3, self.crop.size, self.crop.size, dtype=torch.uint8, device=device)
         jpeg = [b for b, d in enumerate(data) if d.dim() == 1]
         for b, x in zip(jpeg, decode_many([data[b] for b in jpeg], device)):
             if x is None:  # the device decoder said no: the CPU path, with its error messages
-                x = self.dataset.load(int(params[b, 0]), read=read_image)
-            out[b] = self.crop.apply(x.to(device, non_blocking=True), params[b, 1:].tolist())
+                x = self.dataset.load(rows[b][0], read=read_image)
+            out[b] = self.crop.apply(x.to(device, non_blocking=True), rows[b][1:])
         for b, d in enumerate(data):
             if d.dim() == 3:
                 out[b] = d.to(device, non_blocking=True)
