@@ -59,6 +59,11 @@ def get_args_parser():
     p.add_argument("--loader-workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="worker processes of the end-to-end loader figure (0: skip it)")
     p.add_argument("--loader-batches", type=int, default=10, help="timed batches of the end-to-end loader figure")
+    p.add_argument("--cifar-steps", type=int, default=4, help="timed steps of each kind in the CIFAR section")
+    p.add_argument("--cifar-images", type=int, default=720, help="JPEGs of the CIFAR-recipe epoch figure "
+                   "(one epoch = ceil(N / S) steps, S = 120)")
+    p.add_argument("--cifar-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers of the epoch figure's worker path (train.py's default --workers)")
     p.add_argument("--demo-dir", default=train.get_args_parser().get_default("demo_dir"),
                    help="the demo dataset the loader figure reads (written if absent)")
     return p
@@ -146,6 +151,127 @@ def bench_step(args, device):
     return dict(images_per_step=n, method_images_per_s=n / med["method"], plain_images_per_s=n / med["plain"],
                 ratio=med["plain"] / med["method"], method_ms_per_step=1000 * med["method"],
                 plain_ms_per_step=1000 * med["plain"], amp="bf16" if amp else "off")
+
+
+# ----------------------------------------------------------------------------------------------
+# the CIFAR recipe: ResNet-32, 32 px, S = 120, Z = 12 (k = 10 classes), cbs_rrs_ss steps of 4S = 480 images
+
+
+CIFAR_COUNTS = [int(5000 * 0.01 ** (c / 9)) for c in range(10)]  # CIFAR-10-LT ratio 100: 12,406 images
+
+
+def cifar_model(device, fast, amp_name):
+    """ResNet-32 + SGD as train.py builds them: fast = channels_last and --amp's default; else fp32, contiguous
+    (what train.py ran on a CPU before: the "before" rows)."""
+    model = ltaux.LTResNet("resnet32", 10).to(device)
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
+                          **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    amp = runtime.AMP_DTYPES[amp_name] if fast else None
+    gen = torch.Generator(device=device)
+
+    def step(x, y):  # x: normalised (2S, 3, 32, 32) [B_cbs; B_rrs]
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, _ = ltaux.aux_loss(model, x[:120], y[:120], x[120:], y[120:], generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def normalise(x, device, fast):
+    """uint8 batch -> what the step takes: train.py's to_device (fast) or the same, contiguous (before)."""
+    x = runtime.to_device(x, device)
+    return x if fast else x.contiguous()
+
+
+def bench_cifar(args, device):
+    """Images/s of ResNet-32 cbs_rrs_ss steps (4S = 480 images): fp32 contiguous (before) vs the fast
+    path (channels_last, --amp's default here), on synthetic input; and the fast path fed by the in-memory
+    pipeline (runtime.MemoryBatches over 12,406 random 32 px images of the CIFAR-10-LT profile: gather,
+    cifar_augment, to_device) vs the same steps on a fixed synthetic batch (their ratio: the pipeline's
+    share). Steps alternate after warm-up; medians."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    amp_name = runtime.amp_dtype(None, device)[0]
+    labels = [c for c, n in enumerate(CIFAR_COUNTS) for _ in range(n)]
+    sampler = ltaux.AuxBatchSampler(labels, 120, 12, with_seeds=True)
+    images = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8, device=device)
+    batches = iter(runtime.MemoryBatches(images, torch.tensor(labels, device=device), sampler))
+    x0, y0 = next(batches)
+    before, fast = cifar_model(device, False, amp_name), cifar_model(device, True, amp_name)
+    x_before, x_fast = normalise(x0, device, False), normalise(x0, device, True)
+
+    def memory():
+        x, y = next(batches)
+        fast(runtime.to_device(x, device), y)
+    kinds = {"before": lambda: before(x_before, y0), "fast": lambda: fast(x_fast, y0), "memory": memory}
+    t = {k: [] for k in kinds}
+    for i in range(args.warmup + args.cifar_steps):
+        for k, fn in kinds.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= args.warmup:
+                t[k].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in t.items()}
+    return dict(amp=amp_name, cpu_bf16=runtime.cpu_runs_bf16(), images_per_step=480,
+                before_images_per_s=480 / med["before"], fast_images_per_s=480 / med["fast"],
+                memory_images_per_s=480 / med["memory"], fast_speedup=med["before"] / med["fast"],
+                memory_vs_synthetic=med["fast"] / med["memory"])
+
+
+def bench_cifar_epoch(args, device):
+    """Seconds of one CIFAR-recipe epoch (ceil(N / S) cbs_rrs_ss steps, S = 120) over N real 32 px JPEGs,
+    loading included: DataLoader workers decoding and augmenting each image every epoch + fp32 contiguous
+    steps (before), against the in-memory path (decoded once: its one-time cost is reported apart) + the
+    fast steps. The JPEGs are written to a temporary folder (CIFAR-sized noise, class of the profile)."""
+    import tempfile
+    import torchvision.transforms.v2 as T2
+    from torchvision.io import encode_jpeg
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    amp_name = runtime.amp_dtype(None, device)[0]
+    n = args.cifar_images
+    labels = [c for c, k in enumerate(CIFAR_COUNTS) for _ in range(k)]
+    labels = [labels[i * len(labels) // n] for i in range(n)]  # the profile, thinned to n images
+    if len(set(labels)) < 10:
+        raise SystemExit("error: --cifar-images must be at least 10 x the smallest class share (use >= 300)")
+    g = torch.Generator().manual_seed(0)
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "train.txt"), "w") as f:
+            for i, y in enumerate(labels):
+                x = (torch.rand(3, 32, 32, generator=g) * 200 + y * 5).to(torch.uint8)
+                with open(os.path.join(tmp, f"{i}.jpg"), "wb") as img:
+                    img.write(bytes(encode_jpeg(x, quality=95).tolist()))
+                f.write(f"{i}.jpg {y}\n")
+        old = T2.Compose([T2.Resize(32, antialias=True), T2.CenterCrop(32), T2.RandomCrop(32, padding=4),
+                          T2.RandomHorizontalFlip()])  # the workers' transform before --in-memory
+        for path in ("before", "memory"):
+            ds = ltaux.SplitDataset(tmp, os.path.join(tmp, "train.txt"),
+                                    old if path == "before" else runtime.build_transform(32, train=True),
+                                    read=runtime.read_image)
+            sampler = ltaux.AuxBatchSampler(ds.labels, 120, 12, with_seeds=True)
+            step = cifar_model(device, path == "memory", amp_name)
+            t0 = time.perf_counter()
+            if path == "memory":
+                batches = runtime.MemoryBatches(*runtime.decode_all(ds, device), sampler)
+                times["decode_once_s"] = time.perf_counter() - t0
+            else:
+                batches = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.cifar_workers,
+                                                      pin_memory=device.type == "cuda")
+            for epoch in range(2):  # the first warms up (worker start, allocator, cudnn); the second is timed
+                sampler.set_epoch(epoch)
+                sync()
+                t0 = time.perf_counter()
+                for x, y in batches:
+                    step(normalise(x, device, path == "memory"), y.to(device))
+                sync()
+                times[f"{path}_epoch_s"] = time.perf_counter() - t0
+            del batches
+    return dict(times, images=n, steps=sampler.num_batches, workers=args.cifar_workers,
+                speedup=times["before_epoch_s"] / times["memory_epoch_s"])
 
 
 def loader_files(args):
@@ -295,6 +421,8 @@ def main(argv=None):
     res["sampler"] = bench_sampler(args.batch_size)
     res["step"] = bench_step(args, device)
     res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"]["method_ms_per_step"]
+    res["cifar"] = bench_cifar(args, device)
+    res["cifar"]["epoch"] = bench_cifar_epoch(args, device)
     res["loader"] = bench_loader(args, device)
     if args.loader_workers > 0:
         res["loader"]["workers"] = args.loader_workers
@@ -319,12 +447,27 @@ def print_table(res, args):
           + "".join(f"| {label} | {ld[k + '_images_per_s_per_worker']:.0f} "
                     f"({ld[k + '_images_per_s_per_worker'] / ld['oltr_images_per_s_per_worker']:.2f}x), "
                     f"{ld['workers_' + k]} workers |\n" for k, label in LOADER_ROWS)
+          + cifar_rows(res["cifar"], name)
           + f"| colour jitter + normalisation on {res['device']} | {ld['device_jitter_images_per_s']:.0f} images/s |\n"
           f"| --decode gpu's decode + crop + flip on {res['device']} (main process) | "
           f"{ld['device_decode_images_per_s']:.0f} images/s |"
           + "".join(f"\n| train.py's loader, {ld['workers']} workers, --decode {m}, to {res['device']} with jitter "
                     f"(2S={2 * args.batch_size}) | {r:.0f} images/s |"
                     for m, r in ld.get("end_to_end_images_per_s", {}).items()))
+
+
+def cifar_rows(c, name):
+    e = c["epoch"]
+    return (f"| CIFAR recipe: resnet32 cbs_rrs_ss step, 4S=480, fp32 contiguous, synthetic input (before; {name}) | "
+            f"{c['before_images_per_s']:.0f} images/s |\n"
+            f"| same, channels_last + amp {c['amp']} (cpu bf16 native: {c['cpu_bf16']}) | "
+            f"{c['fast_images_per_s']:.0f} images/s ({c['fast_speedup']:.2f}x) |\n"
+            f"| same, fed by the in-memory pipeline (gather + cifar_augment + to_device) | "
+            f"{c['memory_images_per_s']:.0f} images/s (ratio to synthetic input {c['memory_vs_synthetic']:.3f}) |\n"
+            f"| CIFAR-recipe epoch, {e['images']} JPEGs ({e['steps']} steps): {e['workers']} workers + fp32 "
+            f"(before) | {e['before_epoch_s']:.1f} s |\n"
+            f"| same epoch in memory + fast path (decoded once in {e['decode_once_s']:.1f} s) | "
+            f"{e['memory_epoch_s']:.1f} s ({e['speedup']:.2f}x) |\n")
 
 
 LOADER_ROWS = [("oltr", "OLTR / Decoupling: PIL decode, crop, flip, ColorJitter, ToTensor, Normalize"),

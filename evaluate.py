@@ -49,10 +49,10 @@ def get_args_parser():
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
                    help="autocast precision (None: the run's --amp, else bf16 on CUDA, off on CPU)")
-    p.add_argument("--many", type=int, default=None,
-                   help="many-shot: more than this many train images (None: the run's --many, else 100)")
-    p.add_argument("--few", type=int, default=None,
-                   help="few-shot: fewer than this many train images (None: the run's --few, else 20)")
+    p.add_argument("--many", type=int, default=None, help="many-shot classes: at least this many training "
+                   "images (None: the run's --many, else 100; Decoupling's groups: --many 101 --few 19)")
+    p.add_argument("--few", type=int, default=None, help="few-shot classes: at most this many training images "
+                   "(None: the run's --few, else 20)")
     p.add_argument("--allow-unsafe-paths", action="store_true", help="accept absolute paths and '..' in lists")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation held in --out")
     return p
@@ -595,7 +595,7 @@ def run(args):
     figures = draw_figures(args.out, main, baselines, rows, args.split, picked)
     balanced = len(set(main.metrics["counts"]) - {0}) == 1
     print(f"{args.checkpoint} on {args.split} ({len(ds)} images{'' if balanced else ', unbalanced'}; "
-          f"amp {args.amp_name}; many > {args.many}, few < {args.few} train images):")
+          f"amp {args.amp_name}; many >= {args.many}, few <= {args.few} train images):")
     print(result_table(main, baselines))
     print("wrote:\n" + "\n".join(f"  {os.path.join(args.out, n)}" for n in ["metrics.json", "per_class.csv"] + figures))
     return 0

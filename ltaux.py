@@ -449,16 +449,16 @@ def class_counts(labels, num_classes):
 
 
 def shot_groups(counts, many=100, few=20):
-    """Many/medium/few group of each class: counts (C,) -> LongTensor (C,).
+    """Many/medium/few group of each class (Section 4.2): counts (C,) -> LongTensor (C,).
 
-    0 = many (count > many), 2 = few (count < few), 1 = medium otherwise. The defaults are the
-    convention of the OLTR and Decoupling code (385/479/136 classes on ImageNet-LT, 131/163/71 on
-    Places-LT); the paper's text states >= 100 and <= 20, i.e. many=99, few=21.
+    0 = many (count >= many), 2 = few (count <= few), 1 = medium otherwise: the paper's "many shot
+    (Nc >= 100), low shot (Nc <= 20)", as OLTR's shot_acc computes it (132/156/77 classes on
+    Places-LT). Decoupling's code uses > 100 / < 20: many=101, few=19.
     """
     counts = torch.as_tensor(counts)
     groups = torch.ones_like(counts, dtype=torch.long)
-    groups[counts > many] = 0
-    groups[counts < few] = 2
+    groups[counts >= many] = 0
+    groups[counts <= few] = 2
     return groups
 
 
@@ -472,7 +472,7 @@ def shot_accuracy(pred, target, train_counts, many=100, few=20):
     Args:
         pred, target: predicted and true labels, (N,) long.
         train_counts: training images per class, (C,).
-        many, few: group thresholds (many: count > many, few: count < few; default 100, 20).
+        many, few: group thresholds (many: count >= many, few: count <= few; default 100, 20).
     Returns:
         dict: overall, mean_per_class, many, medium, few (float or None), per_class (list of C floats,
         None for classes absent from target), counts (list of C test counts).

@@ -28,6 +28,7 @@ from ltaux import LTauxError
 
 CKPT_FORMAT = "ltaux-checkpoint-v2"  # v2: phi ends in Linear + ReLU (embed.0.*); v1 files do not fit
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, applied on the device
+SHOT_RULE = "many >= --many, few <= --few"  # in checkpoints since the groups follow the paper (Section 4.2)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
@@ -50,9 +51,19 @@ def choose_device(name=None, local_rank=0):
     return torch.device(f"cuda:{local_rank}" if kind == "cuda" else "cpu")
 
 
+def cpu_runs_bf16():
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX, as torch's oneDNN reports it). Where
+    it does not, oneDNN emulates bf16 and a ResNet step runs about 10x slower than in fp32."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the query
+        return False
+
+
 def amp_dtype(amp, device):
-    """--amp bf16 | fp16 | off | None (None: bf16 on CUDA, off on CPU) -> (name, autocast dtype or None)."""
-    amp = amp or ("bf16" if device.type == "cuda" else "off")
+    """--amp bf16 | fp16 | off | None -> (name, autocast dtype or None). None: bf16 on CUDA and on a CPU
+    that runs bf16 natively (cpu_runs_bf16), else off."""
+    amp = amp or ("bf16" if device.type == "cuda" or cpu_runs_bf16() else "off")
     return amp, AMP_DTYPES[amp]
 
 
@@ -60,14 +71,100 @@ def build_transform(size, train):
     """uint8 image tensor (3, H, W) -> uint8 (3, size, size), as DataLoader workers run it. What needs no
     worker runs later, batched, on the device (to_device): float conversion, the ImageNet-LT recipe's
     ColorJitter (color_jitter), normalisation. Resizing is torchvision's antialiased bilinear on tensors
-    (within one grey level of PIL's, and faster: README "Input pipeline")."""
+    (within one grey level of PIL's, and faster: README "Input pipeline").
+    Below 64 px (the CIFAR recipe) the transform is the fixed resize + centre crop alone, for training
+    too: the random pad-4 crop and flip come from each sample's seed (cifar_augment), batched."""
     if size >= 64:  # the ImageNet-LT recipe of OLTR: RandomResizedCrop, flip (+ ColorJitter 0.4 on the device)
         if train:
             return RandomResizedCropFlip(size)
         return T2.Compose([T2.Resize(round(size * 256 / 224), antialias=True), T2.CenterCrop(size)])
-    # the CIFAR recipe: pad 4 + random crop, flip
-    return T2.Compose([T2.Resize(size, antialias=True), T2.CenterCrop(size)] + (
-        [T2.RandomCrop(size, padding=4), T2.RandomHorizontalFlip()] if train else []))
+    return T2.Compose([T2.Resize(size, antialias=True), T2.CenterCrop(size)])
+
+
+def cifar_augment(x, seeds, pad=4):
+    """The CIFAR recipe's augmentation (pad 4 with zeros, random crop back to H x W, random horizontal
+    flip), batched, on any device, drawn from each sample's seed: the crop offsets and the flip are
+    digits of the seed (top = seed mod 9, left = seed div 9 mod 9, flip = seed div 81 mod 2), so a
+    sample gets the same pixels alone in a DataLoader worker or in a batch on the GPU.
+
+    Args:
+        x: uint8 images (B, 3, H, W).
+        seeds: (B,) int64 >= 0, uniformly random (AuxBatchSampler.epoch_seeds).
+        pad: zero padding on each side (default: 4).
+    Returns:
+        uint8 images (B, 3, H, W) (a strided view in channels-last order).
+    """
+    B, _, H, W = x.shape
+    n, dev = 2 * pad + 1, x.device
+    seeds = seeds.to(dev)
+    top, left, flip = seeds % n, seeds // n % n, (seeds // (n * n) % 2).bool()  # (B,) each
+    rows = top[:, None] + torch.arange(H, device=dev)  # (B, H) rows of the padded image
+    cols = left[:, None] + torch.arange(W, device=dev)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, 3, H + 2 pad, W + 2 pad)
+    out = padded[torch.arange(B, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, 3)
+    return out.permute(0, 3, 1, 2)
+
+
+class SeededCifar(torch.utils.data.Dataset):
+    """A training SplitDataset (fixed transform: build_transform(size < 64)) whose items dataset[(i, seed)]
+    get cifar_augment with that seed: what a DataLoader worker runs on the CIFAR recipe's path."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        i, seed = item
+        x, y = self.dataset[i]
+        return cifar_augment(x[None], torch.tensor([seed]))[0].contiguous(), y
+
+
+def decode_all(dataset, device, workers=0, batch_size=256):
+    """Every image of a SplitDataset through its (fixed) transform, once: (uint8 (N, 3, s, s), labels (N,)),
+    both on `device`. Errors name the file and split line as in training."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    images = torch.cat([x for x, _ in loader]) if len(dataset) else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    return images.to(device), torch.tensor(dataset.labels, device=device)
+
+
+class MemoryBatches:
+    """The training batches of a small dataset held in memory (--in-memory): the sampler's [B_cbs; B_rrs]
+    indices of each step gather the images from one uint8 tensor on the device, then cifar_augment draws
+    from the same per-sample seeds as a worker (SeededCifar) would: the same uint8 batches as the
+    DataLoader path, without worker processes. Iterating yields (uint8 (2S/W, 3, s, s), labels) per step
+    from the sampler's epoch and first step (set_epoch)."""
+
+    def __init__(self, images, labels, sampler):
+        self.images, self.labels, self.batch_sampler = images, labels, sampler
+
+    def __iter__(self):
+        s, dev = self.batch_sampler, self.images.device
+        index = s.epoch_batches()[s.first:].to(dev)  # (M - first, 2S / W)
+        seeds = s.epoch_seeds()[s.first:].to(dev)
+        for idx, seed in zip(index, seeds):
+            yield cifar_augment(self.images[idx], seed), self.labels[idx]
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+
+class MemoryEval:
+    """An evaluation list held in memory: batches (uint8 images, labels) of this rank's shard (rank::W),
+    in list order, for predict()."""
+
+    def __init__(self, images, labels, batch_size, rank=0, world_size=1):
+        self.images, self.labels = images[rank::world_size], labels[rank::world_size]
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        for i in range(0, len(self.images), self.batch_size):
+            yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+
+    def __len__(self):
+        return -(-len(self.images) // self.batch_size)
 
 
 class RandomResizedCropFlip:
@@ -253,14 +350,14 @@ def mean_std(device):
 
 
 def to_device(x, device, jitter=None):
-    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W) on the device, channels_last on CUDA.
+    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W) on the device, channels_last (faster for
+    these ResNets on CUDA and on CPUs alike: 1.15-1.2x for a CPU training step, bench.py).
     With jitter = a torch.Generator on the device, color_jitter first (training, ImageNet-LT recipe)."""
     x = x.to(device, non_blocking=True).float()
     if jitter is not None:
         x = color_jitter(x, jitter)
     mean, std = mean_std(device)
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def check_label_range(ds, num_classes, what):
@@ -295,6 +392,15 @@ def atomic_save(obj, path):
         os.close(fd)
 
 
+def first_non_finite(state):
+    """The name of the first floating tensor of a state dict holding nan or inf, or None (one host sync)."""
+    names = [k for k, v in state.items() if torch.is_floating_point(v)]
+    if not names:
+        return None
+    ok = torch.stack([state[k].isfinite().all() for k in names]).cpu()
+    return None if bool(ok.all()) else names[int((~ok).nonzero()[0])]
+
+
 CKPT_KEYS = {"args": dict, "model": dict, "optimizer": dict, "scaler": dict, "train_counts": torch.Tensor,
              "epoch": int, "step_in_epoch": int, "global_step": int, "best_acc": float, "rng_cpu": torch.Tensor}
 
@@ -324,6 +430,9 @@ def load_checkpoint(path):
         bad = ["args.arch" if run.get("arch") not in ltaux.LTResNet.ARCHS else "model.fc.weight"]
     if bad:
         raise LTauxError(f"{path}: damaged ltaux checkpoint ({bad[0]} missing or of the wrong type)")
+    bad = first_non_finite({k: v for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)})
+    if bad:
+        raise LTauxError(f"{path}: holds non-finite weights ({bad}): not a usable checkpoint")
     return ckpt
 
 

@@ -422,11 +422,14 @@ def test_rotation_augment_keeps_each_images_label(mode, copies):
 
 
 def test_class_counts_and_shot_group_boundaries():
+    """Section 4.2 and OLTR's shot_acc: many >= 100, few <= 20 (a version with > / < fails here); Decoupling's
+    code (> 100, < 20) is many=101, few=19."""
     counts = ltaux.class_counts([0, 0, 2], 4)
     assert counts.tolist() == [2, 0, 1, 0]
-    groups = ltaux.shot_groups(torch.tensor([101, 100, 21, 20, 19, 5]))
-    assert groups.tolist() == [0, 1, 1, 1, 2, 2]  # many > 100, few < 20 (OLTR / Decoupling code)
-    assert ltaux.shot_groups(torch.tensor([100, 99, 21, 20]), many=99, few=21).tolist() == [0, 1, 1, 2]
+    groups = ltaux.shot_groups(torch.tensor([101, 100, 99, 21, 20, 19, 5]))
+    assert groups.tolist() == [0, 0, 1, 1, 2, 2, 2]  # 100 many, 99 and 21 medium, 20 few
+    decoupling = ltaux.shot_groups(torch.tensor([101, 100, 99, 21, 20, 19, 5]), many=101, few=19)
+    assert decoupling.tolist() == [0, 1, 1, 1, 1, 2, 2]
 
 
 def test_shot_accuracy_by_hand():
@@ -625,8 +628,8 @@ def test_training_images_are_jittered_on_the_device_and_only_at_imagenet_sizes()
     x = torch.full((3, 300, 200), 100, dtype=torch.uint8)
     for size, train_ in ((224, True), (224, False), (32, False)):  # workers: no jitter, uint8 out
         assert torch.equal(runtime.build_transform(size, train_)(x), torch.full((3, size, size), 100, dtype=torch.uint8))
-    cifar = runtime.build_transform(32, train=True)(x)  # pad 4 + random crop: zeros at most on 4 rows / columns
-    assert cifar.dtype == torch.uint8 and set(cifar.unique().tolist()) <= {0, 100} and (cifar == 100).sum() >= 3 * 28 * 28
+    cifar = runtime.build_transform(32, train=True)(x)  # the fixed part; the random crop comes from the seed
+    assert torch.equal(cifar, torch.full((3, 32, 32), 100, dtype=torch.uint8))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -687,15 +690,55 @@ def test_worker_transforms_follow_the_recipes():
     ramp = torch.arange(256, dtype=torch.uint8).expand(3, 256, 256).contiguous()  # value = column
     out = runtime.build_transform(224, train=False)(ramp)
     assert out.shape == (3, 224, 224) and out[0, 0, 0] == 16 and out[0, 0, -1] == 239  # 256 px, centre 224
-    cifar = runtime.build_transform(32, train=True)
     ramp = (50 + 5 * torch.arange(32)).to(torch.uint8).expand(3, 32, 32).contiguous()
-    flipped = padded = 0
-    for seed in range(200):
-        torch.manual_seed(seed)
-        x = cifar(ramp)[0].float()
-        flipped += int(x[16, 8:24].diff().mean() < 0)
-        padded += int((x == 0).any())
-    assert 60 < flipped < 140 and 100 < padded < 200  # flipped half the time, padded most of the time
+    seeds = torch.randint(0, 2**62, (200,), generator=torch.Generator().manual_seed(0))
+    x = runtime.cifar_augment(ramp.expand(200, 3, 32, 32), seeds)[:, 0].float()
+    flipped = (x[:, 16, 8:24].diff(dim=1).mean(1) < 0).sum()
+    padded = (x == 0).flatten(1).any(1).sum()
+    assert 60 < flipped < 140 and 180 < padded < 200  # flipped half the time, padded 80 times in 81
+
+
+def reference_cifar_crop(img, top, left, flip, pad=4):
+    """One image the textbook way: zero-pad, slice, flip."""
+    padded = torch.zeros(3, img.shape[1] + 2 * pad, img.shape[2] + 2 * pad, dtype=img.dtype)
+    padded[:, pad:pad + img.shape[1], pad:pad + img.shape[2]] = img
+    out = padded[:, top:top + img.shape[1], left:left + img.shape[2]]
+    return out.flip(-1) if flip else out
+
+
+def test_cifar_augment_is_pad_crop_flip_drawn_from_each_seed():
+    """Each image: zero-pad 4, crop at (seed mod 9, seed div 9 mod 9), flip if seed div 81 is odd; batched
+    exactly as one by one (top/left swapped, flip axis, padding side or the digits wrong: fails)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 12, 10), dtype=torch.uint8, generator=g)
+    seeds = torch.randint(0, 2**62, (64,), generator=g)
+    out = runtime.cifar_augment(x, seeds)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    for i in range(64):
+        s = int(seeds[i])
+        assert torch.equal(out[i], reference_cifar_crop(x[i], s % 9, s // 9 % 9, s // 81 % 2))
+        assert torch.equal(runtime.cifar_augment(x[i:i + 1], seeds[i:i + 1])[0], out[i])  # alone = in a batch
+    big = torch.randint(0, 2**62, (20000,), generator=g)
+    for digit in (big % 9, big // 9 % 9):
+        assert (torch.bincount(digit, minlength=9).float() / 20000 - 1 / 9).abs().max() < 0.015  # uniform offsets
+    assert abs(float((big // 81 % 2).float().mean()) - 0.5) < 0.02
+
+
+def test_in_memory_batches_are_the_workers_batches(tmp_path):
+    """MemoryBatches (gather + cifar_augment on the device) and a DataLoader over SeededCifar (workers) give
+    the same uint8 batches, bit for bit, for a whole epoch and from a mid-epoch start."""
+    root, lists = make_tiny(tmp_path)
+    ds = ltaux.SplitDataset(root, lists["train"], runtime.build_transform(16, train=True), read=runtime.read_image)
+    sampler = ltaux.AuxBatchSampler(ds.labels, 8, 2, with_seeds=True, seed=3)
+    memory = runtime.MemoryBatches(*runtime.decode_all(ds, torch.device("cpu")), sampler)
+    workers = torch.utils.data.DataLoader(runtime.SeededCifar(ds), batch_sampler=sampler, num_workers=1)
+    for epoch, first in ((0, 0), (1, 0), (2, 5)):
+        sampler.set_epoch(epoch, first)
+        a, b = list(memory), list(workers)
+        assert len(a) == len(b) == 12 - first
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(a[0][0], a[1][0])
 
 
 def jpeg_set(root, n=10, png=(3,)):
@@ -826,6 +869,24 @@ def test_train_on_cuda_with_both_decoders(jpeg_tiny, tmp_path):
     assert gpu[0]["loss"] == pytest.approx(cpu[0]["loss"], rel=0.05)  # the same crops; nvJPEG, resize differ in bits
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_train_on_cuda_in_memory(tiny, tmp_path, capsys):
+    """The CIFAR recipe's path on CUDA: images decoded once onto the GPU, batches gathered and augmented there
+    (the same uint8 batches as the workers'), bf16; then the workers' path with the same seed: close losses."""
+    root, lists = tiny
+    ds = ltaux.SplitDataset(root, lists["train"], runtime.build_transform(16, train=True), read=runtime.read_image)
+    sampler = ltaux.AuxBatchSampler(ds.labels, 8, 2, with_seeds=True)
+    cuda = list(runtime.MemoryBatches(*runtime.decode_all(ds, torch.device("cuda")), sampler))
+    cpu = list(torch.utils.data.DataLoader(runtime.SeededCifar(ds), batch_sampler=sampler))
+    assert all(torch.equal(a.cpu(), b) and torch.equal(ya.cpu(), yb) for (a, ya), (b, yb) in zip(cuda, cpu))
+    for mode in ("on", "off"):
+        assert run_train(tiny, tmp_path / mode, "--device", "cuda", "--in-memory", mode)[0] == 0
+    out = capsys.readouterr().out
+    assert "in memory: 134 images decoded once" in out and "amp bf16" in out
+    on, off = read_log(tmp_path / "on"), read_log(tmp_path / "off")
+    assert on[0]["loss"] == pytest.approx(off[0]["loss"], rel=0.05) and math.isfinite(on[-1]["loss"])
+
+
 # ----------------------------------------------------------------------------------------------
 # the official lists (read from ../shared when present; never shipped)
 
@@ -842,7 +903,8 @@ def test_places_lt_train_figures():
     counts = ltaux.class_counts(labels, max(labels) + 1)
     assert len(paths) == 62500 and len(counts) == 365
     assert int(counts.min()) == 5 and int(counts.max()) == 4980
-    assert torch.bincount(ltaux.shot_groups(counts)).tolist() == [131, 163, 71]
+    assert torch.bincount(ltaux.shot_groups(counts)).tolist() == [132, 156, 77]  # the paper's groups (README)
+    assert torch.bincount(ltaux.shot_groups(counts, 101, 19)).tolist() == [131, 163, 71]  # Decoupling's code
 
 
 def test_imagenet_lt_test_is_balanced():
@@ -1063,6 +1125,32 @@ def test_train_py_draws_new_rotation_angles_every_step(tiny, tmp_path, capsys, m
     assert len(seen) == 12 and len({tuple(y.tolist()) for y in seen}) > 1
 
 
+@pytest.mark.parametrize("supported", [True, False])
+def test_cpu_amp_default_is_bf16_only_where_the_cpu_runs_bf16(tiny, tmp_path, capsys, monkeypatch, supported):
+    """--amp's default on a CPU follows oneDNN's bf16 query (emulated bf16 is ~10x slower: fp32 there); an
+    explicit --amp wins; a CUDA device is bf16 either way."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+    cpu = torch.device("cpu")
+    assert runtime.amp_dtype(None, cpu) == (("bf16", torch.bfloat16) if supported else ("off", None))
+    assert runtime.amp_dtype("off", cpu) == ("off", None) and runtime.amp_dtype(None, torch.device("cuda"))[0] == "bf16"
+    rc, cap = run_train(tiny, tmp_path / "o", "--epochs", "1", "--method", "rrs", capsys=capsys)
+    assert rc == 0 and f"device: cpu, 1 process, amp {'bf16' if supported else 'off'};" in cap.out
+
+
+def test_in_memory_and_worker_paths_train_the_same_weights(tiny, tmp_path, capsys):
+    """--in-memory on (no workers) and off (2 workers): the same batches, so the same losses and weights, bit
+    for bit on the CPU (a different crop draw, flip or sample order in either path fails)."""
+    rc, cap = run_train(tiny, tmp_path / "on", "--in-memory", "on", capsys=capsys)
+    assert rc == 0 and "in memory: 134 images decoded once" in cap.out
+    rc, cap = run_train(tiny, tmp_path / "off", "--in-memory", "off", "--workers", "2", capsys=capsys)
+    assert rc == 0 and "in memory" not in cap.out
+    a, b = read_log(tmp_path / "on"), read_log(tmp_path / "off")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = weights(tmp_path / "on"), weights(tmp_path / "off")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.load(open(tmp_path / "on" / "test_metrics.json")) == json.load(open(tmp_path / "off" / "test_metrics.json"))
+
+
 def test_recipes_defaults_and_explicit_flags():
     a, _ = train.parse_args(["--data", "/d", "--split", "s", "--recipe", "places_lt_r152", "--lr", "0.5"])
     assert a.arch == "resnet152" and a.backbone_lr_scale == 0.01 and a.lr == 0.5 and a.epochs == 30
@@ -1197,7 +1285,7 @@ def test_thresholds_come_from_the_checkpoint(eval_runs, tmp_path, capsys):
     rc, cap = ev("--checkpoint", eval_runs["cbs"], "--out", str(tmp_path / "e"), capsys=capsys)  # run: --many 30 --few 5
     assert rc == 0, cap.err
     rows = list(csv.DictReader(open(tmp_path / "e" / "per_class.csv")))
-    assert [r["shot_group"] for r in rows] == ["many", "medium", "medium", "medium", "medium", "few"]
+    assert [r["shot_group"] for r in rows] == ["many", "medium", "medium", "medium", "few", "few"]  # 5 <= --few 5
     m = json.load(open(tmp_path / "e" / "metrics.json"))
     assert m["thresholds"] == {"many": 30, "few": 5} and m["many"] is not None
     rc, cap = ev("--checkpoint", eval_runs["cbs"], "--out", str(tmp_path / "f"), "--many", "100", "--few", "20",
@@ -1433,6 +1521,25 @@ def test_non_finite_loss_stops_before_anything_is_saved(tiny, tmp_path, capsys):
     msg = bad_run(tiny, tmp_path, capsys, "--lr", "1e30")
     assert "non-finite loss at step" in msg and "cbs" in msg and "last good checkpoint: none yet" in msg
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_weights_are_checked_after_the_update_and_before_any_save(tiny, tmp_path, capsys):
+    """One step per epoch: the loss of that step is finite, the update is not. Nothing is saved (a version that
+    checks only the loss writes best.pt / last.pt with inf weights here), and evaluate / resume refuse a
+    checkpoint with non-finite weights in one line."""
+    msg = bad_run(tiny, tmp_path, capsys, "--batch-size", "92", "--per-class", "46", "--method", "rrs",
+                  "--lr", "1e36", "--weight-decay", "1e6", "--epochs", "1")
+    assert "non-finite weights (" in msg and "at the end of epoch 0" in msg and "none yet" in msg
+    assert not os.path.exists(tmp_path / "o")
+    ok = tmp_path / "ok"
+    assert run_train(tiny, ok, "--epochs", "1", capsys=capsys)[0] == 0
+    ckpt = torch.load(ok / "last.pt", weights_only=True)
+    ckpt["model"]["fc.bias"][1] = float("nan")
+    torch.save(ckpt, ok / "nan.pt")
+    assert evaluate.main(["--checkpoint", str(ok / "nan.pt")]) == 2
+    assert train.main(["--resume", str(ok / "nan.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("nan.pt: holds non-finite weights (fc.bias): not a usable checkpoint") == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1708,6 +1815,41 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     assert "| train.py's loader, 1 workers, --decode cpu" in out
     with pytest.raises(SystemExit):
         bench.main(["--steps", "0"])
+
+
+def test_protocol_table_is_computed_from_the_runs_metrics(tiny, tmp_path, capsys):
+    """cifar_lt.py on two tiny runs (one method, two seeds, run side by side): each cell of the table is the mean
+    +- sample std of the runs' own test_metrics.json; the same command again trains nothing more."""
+    import cifar_lt
+    root, lists = tiny
+    cmd = ["--data", str(root), "--split", lists["train"], "--test-split", lists["test"], "--recipe", "none",
+           "--methods", "rrs", "--seeds", "0", "1", "--epochs", "1", "--parallel", "2", "--device", "cpu",
+           "--out", str(tmp_path / "p"), "--", "--arch", "resnet10", "--image-size", "16", "--batch-size", "8",
+           "--per-class", "2", "--embed-dim", "8", "--lr", "0.05", "--many", "30", "--few", "5"]
+    assert cifar_lt.main(cmd) == 0
+    out = capsys.readouterr().out
+    assert out.count("started rrs_s") == 2 and "finished rrs_s0: exit 0" in out and "failed" not in out
+    runs = [json.load(open(tmp_path / "p" / f"rrs_s{s}" / "test_metrics.json")) for s in (0, 1)]
+    row = next(line for line in out.splitlines() if line.startswith("| RRS-Only"))
+    for key, cell in zip(("many", "medium", "few", "overall"), row.split(" | ")[1:5]):
+        v = [r[key] for r in runs]
+        mean, std = sum(v) / 2, abs(v[0] - v[1]) / math.sqrt(2)
+        assert cell == f"{mean:.1f} ± {std:.1f}", (key, cell, v)
+    assert row.endswith("| 2/2 |") and "| published: BBN (Zhou et al. 2020) | | | | 79.8 | |" in out
+    assert cifar_lt.main(cmd) == 0 and "started" not in capsys.readouterr().out  # finished runs are kept
+
+
+def test_protocol_table_mean_and_std_by_hand(tmp_path, capsys):
+    import cifar_lt
+    for i, (m, s, acc) in enumerate([("cbs", 0, 70.0), ("cbs", 1, 72.0), ("cbs", 2, 74.0), ("rrs", 0, 50.0)]):
+        os.makedirs(tmp_path / f"{m}_s{s}")
+        json.dump(dict(many=acc, medium=None, few=1.0, overall=acc - 1), open(tmp_path / f"{m}_s{s}" / "test_metrics.json", "w"))
+    lists = [write_list(tmp_path / n, ["a.png 0\n"]) for n in ("tr.txt", "te.txt")]
+    assert cifar_lt.main(["--data", str(tmp_path), "--split", lists[0], "--test-split", lists[1], "--out", str(tmp_path),
+                          "--methods", "rrs", "cbs", "--table-only"]) == 0
+    out = capsys.readouterr().out
+    assert "| CBS-Only (`cbs`) | 72.0 ± 2.0 | - | 1.0 ± 0.0 | 71.0 ± 2.0 | 3/3 |" in out
+    assert "| RRS-Only (`rrs`) | 50.0 | - | 1.0 | 49.0 | 1/3 |" in out
 
 
 def test_readme_snippet_runs_as_written(tmp_path, capsys):

@@ -57,7 +57,9 @@ RECIPES = {
     "demo": dict(arch="resnet10", epochs=8, batch_size=64, lr=0.1, weight_decay=5e-4, image_size=32,
                  workers=1, print_freq=20, paper=None),
 }
-NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files", "decode")
+NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files", "decode",
+               "in_memory")
+MEMORY_BUDGET = 2 * 2**30  # --in-memory auto: decoded training + evaluation images up to 2 GiB
 DECODE_DEVICES = ("cuda",)  # where --decode gpu may run
 FIXED_ON_RESUME = ("method", "arch", "embed_dim", "batch_size", "per_class", "seed", "image_size", "rotation",
                    "rotation_aug")
@@ -83,6 +85,9 @@ def get_args_parser():
     g.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="where training JPEGs are "
                    "decoded: cpu (in the workers) or gpu (workers send the file bytes; decode_jpeg, crop, "
                    "flip and jitter on the CUDA device; ImageNet-LT recipe only)")
+    g.add_argument("--in-memory", default="auto", choices=["auto", "on", "off"], help="decode every image "
+                   "once into one uint8 tensor on the training device and augment batches there, no worker "
+                   "processes (auto: below 64 px when the images fit 2 GiB; the CIFAR recipe's augmentation)")
     g.add_argument("--image-size", type=int, default=224, help="training crop; >= 64 uses the ImageNet-LT "
                    "augmentation, smaller the CIFAR one (pad 4 + random crop)")
     g = p.add_argument_group("method")
@@ -134,8 +139,10 @@ def add_run_args(g):
     g.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
     g.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
     g.add_argument("--eval-freq", type=int, default=1, help="epochs between validations")
-    g.add_argument("--many", type=int, default=100, help="many-shot: more than this many train images")
-    g.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many train images")
+    g.add_argument("--many", type=int, default=100, help="many-shot classes: at least this many training images "
+                   "(the paper's >= 100; Decoupling's code counts > 100 and < 20: --many 101 --few 19)")
+    g.add_argument("--few", type=int, default=20, help="few-shot classes: at most this many training images "
+                   "(the paper's <= 20)")
 
 
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
@@ -180,6 +187,9 @@ def check_args(args, saved):
     method, (l1, l2, l3) = METHODS[args.method], args.lambdas
     if not all(v >= 0 and math.isfinite(v) for v in args.lambdas):
         raise LTauxError(f"--lambdas {l1:g} {l2:g} {l3:g}: weights must be finite and >= 0")
+    if args.in_memory == "on" and args.image_size >= 64:
+        raise LTauxError(f"--in-memory on is for the CIFAR recipe's small images (--image-size < 64, here "
+                         f"{args.image_size}): use --in-memory off or auto")
     if args.decode == "gpu" and args.image_size < 64:
         raise LTauxError(f"--decode gpu is for the ImageNet-LT recipe (--image-size >= 64, here {args.image_size}): "
                          "use --decode cpu")
@@ -360,16 +370,47 @@ def ignore_stop_signals(_worker_id):
 
 def make_loader(ds, args, device, sampler=None, rank=0, world_size=1):
     """The training loader (batch_sampler = AuxBatchSampler; with --decode gpu its batches are file
-    bytes, finished by loader.dataset.decode) or this rank's shard (rank::W) of an evaluation list,
-    S / W images per batch."""
+    bytes, finished by loader.dataset.decode; below 64 px each sample gets cifar_augment from its seed)
+    or this rank's shard (rank::W) of an evaluation list, S / W images per batch."""
     kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     if sampler is not None:
         if args.decode == "gpu":
             ds = runtime.DeviceDecodeDataset(ds, args.image_size)
             kw["collate_fn"] = ds.collate
+        elif args.image_size < 64:
+            ds = runtime.SeededCifar(ds)
         return torch.utils.data.DataLoader(ds, batch_sampler=sampler, persistent_workers=args.workers > 0, **kw)
     shard = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
     return torch.utils.data.DataLoader(shard, batch_size=max(1, args.batch_size // world_size), **kw)
+
+
+def in_memory(args, datasets):
+    """Whether --in-memory holds these datasets' decoded images in one tensor each (see its help)."""
+    if args.in_memory == "off" or args.image_size >= 64:
+        return False
+    size = sum(len(d) for d in datasets) * 3 * args.image_size ** 2
+    return args.in_memory == "on" or size <= MEMORY_BUDGET
+
+
+def make_data(train_set, evals, sampler, args, device, log):
+    """The training batches and {name: evaluation batches}: in memory (runtime.MemoryBatches, decoded
+    once here) or DataLoaders (make_loader)."""
+    if not in_memory(args, [train_set] + list(evals.values())):
+        return make_loader(train_set, args, device, sampler), {
+            k: make_loader(d, args, device, None, args.rank, args.world_size) for k, d in evals.items()}
+    t0, n = time.time(), len(train_set) + sum(len(d) for d in evals.values())
+    try:
+        decoded = {k: runtime.decode_all(d, device, args.workers) for k, d in dict(evals, train=train_set).items()}
+    except LTauxError:
+        if args.rank > 0:  # every rank reads the same files: rank 0 alone prints the error line
+            raise QuietExit(2) from None
+        raise
+    batches = runtime.MemoryBatches(*decoded.pop("train"), sampler)
+    evals = {k: runtime.MemoryEval(*d, max(1, args.batch_size // args.world_size), args.rank, args.world_size)
+             for k, d in decoded.items()}
+    log(f"in memory: {n} images decoded once ({n * 3 * args.image_size ** 2 / 2**20:.0f} MiB on {device}, "
+        f"{time.time() - t0:.1f}s); batches gathered and augmented on {device}, no loader workers")
+    return batches, evals
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,10 +426,7 @@ def build_model(args, num_classes, device, world_size):
         getattr(model, head).requires_grad_(False)
     if args.sync_bn and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return model
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def build_optimizer(model, args, device):
@@ -479,10 +517,18 @@ class RunLock:
 
 def save_checkpoint(path, args, model, optimizer, scaler, counts, steps_per_epoch, epoch, step_in_epoch, best_acc,
                     partial=None):
-    """Write one checkpoint atomically: everything needed to resume, as tensors and plain types."""
+    """Write one checkpoint atomically: everything needed to resume, as tensors and plain types. Weights
+    are checked first (one reduction, one host sync per save): a non-finite one raises NonFiniteLoss and
+    nothing is written, so no checkpoint ever holds non-finite weights."""
+    bad = runtime.first_non_finite(model.state_dict())
+    if bad:
+        where = f"at the end of epoch {epoch - 1}" if step_in_epoch == 0 else f"after step {step_in_epoch} of epoch {epoch}"
+        raise NonFiniteLoss(f"non-finite weights ({bad}) {where} (the update diverged); lower --lr or check the "
+                            "data, then --resume the last good checkpoint")
     ckpt = dict(format=runtime.CKPT_FORMAT, args=plain_args(args), model=model.state_dict(),
                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), train_counts=counts, epoch=epoch,
                 step_in_epoch=step_in_epoch, global_step=epoch * steps_per_epoch + step_in_epoch,
+                shot_rule=runtime.SHOT_RULE,
                 best_acc=float(best_acc),
                 rng_cpu=torch.get_rng_state(), partial=partial or {},
                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
@@ -594,6 +640,10 @@ def train_one_epoch(model, loader, optimizer, scaler, stop, epoch, first_step, p
                epoch_time_s=elapsed, steps=step_in_epoch, stopped=step_in_epoch < steps)
     partial = dict(sums={k: float(v) for k, v in sums.items()}, steps=done, time=elapsed)
     return out, partial
+
+
+class QuietExit(Exception):
+    """End the process with this status and no message (another rank prints the error line)."""
 
 
 class NonFiniteLoss(LTauxError):
@@ -789,8 +839,7 @@ def train(args, ckpt):
                 trim_log(out, epoch)
         net = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
         net = torch.compile(net) if args.compile else net
-        loader = make_loader(train_set, args, device, sampler)
-        eval_loaders = {k: make_loader(d, args, device, None, args.rank, args.world_size) for k, d in evals.items()}
+        loader, eval_loaders = make_data(train_set, evals, sampler, args, device, log)
         run_header(args, device, amp_name, train_set, sampler.num_batches, out, "val" in evals, log)
         stopped = run_epochs(net, model, loader, eval_loaders, optimizer, scaler, counts, epoch, first_step,
                              best_acc, partial, args, device, amp, log)
@@ -855,6 +904,8 @@ def main(argv=None):
         return train(args, ckpt)
     except LTauxError as e:
         return runtime.report(e)
+    except QuietExit as e:
+        return e.args[0]
     except RuntimeError as e:  # a collective broke because a peer failed first and printed its one error line:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (isinstance(e, dist.DistError) or "closed by peer" in str(e)):
             return 2  # no collective traceback from the ranks it left waiting

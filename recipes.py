@@ -1,0 +1,98 @@
+"""The paper's settings as train.py presets, and the paper's numbers to print beside a run's.
+
+Every value's source (the paper, an OLTR config at a given commit, or our choice) is in docs/recipes.md.
+The paper (arXiv:1912.04486, Section 4.4) gives Z = 4, lambdas 0.5 : 1 : 1 and SGD with a cosine
+schedule; lr, epochs and batch size were "set by referring to [OLTR] and cross-validated".
+"""
+
+RECIPES = {
+    "imagenet_lt_r10": dict(arch="resnet10", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4, image_size=224),
+    "imagenet_lt_r50": dict(arch="resnet50", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4, image_size=224),
+    "places_lt_r152": dict(arch="resnet152", epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4, image_size=224,
+                           backbone_lr_scale=0.01),
+    "places_lt_r152_2019": dict(arch="resnet152", epochs=30, batch_size=256, lr=0.1, weight_decay=5e-4,
+                                image_size=224, backbone_lr_scale=0.1, freeze_backbone=True),
+    "places_lt_r50": dict(arch="resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4, image_size=224),
+    "cifar10_lt": dict(arch="resnet32", epochs=200, batch_size=120, per_class=12, lr=0.1, weight_decay=2e-4,
+                       image_size=32),
+    "cifar100_lt": dict(arch="resnet32", epochs=200, batch_size=128, per_class=4, lr=0.1, weight_decay=2e-4,
+                        image_size=32),
+    # the embedded default (no --data): 30 synthetic classes of 32 px
+    "demo": dict(arch="resnet10", epochs=8, batch_size=64, lr=0.1, weight_decay=5e-4, image_size=32, workers=1,
+                 print_freq=20),
+}
+PRETRAINED = ("places_lt_r152", "places_lt_r152_2019")  # fine-tune ImageNet weights: refused without them
+
+# The paper's rows: many, medium, few, overall top-1 (%) on the official test list, thresholds 100 / 20.
+_IN10, _PL152 = "ImageNet-LT, ResNet-10", "Places-LT, ResNet-152"
+_IN50, _PL50 = "ImageNet-LT, ResNet-50", "Places-LT, ResNet-50"
+PAPER = {  # recipe: {row key: (table, values)}; row keys: see paper_key()
+    "imagenet_lt_r10": {
+        "rrs": ("Table 1", (53.4, 23.5, 4.3, 32.4)), "cbs": ("Table 1", (35.4, 31.5, 18.6, 31.2)),
+        "cbs_rrs": ("Table 1", (51.0, 38.5, 21.0, 40.9)), "cbs_rrs_ss": ("Table 1", (52.4, 39.5, 21.0, 41.9)),
+        "ft_cbs": ("Table 3", (48.3, 35.2, 16.4, 37.6)), "cbs_rrs 1:1": ("Table 4", (49.4, 37.7, 19.8, 39.6)),
+        "cbs_rrs 1:0.5": ("Table 4", (46.0, 35.5, 17.8, 37.0)), "rotation_aug": ("Table 5", (50.5, 39.1, 22.1, 41.0)),
+    },
+    "places_lt_r152": {
+        "rrs": ("Table 1", (47.4, 27.1, 10.5, 31.0)), "cbs": ("Table 1", (46.9, 34.9, 18.1, 35.7)),
+        "cbs_rrs": ("Table 1", (42.5, 40.3, 32.2, 39.4)), "cbs_rrs_ss": ("Table 1", (42.5, 40.6, 32.6, 39.6)),
+    },
+    "imagenet_lt_r50": {
+        "rrs": ("Table 2", (61.3, 32.2, 7.2, 39.9)), "cbs": ("Table 2", (51.1, 38.2, 16.7, 40.1)),
+        "cbs_rrs": ("Table 2", (59.0, 43.5, 22.8, 46.5)), "cbs_rrs_ss": ("Table 2", (60.2, 44.0, 23.1, 47.3)),
+    },
+    "places_lt_r50": {
+        "rrs": ("Table 2", (39.1, 12.0, 0.3, 19.3)), "cbs": ("Table 2", (32.1, 22.9, 4.6, 22.4)),
+        "cbs_rrs": ("Table 2", (35.6, 29.3, 11.3, 27.8)), "cbs_rrs_ss": ("Table 2", (35.8, 31.0, 12.7, 28.9)),
+        "ft_cbs": ("Table 3", (29.3, 27.6, 10.3, 24.6)), "cbs_rrs 1:1": ("Table 4", (37.8, 27.6, 7.8, 27.1)),
+        "cbs_rrs 1:0.5": ("Table 4", (34.9, 26.9, 6.9, 25.6)), "rotation_aug": ("Table 5", (35.3, 28.2, 11.4, 27.2)),
+    },
+}
+PAPER["places_lt_r152_2019"] = PAPER["places_lt_r152"]
+SETTING = {"imagenet_lt_r10": _IN10, "imagenet_lt_r50": _IN50, "places_lt_r152": _PL152,
+           "places_lt_r152_2019": _PL152, "places_lt_r50": _PL50}
+TEST_LISTS = {r: ("ImageNet_LT_test.txt" if r.startswith("imagenet") else "Places_LT_test.txt") for r in SETTING}
+PROTOCOL = ("arch", "embed_dim", "batch_size", "per_class", "epochs", "lr", "weight_decay", "momentum",
+            "warmup_epochs", "backbone_lr_scale", "freeze_backbone", "image_size", "amp", "rotation", "many", "few")
+NAMES = {"rrs": "RRS-Only", "cbs": "CBS-Only", "cbs_rrs": "CBS+RRS", "cbs_rrs_ss": "CBS+RRS+SS",
+         "ft_cbs": "ftRRS+CBS", "cbs_rrs 1:1": "CBS:RRS 1:1", "cbs_rrs 1:0.5": "CBS:RRS 1:0.5",
+         "rotation_aug": "Rotation Augmentation"}
+
+
+def paper_key(run):
+    """The paper's row for a run's settings (a dict of train.py arguments), or None: the four methods of
+    Tables 1-2 with lambdas 0.5 : 1 (: 1), ftRRS+CBS (Table 3: cbs with --init), CBS:RRS 1:1 and 1:0.5
+    (Table 4) and the rotation augmentation (Table 5)."""
+    method, lambdas = run.get("method"), [float(v) for v in run.get("lambdas") or (0.5, 1.0, 1.0)]
+    if method == "cbs_rrs" and run.get("rotation_aug"):
+        return "rotation_aug" if lambdas[:2] == [0.5, 1.0] else None
+    if method == "cbs" and run.get("init"):
+        return "ft_cbs"
+    if method == "cbs_rrs" and lambdas[:2] != [0.5, 1.0]:
+        return {(1.0, 1.0): "cbs_rrs 1:1", (1.0, 0.5): "cbs_rrs 1:0.5"}.get(tuple(lambdas[:2]))
+    if method == "cbs_rrs_ss" and lambdas != [0.5, 1.0, 1.0]:
+        return None
+    return method
+
+
+def paper_row(run, defaults, split=None):
+    """The paper's row for a run: dict(name, source, many, medium, few, overall, differs) or None when the
+    run used no recipe or the paper has no such row. `differs` names the flags (and the list) by which this
+    run's protocol differs from the recipe's (run: the run's arguments; defaults: train.py's defaults)."""
+    recipe = run.get("recipe")
+    key = paper_key(run) if recipe in PAPER else None
+    if key not in PAPER.get(recipe, {}):
+        return None
+    table, values = PAPER[recipe][key]
+    want = {k: RECIPES[recipe].get(k, defaults.get(k)) for k in PROTOCOL}
+    differs = [f"--{k.replace('_', '-')} {_flag(run.get(k))}" for k in PROTOCOL if run.get(k) != want[k]]
+    if split is not None and not str(split).endswith(TEST_LISTS[recipe]):
+        differs.append(f"evaluated on {split}, not {TEST_LISTS[recipe]}")
+    return dict(name=f"paper: {NAMES[key]}, {table} ({SETTING[recipe]})", source=f"arXiv:1912.04486 {table}",
+                **dict(zip(("many", "medium", "few", "overall"), values)), differs=differs)
+
+
+def _flag(value):
+    if isinstance(value, (list, tuple)):
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return "(unset)" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
