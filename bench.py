@@ -1,22 +1,27 @@
 #!/usr/bin/env python
 """Benchmark the pieces of an ltaux training step; prints one JSON object and a short table.
 
-    python bench.py                                   # CPU defaults, well under 2 minutes on 2 cores
-    python bench.py --device cuda --arch resnet50 --image-size 224 --batch-size 64
+examples:
+  python bench.py                                   # CPU defaults, a few minutes on 2 cores
+  python bench.py --images /imagenet/train/n01440764 --device cuda --arch resnet50 --image-size 224 --batch-size 64
 
-sampler: batches/s and indices/s of AuxBatchSampler on Places-LT labels (../shared/data_lists when
-         present, else a generated 62,500-image Pareto profile), and its cost per step.
+sampler: batches/s and indices/s of AuxBatchSampler on a Places-LT-like label profile (--labels: a split
+         list to use instead), and its cost per step.
 step:    images/s of a cbs_rrs_ss step (all 4S images: B_cbs, B_rrs and their rotations) and of a
          plain classifier step (one head, cross-entropy, one batch of 4S images), same device, arch,
          size and precision, timed alternately after warm-up. Their ratio is the headline figure.
-loader:  images/s of one data-loader worker (one core) on real JPEGs (--images, default
-         ../shared/bench_images): the OLTR / Decoupling pipeline (PIL decode, RandomResizedCrop, flip,
-         ColorJitter, ToTensor, Normalize) against ltaux's (decode_jpeg, the same crop and flip on the
-         uint8 tensor; colour jitter and normalisation on the device) and against --decode gpu's worker
-         share (file bytes, header, crop draw), with the workers --target-rate images/s would need; then
-         the device's own share, timed on --device: colour jitter, and --decode gpu's decode + crop;
-         last, end to end: train.py's training loader with --loader-workers processes over the same
-         files, batches of 2S carried to the device and jittered (both --decode modes on CUDA).
+cifar:   the CIFAR recipe (ResNet-32, 32 px, S = 120): a step in fp32 with contiguous tensors (train.py
+         before channels_last) vs the fast path (channels_last, --amp's default); the in-memory pipeline
+         vs synthetic input; a whole epoch over generated 32 px JPEGs, workers + fp32 vs in memory.
+loader:  images/s of one data-loader worker (one core) on JPEGs (--images: a folder of real photographs;
+         without it, generated noise JPEGs of 500 x 375, which decode faster than photographs): the OLTR /
+         Decoupling pipeline (PIL decode, RandomResizedCrop, flip, ColorJitter, ToTensor, Normalize)
+         against ltaux's (decode_jpeg, the same crop and flip on the uint8 tensor; colour jitter and
+         normalisation on the device) and against --decode gpu's worker share (file bytes, header, crop
+         draw), with the workers --target-rate images/s would need; then the device's own share, timed on
+         --device: colour jitter, and --decode gpu's decode + crop; last, end to end: train.py's training
+         loader with --loader-workers processes over the same files, batches of 2S carried to the device
+         and jittered (both --decode modes on CUDA).
 """
 
 import argparse
@@ -26,23 +31,18 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 
-import torch
-import torch.nn.functional as F
-
-import ltaux
-import runtime
-import train
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown, and the description kept as written."""
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default=None, help="cuda or cpu (None: cuda when available)")
-    p.add_argument("--arch", default="resnet10", choices=ltaux.LTResNet.ARCHS, help="backbone")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
+    p.add_argument("--arch", default="resnet10", choices=("resnet10", "resnet18", "resnet34", "resnet50", "resnet101",
+                                                          "resnet152", "resnet32"), help="backbone")
     p.add_argument("--image-size", type=int, default=112, help="square input size")
     p.add_argument("--batch-size", type=int, default=32, help="S: a method step forwards 4S images")
     p.add_argument("--num-classes", type=int, default=1000, help="width of the classifier heads")
@@ -51,8 +51,10 @@ def get_args_parser():
     p.add_argument("--amp", default=None, choices=["bf16", "off"], help="autocast (None: bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--loader-images", type=int, default=400, help="images decoded per pipeline for the loader figure")
-    p.add_argument("--images", default=os.path.join(HERE, "..", "shared", "bench_images"),
-                   help="folder of JPEGs for the loader figure (absent: the demo's PNGs, with a note)")
+    p.add_argument("--images", default=None, help="folder of JPEG photographs for the loader figures (None: "
+                   "generated noise JPEGs, 500 x 375)")
+    p.add_argument("--labels", default=None, help="split list whose labels drive the sampler figure (None: a "
+                   "generated Places-LT-like profile, 62,500 images of 365 classes)")
     p.add_argument("--loader-size", type=int, default=224, help="crop size of the loader figure")
     p.add_argument("--target-rate", type=float, default=5000.0, help="decoded images/s the GPU needs (e.g. "
                    "ResNet-10 at ~10,000 images/s through the network decodes half of them)")
@@ -64,15 +66,24 @@ def get_args_parser():
                    "(one epoch = ceil(N / S) steps, S = 120)")
     p.add_argument("--cifar-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers of the epoch figure's worker path (train.py's default --workers)")
-    p.add_argument("--demo-dir", default=train.get_args_parser().get_default("demo_dir"),
-                   help="the demo dataset the loader figure reads (written if absent)")
     return p
 
 
-def places_labels():
-    path = os.path.join(HERE, "..", "shared", "data_lists", "Places_LT_train.txt")
-    if os.path.exists(path):
-        return ltaux.read_split(path)[1], "Places_LT_train.txt"
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    get_args_parser().parse_args()  # prints the help and exits before torch is imported
+
+import torch  # noqa: E402 - after the fast --help
+import torch.nn.functional as F  # noqa: E402
+
+import ltaux  # noqa: E402
+import pipeline  # noqa: E402
+import runtime  # noqa: E402
+
+
+def sampler_labels(path):
+    """The labels of a split list, or a generated Places-LT-like profile."""
+    if path:
+        return ltaux.read_split(path)[1], os.path.basename(path)
     rng = random.Random(0)  # 365 classes, 5..4980 images, Pareto(6) profile, 62,500 images in all
     draws = sorted((rng.paretovariate(6) for _ in range(365)), reverse=True)
     raw = [5 + (d - draws[-1]) / (draws[0] - draws[-1]) * 4975 for d in draws]
@@ -82,9 +93,9 @@ def places_labels():
     return [c for c, n in enumerate(counts) for _ in range(n)], "generated Pareto profile"
 
 
-def bench_sampler(S, Z=4, epochs=3):
+def bench_sampler(S, path, Z=4, epochs=3):
     """AuxBatchSampler as train.py iterates it (with seeds), epochs after the first: the cycles carry over."""
-    labels, source = places_labels()
+    labels, source = sampler_labels(path)
     sampler = ltaux.AuxBatchSampler(labels, S, Z, with_seeds=True)
     sampler.set_epoch(0)
     sum(1 for _ in sampler)
@@ -98,13 +109,11 @@ def bench_sampler(S, Z=4, epochs=3):
 
 
 def make_steps(args, device):
-    model = ltaux.LTResNet(args.arch, args.num_classes).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = ltaux.LTResNet(args.arch, args.num_classes).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     fwd = torch.compile(model) if args.compile else model
-    amp = (args.amp or ("bf16" if device.type == "cuda" else "off")) == "bf16"
+    amp = runtime.amp_dtype(args.amp, device)[0] == "bf16"
     S, size = args.batch_size, args.image_size
     pin = device.type == "cuda"
     x2 = torch.randint(0, 256, (2 * S, 3, size, size), dtype=torch.uint8, pin_memory=pin)
@@ -113,7 +122,7 @@ def make_steps(args, device):
     gen = torch.Generator(device=device)
 
     def method_step():  # the train.py step: [B_cbs; B_rrs] in, rotations made on the device
-        x = runtime.to_device(x2, device)
+        x = pipeline.to_device(x2, device)
         y = y2.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss, _ = ltaux.aux_loss(fwd, x[:S], y[:S], x[S:], y[S:], generator=gen)
@@ -122,7 +131,7 @@ def make_steps(args, device):
         opt.step()
 
     def plain_step():  # a standard classifier step over the same number of images
-        x = runtime.to_device(x4, device)
+        x = pipeline.to_device(x4, device)
         y = y4.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(fwd(x), y)
@@ -182,14 +191,14 @@ def cifar_model(device, fast, amp_name):
 
 def normalise(x, device, fast):
     """uint8 batch -> what the step takes: train.py's to_device (fast) or the same, contiguous (before)."""
-    x = runtime.to_device(x, device)
+    x = pipeline.to_device(x, device)
     return x if fast else x.contiguous()
 
 
 def bench_cifar(args, device):
     """Images/s of ResNet-32 cbs_rrs_ss steps (4S = 480 images): fp32 contiguous (before) vs the fast
     path (channels_last, --amp's default here), on synthetic input; and the fast path fed by the in-memory
-    pipeline (runtime.MemoryBatches over 12,406 random 32 px images of the CIFAR-10-LT profile: gather,
+    pipeline (pipeline.MemoryBatches over 12,406 random 32 px images of the CIFAR-10-LT profile: gather,
     cifar_augment, to_device) vs the same steps on a fixed synthetic batch (their ratio: the pipeline's
     share). Steps alternate after warm-up; medians."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -197,14 +206,14 @@ def bench_cifar(args, device):
     labels = [c for c, n in enumerate(CIFAR_COUNTS) for _ in range(n)]
     sampler = ltaux.AuxBatchSampler(labels, 120, 12, with_seeds=True)
     images = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8, device=device)
-    batches = iter(runtime.MemoryBatches(images, torch.tensor(labels, device=device), sampler))
+    batches = iter(pipeline.MemoryBatches(images, torch.tensor(labels, device=device), sampler))
     x0, y0 = next(batches)
     before, fast = cifar_model(device, False, amp_name), cifar_model(device, True, amp_name)
     x_before, x_fast = normalise(x0, device, False), normalise(x0, device, True)
 
     def memory():
         x, y = next(batches)
-        fast(runtime.to_device(x, device), y)
+        fast(pipeline.to_device(x, device), y)
     kinds = {"before": lambda: before(x_before, y0), "fast": lambda: fast(x_fast, y0), "memory": memory}
     t = {k: [] for k in kinds}
     for i in range(args.warmup + args.cifar_steps):
@@ -227,7 +236,6 @@ def bench_cifar_epoch(args, device):
     loading included: DataLoader workers decoding and augmenting each image every epoch + fp32 contiguous
     steps (before), against the in-memory path (decoded once: its one-time cost is reported apart) + the
     fast steps. The JPEGs are written to a temporary folder (CIFAR-sized noise, class of the profile)."""
-    import tempfile
     import torchvision.transforms.v2 as T2
     from torchvision.io import encode_jpeg
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -236,7 +244,7 @@ def bench_cifar_epoch(args, device):
     labels = [c for c, k in enumerate(CIFAR_COUNTS) for _ in range(k)]
     labels = [labels[i * len(labels) // n] for i in range(n)]  # the profile, thinned to n images
     if len(set(labels)) < 10:
-        raise SystemExit("error: --cifar-images must be at least 10 x the smallest class share (use >= 300)")
+        fail("--cifar-images must be at least 10 x the smallest class share (use >= 300)")
     g = torch.Generator().manual_seed(0)
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,13 +258,13 @@ def bench_cifar_epoch(args, device):
                           T2.RandomHorizontalFlip()])  # the workers' transform before --in-memory
         for path in ("before", "memory"):
             ds = ltaux.SplitDataset(tmp, os.path.join(tmp, "train.txt"),
-                                    old if path == "before" else runtime.build_transform(32, train=True),
-                                    read=runtime.read_image)
+                                    old if path == "before" else pipeline.build_transform(32, train=True),
+                                    read=pipeline.read_image)
             sampler = ltaux.AuxBatchSampler(ds.labels, 120, 12, with_seeds=True)
             step = cifar_model(device, path == "memory", amp_name)
             t0 = time.perf_counter()
             if path == "memory":
-                batches = runtime.MemoryBatches(*runtime.decode_all(ds, device), sampler)
+                batches = pipeline.MemoryBatches(*pipeline.decode_all(ds, device), sampler)
                 times["decode_once_s"] = time.perf_counter() - t0
             else:
                 batches = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.cifar_workers,
@@ -274,16 +282,36 @@ def bench_cifar_epoch(args, device):
                 speedup=times["before_epoch_s"] / times["memory_epoch_s"])
 
 
-def loader_files(args):
-    """The loader figure's image files: --images when it holds images, else the demo's PNGs."""
-    if os.path.isdir(args.images):
-        files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images)
-                       if f.lower().endswith((".jpg", ".jpeg", ".png")))
-        if files:
-            return files, f"{len(files)} images in {os.path.abspath(args.images)}"
-    lists = train.make_demo_data(args.demo_dir)
-    paths = ltaux.read_split(lists["train"])[0]
-    return [os.path.join(args.demo_dir, p) for p in paths], "demo PNGs (32 px; no --images folder found)"
+def fail(msg):
+    """A user error: one line, exit status 2."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def loader_files(args, tmp):
+    """The loader figures' image files: the JPEGs of --images, each checked to decode (a bad one ends the
+    benchmark with its name), or 64 generated noise JPEGs of 500 x 375 written to tmp."""
+    if args.images is None:
+        from torchvision.io import encode_jpeg
+        g, files = torch.Generator().manual_seed(0), []
+        for i in range(64):
+            x = (torch.rand(1, 3, 8, 8, generator=g) * 255)
+            x = F.interpolate(x, size=(375, 500), mode="bilinear")[0].round().to(torch.uint8)
+            files.append(os.path.join(tmp, f"{i}.jpg"))
+            with open(files[-1], "wb") as f:
+                f.write(bytes(encode_jpeg(x, quality=90).tolist()))
+        return files, "64 generated noise JPEGs, 500 x 375 (no --images: photographs decode slower)"
+    if not os.path.isdir(args.images):
+        fail(f"--images {args.images}: no such folder")
+    files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith((".jpg", ".jpeg")))
+    if not files:
+        fail(f"--images {args.images}: holds no .jpg / .jpeg file")
+    for path in files:
+        try:
+            pipeline.read_image(path)
+        except (OSError, ValueError, SyntaxError) as e:
+            fail(f"{path}: cannot read image ({type(e).__name__}: {e})")
+    return files, f"{len(files)} JPEGs in {os.path.abspath(args.images)}"
 
 
 def time_pipeline(files, work, n):
@@ -300,18 +328,16 @@ def loader_pipelines(size):
     """{name: path -> one training sample}: what a worker does per image in each pipeline."""
     import torchvision.transforms as T
     oltr = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4),
-                      T.ToTensor(), T.Normalize(runtime.MEAN, runtime.STD)])
-    pil = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
-    crop = runtime.build_transform(size, train=True)
+                      T.ToTensor(), T.Normalize(pipeline.MEAN, pipeline.STD)])
+    crop = pipeline.build_transform(size, train=True)
 
     def gpu_worker(path):  # DeviceDecodeDataset.__getitem__: bytes, header, crop draw
-        data, is_jpeg, (h, w) = runtime.read_encoded(path)
+        data, is_jpeg, (h, w) = pipeline.read_encoded(path)
         p = crop.params(h, w)
-        return data if is_jpeg else crop.apply(runtime.read_image(path), p)
+        return data if is_jpeg else crop.apply(pipeline.read_image(path), p)
 
     return {"oltr": lambda f: oltr(ltaux.load_rgb(f)),  # OLTR / Decoupling, all on the CPU
-            "pil_uint8": lambda f: pil(ltaux.load_rgb(f)),  # the same without jitter and float (ltaux <= v2)
-            "ltaux": lambda f: crop(runtime.read_image(f)),  # decode_jpeg + tensor crop; jitter on the device
+            "ltaux": lambda f: crop(pipeline.read_image(f)),  # decode_jpeg + tensor crop; jitter on the device
             "gpu_worker": gpu_worker}  # --decode gpu: the worker's whole share
 
 
@@ -321,17 +347,17 @@ def device_rates(files, size, device, n=64):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
     gen = torch.Generator(device=device)
-    crop = runtime.RandomResizedCropFlip(size)
-    encoded = [runtime.read_encoded(files[i % len(files)]) for i in range(n)]  # (bytes, is_jpeg, (H, W))
+    crop = pipeline.RandomResizedCropFlip(size)
+    encoded = [pipeline.read_encoded(files[i % len(files)]) for i in range(n)]  # (bytes, is_jpeg, (H, W))
     data = [e[0] for e in encoded]
     params = [crop.params(*e[2]) for e in encoded]
 
     def decode():
-        for d, p, x_ in zip(data, params, runtime.decode_many(data, device)):
-            crop.apply(x_ if x_ is not None else runtime.read_image(files[0]).to(device), p)
+        for d, p, x_ in zip(data, params, pipeline.decode_many(data, device)):
+            crop.apply(x_ if x_ is not None else pipeline.read_image(files[0]).to(device), p)
 
     rates = {}
-    for name, fn in (("jitter", lambda: runtime.to_device(x, device, gen)), ("decode", decode)):
+    for name, fn in (("jitter", lambda: pipeline.to_device(x, device, gen)), ("decode", decode)):
         fn()  # warm-up
         sync()
         t0 = time.perf_counter()
@@ -342,8 +368,7 @@ def device_rates(files, size, device, n=64):
     return rates
 
 
-def bench_loader(args, device):
-    files, source = loader_files(args)
+def bench_loader(args, device, files, source):
     work = loader_pipelines(args.loader_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # DataLoader workers run torch with one thread
@@ -362,28 +387,25 @@ def bench_loader(args, device):
     return res
 
 
-def bench_workers(args, device):
+def bench_workers(args, device, files):
     """Images/s out of train.py's own training loader (AuxBatchSampler, --loader-workers processes, 2S
     images a batch) over the --images files, to the device with colour jitter, as a step receives them:
     {decode mode: images/s}, --decode cpu, and gpu too on CUDA. Timed after the prefetched batches."""
-    import tempfile
-    from types import SimpleNamespace
-    files, _ = loader_files(args)
-    root = os.path.commonpath([os.path.dirname(f) for f in files])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen, rates = torch.Generator(device=device), {}
     warm = 2 * max(1, args.loader_workers)  # what the workers prefetched while starting
     with tempfile.TemporaryDirectory() as tmp:
         split = os.path.join(tmp, "bench.txt")
         with open(split, "w") as f:  # one class per image: the sampler's k = S/Z classes always exist
-            f.write("".join(f"{os.path.relpath(p, root)} {i}\n" for i, p in enumerate(files)))
-        ds = ltaux.SplitDataset(root, split, runtime.build_transform(args.loader_size, train=True),
-                                read=runtime.read_image)
+            for i, path in enumerate(files):  # links named i.jpg: any file name works in a list
+                os.symlink(os.path.abspath(path), os.path.join(tmp, f"{i}.jpg"))
+                f.write(f"{i}.jpg {i}\n")
+        ds = ltaux.SplitDataset(tmp, split, pipeline.build_transform(args.loader_size, train=True),
+                                read=pipeline.read_image)
         for mode in ("cpu", "gpu") if device.type == "cuda" else ("cpu",):
             sampler = ltaux.AuxBatchSampler(ds.labels, args.batch_size, 4, num_batches=warm + args.loader_batches,
                                             with_seeds=True)
-            opts = SimpleNamespace(workers=args.loader_workers, decode=mode, image_size=args.loader_size)
-            loader = train.make_loader(ds, opts, device, sampler)
+            loader = pipeline.training_loader(ds, sampler, device, args.loader_workers, mode, args.loader_size)
             batches = iter(loader)
             for k in range(warm + args.loader_batches):
                 if k == warm:
@@ -391,7 +413,7 @@ def bench_workers(args, device):
                     t0 = time.perf_counter()
                 batch = next(batches)
                 images, _ = loader.dataset.decode(batch, device) if mode == "gpu" else batch
-                runtime.to_device(images, device, gen)
+                pipeline.to_device(images, device, gen)
             sync()
             rates[mode] = args.loader_batches * 2 * args.batch_size / (time.perf_counter() - t0)
             del batches, loader
@@ -401,32 +423,43 @@ def bench_workers(args, device):
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "image_size", "num_classes", "loader_images", "loader_batches"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or args.loader_workers < 0:
-        parser.error("--warmup and --loader-workers must be >= 0")
+    for name in ("steps", "batch_size", "image_size", "num_classes", "loader_images", "loader_batches", "cifar_steps"):
+        if not 1 <= getattr(args, name) <= 2**20:
+            parser.error(f"--{name.replace('_', '-')} must be in 1..2^20")
+    if not (0 <= args.warmup <= 1000 and 0 <= args.loader_workers <= 1024 and 0 <= args.cifar_workers <= 1024):
+        parser.error("--warmup, --loader-workers and --cifar-workers must be >= 0 (and at most 1000 / 1024)")
+    if not 300 <= args.cifar_images <= 10**6:
+        parser.error("--cifar-images must be in 300..10^6 (the CIFAR-10-LT profile's smallest class needs 300)")
+    if not 64 <= args.loader_size <= 4096:
+        parser.error("--loader-size must be in 64..4096 (the loader figures are the ImageNet-LT recipe's pipeline)")
+    if not (math.isfinite(args.target_rate) and args.target_rate > 0):
+        parser.error("--target-rate must be a positive number")
     if args.batch_size % 4:
         parser.error("--batch-size (S) must be a multiple of Z = 4 for the sampler figure")
     if args.steps < 5 or args.warmup < 2:
         print(f"warning: --steps {args.steps} --warmup {args.warmup}: too few steps for a stable ratio "
               "(use at least --steps 5 --warmup 2)", file=sys.stderr)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = runtime.choose_device(args.device)
+    except ltaux.LTauxError as e:
+        parser.error(str(e))
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
     res = dict(device=str(device), device_name=name, torch=torch.__version__, arch=args.arch,
                image_size=args.image_size, batch_size=args.batch_size)
-    res["sampler"] = bench_sampler(args.batch_size)
+    res["sampler"] = bench_sampler(args.batch_size, args.labels)
     res["step"] = bench_step(args, device)
     res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"]["method_ms_per_step"]
     res["cifar"] = bench_cifar(args, device)
     res["cifar"]["epoch"] = bench_cifar_epoch(args, device)
-    res["loader"] = bench_loader(args, device)
-    if args.loader_workers > 0:
-        res["loader"]["workers"] = args.loader_workers
-        res["loader"]["end_to_end_images_per_s"] = bench_workers(args, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        files, source = loader_files(args, tmp)
+        res["loader"] = bench_loader(args, device, files, source)
+        if args.loader_workers > 0:
+            res["loader"]["workers"] = args.loader_workers
+            res["loader"]["end_to_end_images_per_s"] = bench_workers(args, device, files)
     print(json.dumps(res, indent=1))
     print_table(res, args)
     return res
@@ -471,7 +504,6 @@ def cifar_rows(c, name):
 
 
 LOADER_ROWS = [("oltr", "OLTR / Decoupling: PIL decode, crop, flip, ColorJitter, ToTensor, Normalize"),
-               ("pil_uint8", "PIL decode, crop, flip, uint8 out (jitter on the device)"),
                ("ltaux", "ltaux --decode cpu: decode_jpeg, tensor crop + flip, uint8 out"),
                ("gpu_worker", "ltaux --decode gpu, the worker's share: read bytes, header, crop draw")]
 

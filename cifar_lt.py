@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """The CIFAR-10-LT protocol in one command: four methods x three seeds with the cifar10_lt recipe, one table.
 
-    python cifar_lt.py --data /cifar10_lt                        # 4 methods x 3 seeds x 200 epochs (a GPU)
-    python cifar_lt.py --data /cifar10_lt --epochs 6 --parallel 2  # the same runs, a short budget (CPU)
-    python cifar_lt.py --data /cifar10_lt --table-only           # the table of the runs in --out
+examples:
+  python cifar_lt.py --data /cifar10_lt                          # 4 methods x 3 seeds x 200 epochs (a GPU)
+  python cifar_lt.py --data /cifar10_lt --epochs 6 --parallel 2  # the same runs, a short budget (CPU)
+  python cifar_lt.py --data /cifar10_lt --table-only             # the table of the runs in --out
 
 --data holds CIFAR10_LT_r100_train.txt and CIFAR10_test.txt (data_lists/make_cifar_lt.py writes them).
 Each run is `python train.py --recipe cifar10_lt --method M --seed S ...` in <out>/<M>_s<S>/ (its output
@@ -22,9 +23,9 @@ import subprocess
 import sys
 import time
 
+from recipes import METHODS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("rrs", "cbs", "cbs_rrs", "cbs_rrs_ss")
-NAMES = {"rrs": "RRS-Only", "cbs": "CBS-Only", "cbs_rrs": "CBS+RRS", "cbs_rrs_ss": "CBS+RRS+SS"}
 CELLS = ("many", "medium", "few", "overall")
 PUBLISHED = (  # ResNet-32, CIFAR-10-LT imbalance ratio 100, overall top-1 (%)
     ("cross-entropy (Cao et al. 2019, LDAM, Table 2)", 70.4),
@@ -33,14 +34,17 @@ PUBLISHED = (  # ResNet-32, CIFAR-10-LT imbalance ratio 100, overall top-1 (%)
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown, and the examples at the top kept as written."""
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="CIFAR-10-LT root (images and the two lists)")
     p.add_argument("--split", default=None, help="training list (None: <data>/CIFAR10_LT_r100_train.txt)")
     p.add_argument("--test-split", default=None, help="test list (None: <data>/CIFAR10_test.txt)")
     p.add_argument("--recipe", default="cifar10_lt", help="train.py --recipe of every run ('none': no recipe)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="train.py --method values")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="train.py --method values")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.py --seed values")
     p.add_argument("--epochs", type=int, default=None, help="train.py --epochs (None: the recipe's, 200)")
     p.add_argument("--parallel", type=int, default=None, help="runs at once (None: all on CUDA, where one "
@@ -138,7 +142,7 @@ def table(results, seeds):
     lines = ["| method | many | medium | few | overall | runs |", "|---|---:|---:|---:|---:|---:|"]
     for m, runs in results.items():
         cells = [mean_std([r.get(k) for r in runs]) for k in CELLS]
-        lines.append(f"| {NAMES[m]} (`{m}`) | " + " | ".join(cells) + f" | {len(runs)}/{len(seeds)} |")
+        lines.append(f"| {METHODS[m].name} (`{m}`) | " + " | ".join(cells) + f" | {len(runs)}/{len(seeds)} |")
     for name, overall in PUBLISHED:
         lines.append(f"| published: {name} | | | | {overall:.1f} | |")
     return "\n".join(lines)

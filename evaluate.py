@@ -1,42 +1,30 @@
 #!/usr/bin/env python
 """Evaluate an ltaux checkpoint: overall / many / medium / few top-1, a per-class CSV and the paper's figures.
 
-    python evaluate.py --checkpoint runs/in_r10/best.pt                  # the run's data root and test list
-    python evaluate.py --checkpoint runs/in_r10/best.pt --compare runs/in_r10_rrs/best.pt runs/in_r10_cbs/best.pt
+examples:
+  python evaluate.py --checkpoint runs/in_r10/best.pt                  # the run's data root and test list
+  python evaluate.py --checkpoint runs/in_r10_cbs_rrs/best.pt --compare runs/in_r10_rrs/best.pt runs/in_r10_cbs/best.pt
 
 Shot groups come from the training-class counts stored in the checkpoint and the run's --many / --few.
-Writes into --out: metrics.json, per_class.csv, accuracy.png (per-class accuracy, classes sorted by
-training frequency, with the frequency curve), weight_norms.png (Fig. 4 right: L2 norm of h's weight per
-class) and, with --compare (baseline runs such as RRS-Only and CBS-Only, evaluated the same way):
-gain.png (Fig. 3: per-class accuracy gain over each baseline) and tsne.png (Fig. 4: t-SNE of phi's
-test features of 18 classes, 6 per shot group). Evaluation only: nothing here trains.
+Writes into --out (one folder per evaluation; its earlier outputs for the same checkpoint and list are
+replaced, anything else only with --overwrite): metrics.json (with the paper's row for a recipe run),
+per_class.csv, accuracy.png (per-class accuracy, classes sorted by training frequency, with the frequency
+curve), weight_norms.png (Fig. 4 right: L2 norm of h's weight per class) and, with --compare (baseline runs
+such as RRS-Only and CBS-Only, evaluated the same way): gain.png (Fig. 3: per-class accuracy gain over each
+baseline) and tsne.png (Fig. 4: t-SNE of phi's test features of 18 classes, 6 per shot group).
 """
 
 import argparse
-import collections
-import csv
-import dataclasses
-import json
-import math
 import os
 import sys
 
-import torch
-from PIL import Image, ImageDraw, ImageFont
 
-import ltaux
-import runtime
-from ltaux import LTauxError
-
-GROUPS = ("many", "medium", "few")
-METHOD_NAMES = {"rrs": "RRS-Only", "cbs": "CBS-Only", "cbs_rrs": "CBS+RRS", "cbs_rrs_ss": "CBS+RRS+SS"}
-OUTPUTS = ("metrics.json", "per_class.csv", "accuracy.png", "weight_norms.png", "gain.png", "tsne.png")
-TSNE_CLASSES, TSNE_IMAGES = 6, 50  # Section 4.6: 6 classes per shot group, 50 test images per class
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown, and the examples at the top kept as written."""
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="an ltaux checkpoint (best.pt or last.pt)")
     p.add_argument("--data", default=None, help="dataset root (None: the one the checkpoint was trained on)")
     p.add_argument("--split", default=None, help="evaluation list (None: the run's --test-split, else --val-split)")
@@ -47,15 +35,41 @@ def get_args_parser():
     p.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
-                   help="autocast precision (None: the run's --amp, else bf16 on CUDA, off on CPU)")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast precision (None: the "
+                   "run's --amp, else bf16 on CUDA and on CPUs that run bf16 natively, off elsewhere)")
     p.add_argument("--many", type=int, default=None, help="many-shot classes: at least this many training "
                    "images (None: the run's --many, else 100; Decoupling's groups: --many 101 --few 19)")
     p.add_argument("--few", type=int, default=None, help="few-shot classes: at most this many training images "
                    "(None: the run's --few, else 20)")
     p.add_argument("--allow-unsafe-paths", action="store_true", help="accept absolute paths and '..' in lists")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation held in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of another evaluation (or files "
+                   "named like this one's outputs) in --out")
     return p
+
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    get_args_parser().parse_args()  # prints the help and exits before torch is imported
+
+import collections  # noqa: E402 - after the fast --help
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+import ltaux  # noqa: E402
+import pipeline  # noqa: E402
+import recipes  # noqa: E402
+import runtime  # noqa: E402
+import train  # noqa: E402 - its parser is the schema of a checkpoint's saved arguments
+from ltaux import LTauxError  # noqa: E402
+
+GROUPS = ("many", "medium", "few")
+OUTPUTS = ("metrics.json", "per_class.csv", "accuracy.png", "weight_norms.png", "gain.png", "tsne.png")
+TSNE_CLASSES, TSNE_IMAGES = 6, 50  # Section 4.6: 6 classes per shot group, 50 test images per class
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,6 +84,7 @@ class Run:
     model: torch.nn.Module
     args: dict
     counts: torch.Tensor
+    old_groups: bool  # written before ltaux counted many / few inclusively
     label: str = ""
     metrics: dict = None  # ltaux.shot_accuracy's dict
     norms: list = None  # (C,) L2 norm of each row of h's weight
@@ -81,10 +96,13 @@ def load_run(path, reference=None):
     """A checkpoint as a Run; a --compare one must share the reference's classes and training counts."""
     if path.endswith(".json"):
         raise LTauxError(f"{path}: --compare takes the checkpoints (best.pt) of the baseline runs, not metrics")
-    model, args, counts = runtime.model_from_checkpoint(path, torch.device("cpu"))
-    run = Run(path, model, args, counts.long())
+    ckpt = runtime.load_checkpoint(path)
+    runtime.check_saved_args(ckpt["args"], train.get_args_parser(), path)
+    model = ltaux.LTResNet(ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0], ckpt["args"].get("embed_dim"))
+    runtime.load_weights(model, ckpt, path)
+    run = Run(path, model.eval(), ckpt["args"], ckpt["train_counts"].long(), "shot_rule" not in ckpt)
     if reference is not None:
-        C, ref = len(counts), reference.counts
+        C, ref = len(run.counts), reference.counts
         if C != len(ref):
             raise LTauxError(f"{path}: --compare checkpoint has {C} classes, {reference.path} has {len(ref)}: "
                              "compare runs trained on the same list")
@@ -99,7 +117,8 @@ def load_run(path, reference=None):
 def label_runs(runs):
     """'<method> (<run folder>)', e.g. 'RRS-Only (in_r10_rrs)'; with the file name where two would clash."""
     for r in runs:
-        name = METHOD_NAMES.get(r.args.get("method"), r.args.get("method", "?"))
+        method = r.args.get("method")
+        name = recipes.METHODS[method].name if method in recipes.METHODS else str(method)
         name += "+rot.aug" if r.args.get("rotation_aug") else ""
         r.label = f"{name} ({os.path.basename(os.path.dirname(os.path.abspath(r.path)))})"
     clash = collections.Counter(r.label for r in runs)
@@ -114,7 +133,7 @@ def label_runs(runs):
 
 
 def settings(args, run, device):
-    """Fill the None arguments from the run's own (data, split, amp, many, few) and pick --out."""
+    """Fill the None arguments from the run's own (data, split, amp, many, few) and pick --out; check them."""
     args.data = args.data or run.get("data")
     args.split = args.split or run.get("test_split") or run.get("val_split")
     if not args.split:
@@ -124,19 +143,13 @@ def settings(args, run, device):
     args.amp = args.amp or run.get("amp")
     args.many = run.get("many", 100) if args.many is None else args.many
     args.few = run.get("few", 20) if args.few is None else args.few
-    for name in ("eval_batch_size", "many", "few"):
-        if getattr(args, name) < (1 if name == "eval_batch_size" else 0):
-            raise LTauxError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least "
-                             f"{1 if name == 'eval_batch_size' else 0}")
-    if args.workers < 0:
-        raise LTauxError(f"--workers {args.workers}: must be >= 0")
+    runtime.check_thresholds(args.many, args.few)
+    if not 1 <= args.eval_batch_size <= 2**20 or not 0 <= args.workers <= 1024:
+        raise LTauxError(f"--eval-batch-size {args.eval_batch_size} --workers {args.workers}: need 1..2^20 and 0..1024")
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                         "eval-" + os.path.splitext(os.path.basename(args.split))[0])
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise LTauxError(f"--out {args.out}: exists and is not a folder")
-    if os.path.exists(os.path.join(args.out, "metrics.json")) and not args.overwrite:
-        raise LTauxError(f"{os.path.join(args.out, 'metrics.json')}: an earlier evaluation is there: "
-                         "pass --overwrite to replace it, or another --out")
     return runtime.amp_dtype(args.amp, device)
 
 
@@ -181,8 +194,8 @@ def make_loaders(args, device, subset):
 
     def loaders(size):
         if size not in made:
-            ds = ltaux.SplitDataset(args.data, args.split, runtime.build_transform(size, train=False),
-                                    allow_unsafe_paths=args.allow_unsafe_paths, read=runtime.read_image)
+            ds = ltaux.SplitDataset(args.data, args.split, pipeline.build_transform(size, train=False),
+                                    allow_unsafe_paths=args.allow_unsafe_paths, read=pipeline.read_image)
             kw = dict(batch_size=args.eval_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
             sub = torch.utils.data.Subset(ds, subset) if subset else None
             made[size] = (torch.utils.data.DataLoader(ds, **kw), sub and torch.utils.data.DataLoader(sub, **kw))
@@ -225,7 +238,7 @@ def training_list(run_args, allow_unsafe_paths):
 
 
 # ----------------------------------------------------------------------------------------------
-# outputs
+# outputs: this evaluation's own files in --out, locked while it writes
 
 
 def per_class_rows(main, names, many, few):
@@ -241,28 +254,71 @@ def summary(run):
     return {k: run.metrics[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
 
 
-def write_tables(out, main, baselines, rows, args):
-    """metrics.json (this run, then a 'compare' entry per baseline) and per_class.csv."""
-    meta = dict(checkpoint=os.path.abspath(main.path), split=args.split, data=args.data,
+def claim_out(args, files):
+    """Create and lock --out for this evaluation. Its own earlier outputs (metrics.json names the same
+    checkpoint and list) are replaced; files of another evaluation, or named like its outputs but not
+    written by it, only with --overwrite. Files of an earlier own evaluation that this one does not write
+    (e.g. gain.png without --compare) are removed; nothing else is touched. Returns the lock."""
+    os.makedirs(args.out, exist_ok=True)
+    lock = runtime.FolderLock(args.out, "evaluation")
+    present = [f for f in OUTPUTS if os.path.lexists(os.path.join(args.out, f))]
+    earlier = {}
+    try:
+        with open(os.path.join(args.out, "metrics.json")) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        pass
+    own = isinstance(earlier, dict) and earlier.get("checkpoint") == os.path.abspath(args.checkpoint) and \
+        earlier.get("split") == os.path.abspath(args.split)
+    if present and not own and not args.overwrite:
+        lock.release()
+        raise LTauxError(f"{args.out}: holds {', '.join(present)} of another evaluation (or not written by evaluate.py): "
+                         "pass --overwrite to replace them, or another --out")
+    listed = earlier.get("files", []) if isinstance(earlier, dict) and (own or args.overwrite) else []
+    for f in set(listed) & set(OUTPUTS) - set(files):  # stale outputs of an earlier evaluation here
+        if os.path.isfile(os.path.join(args.out, f)):
+            os.remove(os.path.join(args.out, f))
+    return lock
+
+
+def save(out, name, data):
+    """<out>/<name> written atomically from bytes, or from a PIL image (PNG)."""
+    if isinstance(data, Image.Image):
+        buffer = io.BytesIO()
+        data.save(buffer, "PNG")
+        data = buffer.getvalue()
+    runtime.atomic_save(data, os.path.join(out, name), write=lambda d, f: f.write(d))
+
+
+def write_tables(args, main, baselines, rows, files, paper):
+    """metrics.json (this run, the paper's row for a recipe run, a 'compare' entry per baseline, the files
+    this evaluation writes) and per_class.csv."""
+    meta = dict(checkpoint=os.path.abspath(main.path), split=os.path.abspath(args.split), data=args.data,
                 method=main.args.get("method"), label=main.label, amp=args.amp_name,
-                thresholds=dict(many=args.many, few=args.few))
+                thresholds=dict(many=args.many, few=args.few), files=files)
+    if paper:
+        meta.update(paper=paper, paper_difference={k: None if main.metrics[k] is None else main.metrics[k] - paper[k]
+                                                   for k in ("many", "medium", "few", "overall")})
     compare = [dict(checkpoint=os.path.abspath(b.path), method=b.args.get("method"), label=b.label, **summary(b),
                     per_class=b.metrics["per_class"], weight_norms=b.norms) for b in baselines]
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(dict(summary(main), per_class=main.metrics["per_class"], test_counts=main.metrics["counts"],
-                       train_counts=main.counts.tolist(), weight_norms=main.norms,
-                       class_names=[r["name"] for r in rows], **meta, compare=compare), f, indent=1)
-    with open(os.path.join(out, "per_class.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows([{**r, "accuracy": "" if r["accuracy"] is None else f"{r['accuracy']:.2f}",
-                      "weight_norm": f"{r['weight_norm']:.4f}"} for r in rows])
+    save(args.out, "metrics.json", json.dumps(dict(
+        summary(main), per_class=main.metrics["per_class"], test_counts=main.metrics["counts"],
+        train_counts=main.counts.tolist(), weight_norms=main.norms, class_names=[r["name"] for r in rows],
+        **meta, compare=compare), indent=1).encode())
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows([{**r, "accuracy": "" if r["accuracy"] is None else f"{r['accuracy']:.2f}",
+                  "weight_norm": f"{r['weight_norm']:.4f}"} for r in rows])
+    save(args.out, "per_class.csv", text.getvalue().encode())
 
 
-def result_table(main, baselines):
-    """runtime.format_table's rows (this run first, then each baseline), plus one row per baseline with
-    this run's gain over it, in points."""
-    table = runtime.format_table({r.label: r.metrics for r in [main] + baselines})
+def result_table(main, baselines, paper):
+    """runtime.format_table's rows: this run, the paper's row and the difference (a recipe run), then each
+    baseline, then one row per baseline with this run's gain over it, in points."""
+    table = runtime.format_table({main.label: main.metrics}) + runtime.paper_lines(main.metrics, paper)
+    if baselines:
+        table += "\n" + "\n".join(runtime.format_table({b.label: b.metrics for b in baselines}).splitlines()[2:])
     for b in baselines:
         cells = ["-" if main.metrics[k] is None or b.metrics[k] is None else f"{main.metrics[k] - b.metrics[k]:+.1f}"
                  for k in ("many", "medium", "few", "overall", "mean_per_class")]
@@ -271,7 +327,7 @@ def result_table(main, baselines):
 
 
 # ----------------------------------------------------------------------------------------------
-# figures, drawn with Pillow alone
+# figures, drawn with Pillow alone: per-class charts (classes sorted by training frequency) and t-SNE panels
 
 GROUP_COLORS = ((31, 119, 180), (44, 160, 44), (148, 103, 189))  # many, medium, few bars: blue, green, purple
 FREQ_COLOR = (255, 140, 0)  # the training-frequency curve (right axis), orange everywhere
@@ -291,173 +347,128 @@ def font(size):
         return ImageFont.load_default()
 
 
-def nice_ticks(lo, hi, n=5):
-    """About n round tick values covering [lo, hi]."""
-    step = (hi - lo) / n or 1.0
-    mag = 10 ** math.floor(math.log10(step))
-    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= step), default=10 * mag)
-    ticks = [math.floor(lo / step + 1e-9) * step]
-    while ticks[-1] < hi - 1e-9:  # up to the first tick at or above hi
-        ticks.append(ticks[-1] + step)
-    return ticks
-
-
-def rotated_text(img, xy, text, fill, fnt, angle):
-    """Paste `text` rotated by `angle` degrees with its centre at xy."""
-    w = int(fnt.getlength(text)) + 8 if hasattr(fnt, "getlength") else 8 * len(text)
-    label = Image.new("RGB", (w, 24), "white")
-    ImageDraw.Draw(label).text((w / 2, 12), text, fill=fill, font=fnt, anchor="mm")
-    label = label.rotate(angle, expand=True)
-    img.paste(label, (int(xy[0] - label.width / 2), int(xy[1] - label.height / 2)))
+def ticks(lo, hi):
+    """Round tick values from lo to hi: a step of 1, 2 or 5 x 10^k giving 4 to 10 ticks."""
+    span = (hi - lo) or 1.0
+    step = min(m * 10 ** e for e in range(math.floor(math.log10(span)) - 1, math.floor(math.log10(span)) + 1)
+               for m in (1, 2, 5) if span / (m * 10 ** e) <= 10)
+    first = math.floor(lo / step + 1e-9)
+    return [k * step for k in range(first, math.ceil(hi / step - 1e-9) + 1)]
 
 
 class Chart:
-    """A per-class chart: n class slots (sorted by training frequency, most first) on the x axis, a linear
-    left axis over `ylim` and the training-frequency curve on a log right axis. Draw the series and the
-    curve in the order they should stack, then finish() adds the axes, the shot groups and the legend."""
+    """A per-class chart: n class slots on x (most frequent first), a linear left axis over `ylim`, the
+    training-frequency curve on a log right axis, the shot groups (dashed boundaries, names in the band above
+    the plot, where no bar reaches), a legend row under the title. Draw series, then save()."""
+    L, R, T, B = 70, 70, 100, 50  # margins; the band [T - 22, T) holds the group names
 
-    def __init__(self, title, ylabel, ylim, n):
+    def __init__(self, title, ylabel, ylim, counts, groups):
         self.img = Image.new("RGB", SIZE, "white")
         self.d, self.f, self.fs = ImageDraw.Draw(self.img), font(16), font(13)
-        self.W, self.H, self.L, self.R, self.T, self.B = *SIZE, 80, 90, 78, 58
-        self.lo, self.hi, self.n, self.title, self.legend = *ylim, n, title, []
-        for t in nice_ticks(self.lo, self.hi):  # grid and left tick labels
-            self.d.line([(self.L - 5, self.y(t)), (self.W - self.R, self.y(t))], fill=(228, 228, 228))
-            self.d.text((self.L - 8, self.y(t)), f"{t:g}", fill="black", font=self.fs, anchor="rm")
-        rotated_text(self.img, (18, (self.T + self.H - self.B) / 2), ylabel, "black", self.f, 90)
+        self.n, self.lo, self.hi, self.groups, self.legend = len(counts), ylim[0], ylim[1], groups, []
+        self.d.text((SIZE[0] / 2, 8), title, fill="black", font=self.f, anchor="ma")
+        self.d.text((self.L, self.T - 44), ylabel, fill="black", font=self.fs, anchor="ls")
+        for t in ticks(self.lo, self.hi):
+            self.d.line([(self.L, self.y(t)), (SIZE[0] - self.R, self.y(t))], fill=(228, 228, 228))
+            self.d.text((self.L - 6, self.y(t)), f"{t:g}", fill="black", font=self.fs, anchor="rm")
+        self.frequency_curve(counts)
 
     def x(self, i):
-        """Left edge of class slot i (i may be fractional)."""
-        return self.L + (self.W - self.L - self.R) * i / self.n
+        """Left edge of class slot i (fractional i: inside the slot)."""
+        return self.L + (SIZE[0] - self.L - self.R) * i / self.n
 
     def y(self, v):
         v = min(max(v, self.lo), self.hi)
-        return self.T + (self.H - self.T - self.B) * (self.hi - v) / (self.hi - self.lo)
+        return self.T + (SIZE[1] - self.T - self.B) * (self.hi - v) / (self.hi - self.lo)
+
+    def frequency_curve(self, counts):
+        """Training images per class (most first) in orange on a log right axis, ticks at 1-2-5 x 10^k."""
+        lo, hi = math.log10(max(1, min(counts))), math.log10(max(1, max(counts)))
+        lo, hi = min(lo, hi - 1) - 0.05, hi + 0.05  # at least a decade, the ends clear of the frame
+        cy = lambda c: self.T + (SIZE[1] - self.T - self.B) * (hi - math.log10(max(c, 1))) / (hi - lo)  # noqa: E731
+        self.d.line([(self.x(i + 0.5), cy(c)) for i, c in enumerate(counts)] * (1 + (len(counts) == 1)),
+                    fill=FREQ_COLOR, width=3)
+        for c in (m * 10 ** e for e in range(0, 8) for m in (1, 2, 5)):
+            if lo <= math.log10(c) <= hi:
+                self.d.text((SIZE[0] - self.R + 6, cy(c)), f"{c:g}", fill=(200, 100, 0), font=self.fs, anchor="lm")
+        self.d.text((SIZE[0] - self.R, self.T - 44), "training images per class (log)", fill=(200, 100, 0),
+                    font=self.fs, anchor="rs")
+        self.legend.append(("training images per class (right axis)", FREQ_COLOR))
 
     def bars(self, series):
-        """series: [(values, colour or per-slot colours, legend label)], None = no bar. Side by side where a
-        slot holds >= 3 px per series, else overlaid, the largest |value| first so that each stays visible."""
-        slot = (self.W - self.L - self.R) / self.n
+        """series: [(values, colour or per-slot colours, legend label or None)], None = no bar. Side by side
+        where a slot holds >= 3 px per series, else overlaid, the largest |value| first so each stays visible."""
+        slot = (SIZE[0] - self.L - self.R) / self.n
         wide = slot >= 3 * len(series)
         for i in range(self.n):
             drawn = [(v[i], c if isinstance(c[0], int) else c[i], k) for k, (v, c, _) in enumerate(series)
                      if v[i] is not None]
             for v, color, k in (drawn if wide else sorted(drawn, key=lambda t: -abs(t[0]))):
                 x0 = self.x(i) + (slot * (0.1 + 0.8 * k / len(series)) if wide else 0)
-                x1 = x0 + (slot * 0.8 / len(series) if wide else slot) - (1 if slot >= 3 else 0)
-                self.d.rectangle([x0, min(self.y(v), self.y(0)), max(x0, x1), max(self.y(v), self.y(0))],
-                                 fill=color)
+                x1 = x0 + max((slot * 0.8 / len(series) if wide else slot) - 1, 0)
+                self.d.rectangle([x0, min(self.y(v), self.y(0)), x1, max(self.y(v), self.y(0))], fill=color)
         self.legend += [(label, c) for _, c, label in series if label]
 
-    def line(self, values, color, label, width=2):
-        """A polyline through the slot centres (broken at None values), with a legend entry."""
-        pts = [(self.x(i + 0.5), None if v is None else self.y(v)) for i, v in enumerate(values)]
-        run = []
-        for p in pts + [(0, None)]:
-            if p[1] is None:
-                if len(run) > 1:
-                    self.d.line(run, fill=color, width=width, joint="curve")
-                elif run:
-                    self.d.ellipse([run[0][0] - 2, run[0][1] - 2, run[0][0] + 2, run[0][1] + 2], fill=color)
-                run = []
-            else:
-                run.append(p)
+    def line(self, values, color, label):
+        """A polyline through the slot centres, with a legend entry."""
+        self.d.line([(self.x(i + 0.5), self.y(v)) for i, v in enumerate(values)] * (1 + (self.n == 1)), fill=color,
+                    width=2 if self.n > 200 else 3)
         self.legend.append((label, color))
 
-    def finish(self, path, groups):
-        """Axes, shot-group boundaries and names, class ranks, legend and title; save."""
-        d, L, R, T, B, W, H = self.d, self.L, self.R, self.T, self.B, self.W, self.H
-        d.line([(L, self.y(0)), (W - R, self.y(0))], fill="black")
-        d.line([(L, T), (L, H - B), (W - R, H - B), (W - R, T)], fill="black")
-        free, row = 0, 0  # right end of the last group name; names that would overlap go one line lower
-        for g, name in enumerate(GROUPS):  # dashed boundaries, the group's name on top
-            idx = [i for i, x in enumerate(groups) if x == g]
-            if not idx:
-                continue
-            if idx[0] > 0:
-                for y in range(T, H - B, 8):
-                    d.line([(self.x(idx[0]), y), (self.x(idx[0]), y + 4)], fill=(110, 110, 110), width=2)
-            text, width = f"{name}-shot", self.fs.getlength(f"{name}-shot") if hasattr(self.fs, "getlength") else 70
-            left = min(max(self.x(idx[0] + len(idx) / 2) - width / 2, L + 3), W - R - 3 - width)
-            row = row + 1 if left < free else 0
-            d.text((left, T + 4 + 16 * row), text, fill=(90, 90, 90), font=self.fs)
-            free = left + width + 6
-        for t in nice_ticks(1, self.n, 8):  # class ranks 1..n
-            if 1 <= t <= self.n and t == int(t):
-                d.text((self.x(t - 0.5), H - B + 4), f"{int(t)}", fill="black", font=self.fs, anchor="ma")
-        d.text((L + (W - L - R) / 2, H - B + 24), f"classes sorted by training frequency (most first, 1 ... {self.n})",
+    def save(self):
+        """Frame, zero line, shot groups, class ranks and the legend; returns the image."""
+        d, L, T, right, bottom = self.d, self.L, self.T, SIZE[0] - self.R, SIZE[1] - self.B
+        d.line([(L, self.y(0)), (right, self.y(0))], fill="black")
+        d.rectangle([L, T, right, bottom], outline="black")
+        for g, name in enumerate(GROUPS):
+            idx = [i for i, x in enumerate(self.groups) if x == g]
+            if idx:
+                if idx[0] > 0:
+                    for y in range(T - 22, bottom, 8):
+                        d.line([(self.x(idx[0]), y), (self.x(idx[0]), y + 4)], fill=(110, 110, 110), width=2)
+                d.text((self.x(idx[0] + len(idx) / 2), T - 12), f"{name}-shot ({len(idx)})", fill=(90, 90, 90),
+                       font=self.fs, anchor="mm")
+        for t in ticks(1, self.n):
+            if t == int(t) and 1 <= t <= self.n:
+                d.text((self.x(t - 0.5), bottom + 4), f"{int(t)}", fill="black", font=self.fs, anchor="ma")
+        d.text((L + (right - L) / 2, bottom + 24), f"classes sorted by training frequency (most first, 1 ... {self.n})",
                fill="black", font=self.f, anchor="ma")
-        d.text((W / 2, 8), self.title, fill="black", font=self.f, anchor="ma")
-        self.draw_legend(34)
-        self.img.save(path)
-
-    def frequency_curve(self, counts):
-        """Training images per class (most first) in orange on a log right axis."""
-        lo, hi = math.log10(max(1, min(counts))), math.log10(max(1, max(counts)))
-        if hi - lo < 1:  # at least one decade, so that a flat or narrow curve stays readable
-            lo, hi = max(0.0, (lo + hi) / 2 - 0.5), max(0.0, (lo + hi) / 2 - 0.5) + 1
-        lo, hi = lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo)  # the ends clear of the frame
-        cy = lambda c: self.T + (self.H - self.T - self.B) * (hi - math.log10(max(c, 1))) / (hi - lo)
-        self.d.line([(self.x(i + 0.5), cy(c)) for i, c in enumerate(counts)] * (1 + (len(counts) == 1)),
-                    fill=FREQ_COLOR, width=3, joint="curve")
-        for e in range(math.floor(lo), math.ceil(hi) + 1):
-            for m in (1, 2, 5):
-                if lo - 1e-9 <= math.log10(m * 10 ** e) <= hi + 1e-9:
-                    c = m * 10 ** e
-                    self.d.line([(self.W - self.R, cy(c)), (self.W - self.R + 5, cy(c))], fill=FREQ_COLOR)
-                    self.d.text((self.W - self.R + 8, cy(c)), f"{c:g}", fill=(200, 100, 0), font=self.fs,
-                                anchor="lm")
-        rotated_text(self.img, (self.W - 22, (self.T + self.H - self.B) / 2), "training images per class (log)",
-                     (200, 100, 0), self.f, -90)
-        self.legend.append(("training images per class (right axis)", FREQ_COLOR))
-
-    def draw_legend(self, top):
-        """The entries under the title, a colour swatch and a label each, on one row or, if long, two."""
-        x = self.L
-        for label, color in self.legend:
-            width = 18 + (self.fs.getlength(label) if hasattr(self.fs, "getlength") else 7 * len(label))
-            if x > self.L and x + width > self.W - 10:  # the next row, between the title and the plot
-                x, top = self.L, top + 19
-            self.d.rectangle([x, top + 3, x + 12, top + 15], fill=color)
-            self.d.text((x + 18, top + 9), label, fill="black", font=self.fs, anchor="lm")
-            x += width + 22
+        x = L
+        for label, color in self.legend:  # one row under the title
+            d.rectangle([x, 34, x + 12, 46], fill=color)
+            d.text((x + 18, 40), label, fill="black", font=self.fs, anchor="lm")
+            x += 40 + (self.fs.getlength(label) if hasattr(self.fs, "getlength") else 7 * len(label))
+        return self.img
 
 
-def draw_figures(out, main, baselines, rows, split, picked):
-    """accuracy.png, weight_norms.png and, with baselines, gain.png and tsne.png. Returns the file names."""
+def draw_figures(main, baselines, rows, split, picked):
+    """{file name: image}: accuracy.png, weight_norms.png and, with baselines, gain.png and tsne.png."""
     order = sorted(range(len(rows)), key=lambda c: (-rows[c]["train_count"], c))  # most frequent first
     groups = [GROUPS.index(rows[c]["shot_group"]) for c in order]
     counts = [rows[c]["train_count"] for c in order]
     where = f"{main.label} on {os.path.basename(split)}"
-    chart = Chart(f"Per-class top-1 accuracy: {where}", "top-1 accuracy (%)", (0, 100), len(order))
-    acc = [rows[c]["accuracy"] for c in order]
-    chart.bars([(acc, [GROUP_COLORS[g] for g in groups], None)])
+    chart = Chart(f"Per-class top-1 accuracy: {where}", "top-1 accuracy (%)", (0, 100), counts, groups)
+    chart.bars([([rows[c]["accuracy"] for c in order], [GROUP_COLORS[g] for g in groups], None)])
     chart.legend += [(f"{GROUPS[g]}-shot classes", GROUP_COLORS[g]) for g in sorted(set(groups))]
-    chart.frequency_curve(counts)
-    chart.finish(os.path.join(out, "accuracy.png"), groups)
-
+    figures = {"accuracy.png": chart.save()}
     runs = [(main, THIS_COLOR)] + [(b, RUN_COLORS[k % len(RUN_COLORS)]) for k, b in enumerate(baselines)]
-    top = max(max(r.norms) for r, _ in runs)
-    chart = Chart(f"L2 norm of the classifier h's weight per class (Fig. 4): {where}", "||w_c||",
-                  (0, nice_ticks(0, top)[-1] or 1.0), len(order))
-    chart.frequency_curve(counts)  # behind the norms
+    top = ticks(0, max(max(r.norms) for r, _ in runs) or 1.0)[-1]
+    chart = Chart(f"L2 norm of the classifier h's weight per class (Fig. 4): {where}", "||w_c||", (0, top), counts, groups)
     for r, color in runs:
-        chart.line([r.norms[c] for c in order], color, r.label, width=2 if len(order) > 200 else 3)
-    chart.finish(os.path.join(out, "weight_norms.png"), groups)
+        chart.line([r.norms[c] for c in order], color, r.label)
+    figures["weight_norms.png"] = chart.save()
     if not baselines:
-        return ["accuracy.png", "weight_norms.png"]
-
+        return figures
     gains = [[None if main.metrics["per_class"][c] is None or b.metrics["per_class"][c] is None else
               main.metrics["per_class"][c] - b.metrics["per_class"][c] for c in order] for b in baselines]
     vals = [v for g in gains for v in g if v is not None] or [0.0]
-    ticks = nice_ticks(min(0.0, min(vals)), max(0.0, max(vals)) or 1.0)
-    chart = Chart(f"Per-class accuracy gain (Fig. 3) of {main.label} on {os.path.basename(split)}",
-                  "accuracy gain (points)", (ticks[0], ticks[-1]), len(order))
+    span = ticks(min(0.0, min(vals)), max(0.0, max(vals)) or 1.0)
+    chart = Chart(f"Per-class accuracy gain (Fig. 3) of {where}", "accuracy gain (points)", (span[0], span[-1]),
+                  counts, groups)
     chart.bars([(g, color, f"over {b.label}") for g, (b, color) in zip(gains, runs[1:])])
-    chart.frequency_curve(counts)
-    chart.finish(os.path.join(out, "gain.png"), groups)
-    draw_tsne(os.path.join(out, "tsne.png"), [main] + baselines, rows, picked, split)
-    return ["accuracy.png", "weight_norms.png", "gain.png", "tsne.png"]
+    figures["gain.png"] = chart.save()
+    figures["tsne.png"] = draw_tsne([main] + baselines, rows, picked, split)
+    return figures
 
 
 def marker(d, x, y, group, color, r=4):
@@ -471,14 +482,16 @@ def marker(d, x, y, group, color, r=4):
         d.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=color, outline=edge)
 
 
-def draw_tsne(path, runs, rows, picked, split):
+def draw_tsne(runs, rows, picked, split):
     """Fig. 4's feature panels: a 2-D t-SNE of each run's phi features of the picked classes, one panel
     per run, points coloured by class and shaped by shot group; the class legend on the right."""
     P, head = TSNE_PANEL, 60
     img = Image.new("RGB", (P * len(runs) + TSNE_LEGEND, P + head + 10), "white")
     d, f, fs = ImageDraw.Draw(img), font(16), font(13)
-    d.text((img.width / 2, 8), f"t-SNE of phi's test features (Fig. 4), {len(picked)} classes, "
-           f"up to {TSNE_IMAGES} images each, {os.path.basename(split)}", fill="black", font=f, anchor="ma")
+    drawn = collections.Counter(runs[0].tsne_labels)  # images per picked class actually drawn
+    per = f"{min(drawn.values())}" if len(set(drawn.values())) == 1 else f"{min(drawn.values())}-{max(drawn.values())}"
+    d.text((img.width / 2, 8), f"t-SNE of phi's test features (Fig. 4): {len(picked)} classes, {per} test images "
+           f"each ({os.path.basename(split)})", fill="black", font=f, anchor="ma")
     color_of = {c: PALETTE[k % len(PALETTE)] for k, (c, _) in enumerate(picked)}
     group_of = dict(picked)
     for k, run in enumerate(runs):
@@ -497,17 +510,16 @@ def draw_tsne(path, runs, rows, picked, split):
     yy, x = head, P * len(runs) + 10
     for g, name in enumerate(GROUPS):
         members = [c for c, gg in picked if gg == g]
-        if not members:
-            continue
-        d.text((x, yy), f"{name}-shot", fill="black", font=f)
-        yy += 22
-        for c in members:
-            marker(d, x + 8, yy + 8, g, color_of[c], r=5)
-            d.text((x + 22, yy + 8), f"{rows[c]['name']} ({rows[c]['train_count']} train)"[:34], fill="black",
-                   font=fs, anchor="lm")
-            yy += 19
-        yy += 8
-    img.save(path)
+        if members:
+            d.text((x, yy), f"{name}-shot", fill="black", font=f)
+            yy += 22
+            for c in members:
+                marker(d, x + 8, yy + 8, g, color_of[c], r=5)
+                d.text((x + 22, yy + 8), f"{rows[c]['name']} ({rows[c]['train_count']} train)"[:34], fill="black",
+                       font=fs, anchor="lm")
+                yy += 19
+            yy += 8
+    return img
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,36 +580,41 @@ def tsne(x, dims=2, perplexity=30.0, iters=500, seed=0):
     return y
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 def run(args):
     device = runtime.choose_device(args.device)
     main = load_run(args.checkpoint)
     args.amp_name, amp = settings(args, main.args, device)
     baselines = [load_run(p, main) for p in args.compare or []]  # every checkpoint checked before any work
     label_runs([main] + baselines)
+    old = [r.path for r in [main] + baselines if r.old_groups]
+    if old:
+        print(f"note: {', '.join(old)} {'was' if len(old) == 1 else 'were'} written before ltaux counted many / few "
+              f"inclusively (>= --many, <= --few: the paper's rule); evaluated with that rule now (the run's own table "
+              f"used > / <: --many {args.many + 1} --few {args.few - 1} gives those groups)")
     ds = ltaux.SplitDataset(args.data, args.split, None, allow_unsafe_paths=args.allow_unsafe_paths)
     runtime.check_label_range(ds, len(main.counts), f"the checkpoint {args.checkpoint}")
     subset, picked = tsne_indices(ds.labels, main.counts, args.many, args.few) if baselines else ([], [])
-    loaders = make_loaders(args, device, subset)
-    for r in [main] + baselines:
-        evaluate(r, loaders, device, amp, args)
-        r.tsne_labels = [ds.labels[i] for i in subset]  # (n,) the class of each t-SNE point
-    lists = [(ds.paths, ds.labels)] + [training_list(main.args, args.allow_unsafe_paths)]
-    names = class_names([x for x in lists if x], len(main.counts))
-    rows = per_class_rows(main, names, args.many, args.few)
-    os.makedirs(args.out, exist_ok=True)
-    for name in OUTPUTS:  # no stale figure of an earlier evaluation survives (--overwrite)
-        if os.path.isfile(os.path.join(args.out, name)):
-            os.remove(os.path.join(args.out, name))
-    write_tables(args.out, main, baselines, rows, args)
-    figures = draw_figures(args.out, main, baselines, rows, args.split, picked)
+    files = list(OUTPUTS if baselines else OUTPUTS[:4])
+    lock = claim_out(args, files)
+    try:
+        loaders = make_loaders(args, device, subset)
+        for r in [main] + baselines:
+            evaluate(r, loaders, device, amp, args)
+            r.tsne_labels = [ds.labels[i] for i in subset]  # (n,) the class of each t-SNE point
+        lists = [(ds.paths, ds.labels)] + [training_list(main.args, args.allow_unsafe_paths)]
+        rows = per_class_rows(main, class_names([x for x in lists if x], len(main.counts)), args.many, args.few)
+        paper = recipes.paper_row(dict(main.args, many=args.many, few=args.few), vars(train.get_args_parser().parse_args(
+            [])), args.split)
+        write_tables(args, main, baselines, rows, files, paper)
+        for name, image in draw_figures(main, baselines, rows, args.split, picked).items():
+            save(args.out, name, image)
+    finally:
+        lock.release()
     balanced = len(set(main.metrics["counts"]) - {0}) == 1
     print(f"{args.checkpoint} on {args.split} ({len(ds)} images{'' if balanced else ', unbalanced'}; "
           f"amp {args.amp_name}; many >= {args.many}, few <= {args.few} train images):")
-    print(result_table(main, baselines))
-    print("wrote:\n" + "\n".join(f"  {os.path.join(args.out, n)}" for n in ["metrics.json", "per_class.csv"] + figures))
+    print(result_table(main, baselines, paper))
+    print("wrote:\n" + "\n".join(f"  {os.path.join(args.out, n)}" for n in files))
     return 0
 
 

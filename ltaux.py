@@ -31,6 +31,8 @@ Dependencies: torch, torchvision, Pillow. No global state, nothing happens on im
 
 import hashlib
 import os
+import re
+import stat
 import warnings
 
 import torch
@@ -533,6 +535,8 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
         two fields, a non-integer, negative or too large label, or an unsafe path.
     """
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise LTauxError(f"{path}: not a regular file (a split list is a text file)")
     try:
         with open(path, "r", encoding="utf-8-sig") as f:
             text = f.read()
@@ -541,7 +545,7 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
     except (OSError, UnicodeDecodeError) as e:
         raise LTauxError(f"{path}: cannot read split list ({e})") from None
     paths, labels, lines, seen, dups = [], [], [], {}, []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # "\n" alone ends a line (not U+2028 and the like)
         fields = line.split()
         if not fields:
             continue
@@ -567,11 +571,11 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
 
 
 def _split_label(path, n, text, allow_negative, max_label):
-    """The label of line n of a split list: an int in 0..max_label (or -1 if allowed), else LTauxError."""
-    try:
-        y = int(text)
-    except ValueError:
-        raise LTauxError(f"{path}:{n}: label {text!r} is not an integer") from None
+    """The label of line n of a split list: an int in 0..max_label (or -1 if allowed), else LTauxError.
+    Only ASCII digits count (int() would also take '0_3' or full-width digits)."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise LTauxError(f"{path}:{n}: label {text!r} is not an integer")
+    y = int(text)
     if y < 0 and not (allow_negative and y == -1):
         raise LTauxError(f"{path}:{n}: label {y} is negative")
     if y > max_label:
@@ -582,8 +586,10 @@ def _split_label(path, n, text, allow_negative, max_label):
 def load_rgb(path, max_aspect=50):
     """Open an image with Pillow, decode it fully and return it in RGB.
 
-    Greyscale, CMYK, palette and RGBA files work (transparency is dropped); 16-bit and 32-bit
-    greyscale are scaled to 8 bits (Pillow alone would clip them to white). Decoding happens here,
+    Greyscale, CMYK, palette and RGBA files work (transparency is dropped); 16-bit greyscale is scaled
+    to 8 bits by its bit depth (v / 257: a dark image stays dark; Pillow alone would clip it to white),
+    32-bit integer greyscale likewise (values above 65535 saturate), float greyscale is clipped to
+    0..255. Decoding happens here,
     so a truncated file fails here and not later inside a transform. An aspect ratio above
     `max_aspect` is refused: resizing its short side to the crop size would allocate a huge image.
     """
@@ -592,10 +598,10 @@ def load_rgb(path, max_aspect=50):
         if max(w, h) > max_aspect * max(1, min(w, h)):
             raise ValueError(f"aspect ratio {w}x{h} exceeds {max_aspect}:1")
         img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # wide greyscale: rescale, do not clip
-            img = img.convert("F")
-            lo, hi = img.getextrema()
-            return img.point(lambda v: 255.0 * (v - lo) / max(hi - lo, 1e-12)).convert("L").convert("RGB")
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # wide greyscale: scale by the bit depth, not clip
+            return img.convert("F").point(lambda v: v / 257.0 + 0.5).convert("L").convert("RGB")  # F -> L clips, truncates
+        if img.mode == "F":
+            return img.convert("L").convert("RGB")
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")  # palette transparency must go through RGBA first
         return img.convert("RGB")
@@ -636,6 +642,8 @@ class SplitDataset(torch.utils.data.Dataset):
         """Entry i read by `read` (default: self.read); LTauxError names the file and split line on failure."""
         full = os.path.join(self.root, self.paths[i])
         try:
+            if not stat.S_ISREG(os.stat(full).st_mode):  # a FIFO or device would block or stream forever
+                raise OSError(f"not a regular file")
             return (read or self.read)(full)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             reason = "file not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"

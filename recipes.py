@@ -1,9 +1,22 @@
-"""The paper's settings as train.py presets, and the paper's numbers to print beside a run's.
+"""The paper's experiments as data: its methods (Section 4.3), train.py's presets of its settings (Section
+4.4, recipes) and its numbers (Tables 1-5), to print beside a run's. No torch: train.py reads this before
+it imports torch, so that --help is instant.
 
-Every value's source (the paper, an OLTR config at a given commit, or our choice) is in docs/recipes.md.
-The paper (arXiv:1912.04486, Section 4.4) gives Z = 4, lambdas 0.5 : 1 : 1 and SGD with a cosine
-schedule; lr, epochs and batch size were "set by referring to [OLTR] and cross-validated".
+Every recipe value's source (the paper, an OLTR config at a given commit, or our choice) is in
+docs/recipes.md. The paper gives Z = 4, lambdas 0.5 : 1 : 1 and SGD with a cosine schedule; lr, epochs and
+batch size were "set by referring to [OLTR] and cross-validated".
 """
+import collections
+
+# --method: the part of the sampler's batch it trains on (AuxBatchSampler mode), the heads it trains (the
+# others stay frozen), whether it adds the rotation task h_s, and the paper's name. Adding a method is a row.
+Method = collections.namedtuple("Method", "name sampler heads rotation")
+METHODS = {
+    "rrs": Method("RRS-Only", "rrs", ("fc",), False),  # the random batch trains phi + h
+    "cbs": Method("CBS-Only", "cbs", ("fc",), False),  # the class-balanced batch trains phi + h
+    "cbs_rrs": Method("CBS+RRS", "cbs_rrs", ("fc", "aux_fc"), False),  # h on B_cbs, h_a on B_rrs
+    "cbs_rrs_ss": Method("CBS+RRS+SS", "cbs_rrs", ("fc", "aux_fc", "rot_fc"), True),  # plus h_s (Eq. 2)
+}
 
 RECIPES = {
     "imagenet_lt_r10": dict(arch="resnet10", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4, image_size=224),
@@ -54,8 +67,7 @@ SETTING = {"imagenet_lt_r10": _IN10, "imagenet_lt_r50": _IN50, "places_lt_r152":
 TEST_LISTS = {r: ("ImageNet_LT_test.txt" if r.startswith("imagenet") else "Places_LT_test.txt") for r in SETTING}
 PROTOCOL = ("arch", "embed_dim", "batch_size", "per_class", "epochs", "lr", "weight_decay", "momentum",
             "warmup_epochs", "backbone_lr_scale", "freeze_backbone", "image_size", "amp", "rotation", "many", "few")
-NAMES = {"rrs": "RRS-Only", "cbs": "CBS-Only", "cbs_rrs": "CBS+RRS", "cbs_rrs_ss": "CBS+RRS+SS",
-         "ft_cbs": "ftRRS+CBS", "cbs_rrs 1:1": "CBS:RRS 1:1", "cbs_rrs 1:0.5": "CBS:RRS 1:0.5",
+NAMES = {**{k: m.name for k, m in METHODS.items()}, "ft_cbs": "ftRRS+CBS", "cbs_rrs 1:1": "CBS:RRS 1:1", "cbs_rrs 1:0.5": "CBS:RRS 1:0.5",
          "rotation_aug": "Rotation Augmentation"}
 
 

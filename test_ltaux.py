@@ -36,6 +36,7 @@ from PIL import Image
 
 import evaluate
 import ltaux
+import pipeline
 import runtime
 import train
 
@@ -506,7 +507,7 @@ def make_image_tree(tmp_path):
 def test_dataset_converts_every_mode_to_rgb(tmp_path):
     root, split = make_image_tree(tmp_path)
     ds = ltaux.SplitDataset(root, split, transform=torchvision.transforms.PILToTensor())
-    tensors = ltaux.SplitDataset(root, split, read=runtime.read_image)  # train.py's reader: the same pixels
+    tensors = ltaux.SplitDataset(root, split, read=pipeline.read_image)  # train.py's reader: the same pixels
     for i in range(len(ds)):
         diff = (ds[i][0].float() - tensors[i][0].float()).abs()
         assert diff.mean() < 0.5 and diff.max() <= 8, ds.paths[i]
@@ -547,7 +548,7 @@ def test_dataset_bad_image_names_path_and_line(tmp_path, content, reason, read):
     elif content is not None:
         (root / "bad.jpg").write_bytes(content)
     split = write_list(tmp_path / "s.txt", ["ok.jpg 0\n", "\n", "bad.jpg 1\n"])
-    ds = ltaux.SplitDataset(root, split, read=ltaux.load_rgb if read == "load_rgb" else runtime.read_image)
+    ds = ltaux.SplitDataset(root, split, read=ltaux.load_rgb if read == "load_rgb" else pipeline.read_image)
     ds[0]
     with pytest.raises(ltaux.LTauxError) as e:
         ds[1]
@@ -573,9 +574,13 @@ def test_wide_greyscale_is_rescaled_and_extreme_aspect_ratios_refused(tmp_path, 
     Image.new("RGB", (4000, 8)).save(tmp_path / "strip.jpg")
     split = write_list(tmp_path / "w.txt", ["g16.png 0\n", "strip.png 1\n", "strip.jpg 2\n"])
     ds = ltaux.SplitDataset(tmp_path, split, transform=torchvision.transforms.PILToTensor()) if read == "load_rgb" \
-        else ltaux.SplitDataset(tmp_path, split, read=runtime.read_image)
+        else ltaux.SplitDataset(tmp_path, split, read=pipeline.read_image)
     x = ds[0][0][0, 0].float()
-    assert x[0] == 0 and x[-1] == 255 and len(x.unique()) > 32  # the ramp survives
+    assert (x - torch.arange(64) * 1000 / 257).abs().max() <= 1  # scaled by the bit depth (/257): the ramp survives
+    dark = Image.new("I;16", (4, 4))
+    dark.putdata([2000] * 16)  # a dark 16-bit image stays dark (a min..max stretch would make it white or black)
+    dark.save(tmp_path / "g16.png")
+    assert ds[0][0].unique().tolist() == [8]
     with pytest.raises(ltaux.LTauxError, match=r"w.txt:2: .*aspect ratio 4000x8"):
         ds[1]
     with pytest.raises(ltaux.LTauxError, match=r"w.txt:3: .*aspect ratio 4000x8"):
@@ -583,7 +588,7 @@ def test_wide_greyscale_is_rescaled_and_extreme_aspect_ratios_refused(tmp_path, 
 
 
 # ----------------------------------------------------------------------------------------------
-# the input pipeline: colour jitter on the device (runtime.color_jitter)
+# the input pipeline: colour jitter on the device (pipeline.color_jitter)
 
 
 def jitter_factors(which, n=2000, seed=0):
@@ -593,7 +598,7 @@ def jitter_factors(which, n=2000, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = 60 + 120 * torch.rand(n, 3, 4, 4, generator=g)
     strengths = {**dict(brightness=0.0, contrast=0.0, saturation=0.0), which: 0.4}
-    out = runtime.color_jitter(x, torch.Generator().manual_seed(seed + 1), **strengths)
+    out = pipeline.color_jitter(x, torch.Generator().manual_seed(seed + 1), **strengths)
     if which == "brightness":
         f = (out / x).mean(dim=(1, 2, 3))
         ref = torch.stack([TF.adjust_brightness(x[i] / 255, float(f[i])) * 255 for i in range(8)])
@@ -601,7 +606,7 @@ def jitter_factors(which, n=2000, seed=0):
         f = out.std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))
         ref = torch.stack([TF.adjust_contrast(x[i] / 255, float(f[i])) * 255 for i in range(8)])
     else:
-        g_x = runtime.grey(x)
+        g_x = pipeline.grey(x)
         f = ((out - g_x) * (x - g_x)).sum(dim=(1, 2, 3)) / ((x - g_x) ** 2).sum(dim=(1, 2, 3))
         ref = torch.stack([TF.adjust_saturation(x[i] / 255, float(f[i])) * 255 for i in range(8)])
     return f, out[:8], ref
@@ -618,22 +623,22 @@ def test_color_jitter_is_torchvisions_operation_with_uniform_factors(which):
 
 def test_training_images_are_jittered_on_the_device_and_only_at_imagenet_sizes():
     x = torch.full((4, 3, 8, 8), 128, dtype=torch.uint8)
-    plain = runtime.to_device(x, torch.device("cpu"))
-    jittered = runtime.to_device(x, torch.device("cpu"), torch.Generator().manual_seed(0))
+    plain = pipeline.to_device(x, torch.device("cpu"))
+    jittered = pipeline.to_device(x, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert torch.allclose(plain[0], plain[1]) and not torch.allclose(jittered[0], jittered[1])
-    again = runtime.to_device(x, torch.device("cpu"), torch.Generator().manual_seed(0))
+    again = pipeline.to_device(x, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert torch.equal(jittered, again)  # seeded per step: an exact resume
-    assert runtime.jitter_on_device(224, train=True) and not runtime.jitter_on_device(224, train=False)
-    assert not runtime.jitter_on_device(32, train=True)  # the CIFAR recipe has no colour jitter
+    assert pipeline.jitter_on_device(224, train=True) and not pipeline.jitter_on_device(224, train=False)
+    assert not pipeline.jitter_on_device(32, train=True)  # the CIFAR recipe has no colour jitter
     x = torch.full((3, 300, 200), 100, dtype=torch.uint8)
     for size, train_ in ((224, True), (224, False), (32, False)):  # workers: no jitter, uint8 out
-        assert torch.equal(runtime.build_transform(size, train_)(x), torch.full((3, size, size), 100, dtype=torch.uint8))
-    cifar = runtime.build_transform(32, train=True)(x)  # the fixed part; the random crop comes from the seed
+        assert torch.equal(pipeline.build_transform(size, train_)(x), torch.full((3, size, size), 100, dtype=torch.uint8))
+    cifar = pipeline.build_transform(32, train=True)(x)  # the fixed part; the random crop comes from the seed
     assert torch.equal(cifar, torch.full((3, 32, 32), 100, dtype=torch.uint8))
 
 
 # ----------------------------------------------------------------------------------------------
-# the input pipeline: reading and cropping (runtime.read_image, RandomResizedCropFlip, --decode gpu)
+# the input pipeline: reading and cropping (pipeline.read_image, RandomResizedCropFlip, --decode gpu)
 
 
 def pattern_image(w=120, h=90):
@@ -646,7 +651,7 @@ def pattern_image(w=120, h=90):
 
 
 def test_crop_draws_torchvisions_crop_and_flip_and_applies_them_as_pil_does():
-    crop, (x, img) = runtime.RandomResizedCropFlip(48), pattern_image()
+    crop, (x, img) = pipeline.RandomResizedCropFlip(48), pattern_image()
     T = torchvision.transforms
     flips, differences = [], []
     for seed in range(60):
@@ -664,7 +669,7 @@ def test_crop_draws_torchvisions_crop_and_flip_and_applies_them_as_pil_does():
         flips.append(flip)
     assert max(differences) < 1.0  # the same crop, resize and flip as PIL, to within a grey level
     noise = Image.effect_noise((120, 90), 60).convert("RGB")  # aliasing shows on noise: antialiased like PIL
-    small = runtime.RandomResizedCropFlip(24).apply(T.functional.pil_to_tensor(noise), (0, 0, 90, 120, 0))
+    small = pipeline.RandomResizedCropFlip(24).apply(T.functional.pil_to_tensor(noise), (0, 0, 90, 120, 0))
     pil = T.functional.pil_to_tensor(noise.resize((24, 24), Image.BILINEAR))
     assert (small.float() - pil.float()).abs().mean() < 1.0
     assert 15 < sum(flips) < 45
@@ -677,10 +682,10 @@ def test_crop_draws_torchvisions_crop_and_flip_and_applies_them_as_pil_does():
 def test_read_image_decodes_jpegs_with_decode_jpeg_and_the_rest_with_pillow(tmp_path, monkeypatch):
     root, split = make_image_tree(tmp_path)
     calls = []
-    real = runtime.decode_jpeg
-    monkeypatch.setattr(runtime, "decode_jpeg", lambda data, **kw: calls.append(len(data)) or real(data, **kw))
+    real = pipeline.decode_jpeg
+    monkeypatch.setattr(pipeline, "decode_jpeg", lambda data, **kw: calls.append(len(data)) or real(data, **kw))
     for name in ("rgb.jpg", "cmyk.jpg", "grey.png", "pal.png"):
-        x = runtime.read_image(str(root / name))
+        x = pipeline.read_image(str(root / name))
         assert x.shape == (3, 12, 20) and x.dtype == torch.uint8
     assert calls == [os.path.getsize(root / "rgb.jpg"), os.path.getsize(root / "cmyk.jpg")]
 
@@ -688,11 +693,11 @@ def test_read_image_decodes_jpegs_with_decode_jpeg_and_the_rest_with_pillow(tmp_
 def test_worker_transforms_follow_the_recipes():
     """Test time: resize the short side to size * 256 / 224, centre crop. CIFAR: pad 4, crop, flip."""
     ramp = torch.arange(256, dtype=torch.uint8).expand(3, 256, 256).contiguous()  # value = column
-    out = runtime.build_transform(224, train=False)(ramp)
+    out = pipeline.build_transform(224, train=False)(ramp)
     assert out.shape == (3, 224, 224) and out[0, 0, 0] == 16 and out[0, 0, -1] == 239  # 256 px, centre 224
     ramp = (50 + 5 * torch.arange(32)).to(torch.uint8).expand(3, 32, 32).contiguous()
     seeds = torch.randint(0, 2**62, (200,), generator=torch.Generator().manual_seed(0))
-    x = runtime.cifar_augment(ramp.expand(200, 3, 32, 32), seeds)[:, 0].float()
+    x = pipeline.cifar_augment(ramp.expand(200, 3, 32, 32), seeds)[:, 0].float()
     flipped = (x[:, 16, 8:24].diff(dim=1).mean(1) < 0).sum()
     padded = (x == 0).flatten(1).any(1).sum()
     assert 60 < flipped < 140 and 180 < padded < 200  # flipped half the time, padded 80 times in 81
@@ -712,12 +717,12 @@ def test_cifar_augment_is_pad_crop_flip_drawn_from_each_seed():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 3, 12, 10), dtype=torch.uint8, generator=g)
     seeds = torch.randint(0, 2**62, (64,), generator=g)
-    out = runtime.cifar_augment(x, seeds)
+    out = pipeline.cifar_augment(x, seeds)
     assert out.shape == x.shape and out.dtype == torch.uint8
     for i in range(64):
         s = int(seeds[i])
         assert torch.equal(out[i], reference_cifar_crop(x[i], s % 9, s // 9 % 9, s // 81 % 2))
-        assert torch.equal(runtime.cifar_augment(x[i:i + 1], seeds[i:i + 1])[0], out[i])  # alone = in a batch
+        assert torch.equal(pipeline.cifar_augment(x[i:i + 1], seeds[i:i + 1])[0], out[i])  # alone = in a batch
     big = torch.randint(0, 2**62, (20000,), generator=g)
     for digit in (big % 9, big // 9 % 9):
         assert (torch.bincount(digit, minlength=9).float() / 20000 - 1 / 9).abs().max() < 0.015  # uniform offsets
@@ -728,10 +733,10 @@ def test_in_memory_batches_are_the_workers_batches(tmp_path):
     """MemoryBatches (gather + cifar_augment on the device) and a DataLoader over SeededCifar (workers) give
     the same uint8 batches, bit for bit, for a whole epoch and from a mid-epoch start."""
     root, lists = make_tiny(tmp_path)
-    ds = ltaux.SplitDataset(root, lists["train"], runtime.build_transform(16, train=True), read=runtime.read_image)
+    ds = ltaux.SplitDataset(root, lists["train"], pipeline.build_transform(16, train=True), read=pipeline.read_image)
     sampler = ltaux.AuxBatchSampler(ds.labels, 8, 2, with_seeds=True, seed=3)
-    memory = runtime.MemoryBatches(*runtime.decode_all(ds, torch.device("cpu")), sampler)
-    workers = torch.utils.data.DataLoader(runtime.SeededCifar(ds), batch_sampler=sampler, num_workers=1)
+    memory = pipeline.MemoryBatches(*pipeline.decode_all(ds, torch.device("cpu")), sampler)
+    workers = torch.utils.data.DataLoader(pipeline.SeededCifar(ds), batch_sampler=sampler, num_workers=1)
     for epoch, first in ((0, 0), (1, 0), (2, 5)):
         sampler.set_epoch(epoch, first)
         a, b = list(memory), list(workers)
@@ -756,9 +761,9 @@ def jpeg_set(root, n=10, png=(3,)):
 
 def both_paths(root, split, items, size=64, device="cpu"):
     """The same seeded items through the workers' CPU path and through --decode gpu's two halves."""
-    ds = ltaux.SplitDataset(root, split, runtime.build_transform(size, train=True), read=runtime.read_image)
+    ds = ltaux.SplitDataset(root, split, pipeline.build_transform(size, train=True), read=pipeline.read_image)
     cpu_images, cpu_labels = torch.utils.data.default_collate([ds[it] for it in items])
-    dd = runtime.DeviceDecodeDataset(ds, size)
+    dd = pipeline.DeviceDecodeDataset(ds, size)
     batch = dd.collate([dd[it] for it in items])
     images, labels = dd.decode(batch, torch.device(device))
     assert torch.equal(labels, cpu_labels) and torch.equal(batch[1][:, 0], torch.tensor([i for i, _ in items]))
@@ -804,8 +809,8 @@ def test_decode_gpu_path_has_the_workers_augmentation_statistics(tmp_path, devic
 
 def test_decode_gpu_falls_back_to_the_cpu_path_and_names_a_bad_file(tmp_path, monkeypatch):
     split = jpeg_set(tmp_path)
-    rejected = runtime.read_encoded(str(tmp_path / "4.jpg"))[0]
-    calls, real = [], runtime.decode_jpeg
+    rejected = pipeline.read_encoded(str(tmp_path / "4.jpg"))[0]
+    calls, real = [], pipeline.decode_jpeg
 
     def picky(data, **kw):  # a device decoder that cannot read 4.jpg (as nvjpeg with some files)
         calls.append((len(data) if isinstance(data, list) else 1, "device" in kw))
@@ -814,10 +819,10 @@ def test_decode_gpu_falls_back_to_the_cpu_path_and_names_a_bad_file(tmp_path, mo
         return real(data, **kw)
 
     items = [(i, 7 + i) for i in range(10)]
-    ds = ltaux.SplitDataset(tmp_path, split, runtime.build_transform(64, train=True), read=runtime.read_image)
+    ds = ltaux.SplitDataset(tmp_path, split, pipeline.build_transform(64, train=True), read=pipeline.read_image)
     want = torch.stack([ds[it][0] for it in items])
-    monkeypatch.setattr(runtime, "decode_jpeg", picky)
-    dd = runtime.DeviceDecodeDataset(ds, 64)
+    monkeypatch.setattr(pipeline, "decode_jpeg", picky)
+    dd = pipeline.DeviceDecodeDataset(ds, 64)
     images, _ = dd.decode(dd.collate([dd[it] for it in items]), torch.device("cpu"))
     assert torch.equal(images, want)  # 4.jpg read by Pillow instead, same crop
     # one batched call for the 9 JPEGs, then one by one on the device, then 4.jpg by read_image (Pillow)
@@ -848,8 +853,8 @@ def test_train_decode_gpu_trains_exactly_as_decode_cpu(jpeg_tiny, tmp_path, monk
     assert train.main(common + ["--out", str(tmp_path / "cpu"), "--workers", "0"]) == 0
     monkeypatch.setattr(train, "DECODE_DEVICES", ("cuda", "cpu"))  # the same code, on the CPU
     spy = []
-    real = runtime.DeviceDecodeDataset.decode
-    monkeypatch.setattr(runtime.DeviceDecodeDataset, "decode", lambda self, b, d: spy.append(len(b[0])) or real(self, b, d))
+    real = pipeline.DeviceDecodeDataset.decode
+    monkeypatch.setattr(pipeline.DeviceDecodeDataset, "decode", lambda self, b, d: spy.append(len(b[0])) or real(self, b, d))
     assert train.main(common + ["--out", str(tmp_path / "gpu"), "--decode", "gpu", "--workers", "2"]) == 0
     assert spy == [12] * 4  # every step decoded in the main process: 2S images, ceil(24 / 6) steps
     cpu, gpu = read_log(tmp_path / "cpu"), read_log(tmp_path / "gpu")
@@ -874,10 +879,10 @@ def test_train_on_cuda_in_memory(tiny, tmp_path, capsys):
     """The CIFAR recipe's path on CUDA: images decoded once onto the GPU, batches gathered and augmented there
     (the same uint8 batches as the workers'), bf16; then the workers' path with the same seed: close losses."""
     root, lists = tiny
-    ds = ltaux.SplitDataset(root, lists["train"], runtime.build_transform(16, train=True), read=runtime.read_image)
+    ds = ltaux.SplitDataset(root, lists["train"], pipeline.build_transform(16, train=True), read=pipeline.read_image)
     sampler = ltaux.AuxBatchSampler(ds.labels, 8, 2, with_seeds=True)
-    cuda = list(runtime.MemoryBatches(*runtime.decode_all(ds, torch.device("cuda")), sampler))
-    cpu = list(torch.utils.data.DataLoader(runtime.SeededCifar(ds), batch_sampler=sampler))
+    cuda = list(pipeline.MemoryBatches(*pipeline.decode_all(ds, torch.device("cuda")), sampler))
+    cpu = list(torch.utils.data.DataLoader(pipeline.SeededCifar(ds), batch_sampler=sampler))
     assert all(torch.equal(a.cpu(), b) and torch.equal(ya.cpu(), yb) for (a, ya), (b, yb) in zip(cuda, cpu))
     for mode in ("on", "off"):
         assert run_train(tiny, tmp_path / mode, "--device", "cuda", "--in-memory", mode)[0] == 0
@@ -1085,7 +1090,8 @@ def test_build_model_freezes_the_heads_a_method_does_not_use(method, trained):
     off) fails on a trainable parameter that gets no gradient, so this matters for multi-GPU runs
     even though a single process leaves such a head unchanged."""
     args, _ = train.parse_args(["--data", "/d", "--split", "s", "--method", method, "--embed-dim", "8"])
-    model = train.build_model(args, 6, torch.device("cpu"), 1)
+    args.world_size = 1
+    model = train.build_model(args, 6, torch.device("cpu"))
     got = {h for h in ("fc", "aux_fc", "rot_fc") if all(p.requires_grad for p in getattr(model, h).parameters())}
     assert got == trained
     for h in {"fc", "aux_fc", "rot_fc"} - trained:
@@ -1152,8 +1158,11 @@ def test_in_memory_and_worker_paths_train_the_same_weights(tiny, tmp_path, capsy
 
 
 def test_recipes_defaults_and_explicit_flags():
-    a, _ = train.parse_args(["--data", "/d", "--split", "s", "--recipe", "places_lt_r152", "--lr", "0.5"])
+    a, _ = train.parse_args(["--data", "/d", "--split", "s", "--recipe", "places_lt_r152", "--lr", "0.5",
+                             "--pretrained", "w.pth"])
     assert a.arch == "resnet152" and a.backbone_lr_scale == 0.01 and a.lr == 0.5 and a.epochs == 30
+    old, _ = train.parse_args(["--data", "/d", "--split", "s", "--recipe", "places_lt_r152_2019", "--pretrained", "w"])
+    assert (old.batch_size, old.lr * old.backbone_lr_scale, old.freeze_backbone) == (256, pytest.approx(0.01), True)
     demo, _ = train.parse_args([])
     assert demo.recipe == "demo" and demo.image_size == 32
     plain, _ = train.parse_args(["--data", "/d"])
@@ -1164,6 +1173,33 @@ def test_recipes_defaults_and_explicit_flags():
     assert "(default: 256)" in text and "(default: cbs_rrs_ss)" in text and "lr = 0.1 * S / 256" in text
     assert "(default: 4)" in text and "(default: [0.5, 1.0, 1.0])" in text
     assert train.ARCHS == ltaux.LTResNet.ARCHS
+
+
+@pytest.mark.parametrize("recipe", ["places_lt_r152", "places_lt_r152_2019"])
+def test_pretrained_recipes_refuse_to_start_without_weights(tiny, tmp_path, capsys, recipe):
+    """The Places-LT ResNet-152 recipes fine-tune ImageNet weights (phi at lr 0.001 or frozen): without
+    --pretrained (or --init / --resume) they would train from scratch and learn nothing. Exit 2, one line."""
+    msg = bad_run(tiny, tmp_path, capsys, "--recipe", recipe)
+    assert msg.startswith(f"error: --recipe {recipe} fine-tunes ImageNet-pretrained ResNet-152 weights: pass "
+                          "--pretrained resnet152-394f9c45.pth (torchvision's ResNet152_Weights.IMAGENET1K_V1")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_freeze_backbone_trains_the_512d_layer_and_heads_and_bn_statistics_still_move(tiny, tmp_path, capsys):
+    """--freeze-backbone (OLTR's Places-LT stage 1 before 2020-02-11): the backbone's weights (BN's affine
+    parameters included) stay as they were, phi's 512-d layer and the heads train, and BN's running
+    statistics keep updating (the backbone stays in train mode)."""
+    assert run_train(tiny, tmp_path / "a", "--epochs", "1", "--freeze-backbone", capsys=capsys)[0] == 0
+    args, _ = train.parse_args(base_args(tiny, tmp_path / "b"))
+    args.world_size = 1
+    torch.manual_seed(args.seed)
+    init = train.build_model(args, 6, torch.device("cpu")).state_dict()  # the run's initial weights (same seed)
+    w = weights(tmp_path / "a")
+    frozen = [k for k in w if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
+    assert frozen and all(torch.equal(w[k], init[k]) for k in frozen)
+    assert not torch.equal(w["backbone.bn1.running_mean"], init["backbone.bn1.running_mean"])
+    for k in ("embed.0.weight", "fc.weight", "aux_fc.weight", "rot_fc.weight"):
+        assert not torch.equal(w[k], init[k]), k
 
 
 def test_help_is_fast_and_needs_no_torch():
@@ -1262,8 +1298,8 @@ def test_metrics_and_csv(eval_runs, flat_tiny, tmp_path, capsys):
     fc = torch.load(eval_runs["cbs_rrs_ss"], weights_only=True)["model"]["fc.weight"]  # h, not h_a
     assert m["weight_norms"] == pytest.approx(fc.norm(dim=1).tolist(), rel=1e-5)
     model, _, counts = runtime.model_from_checkpoint(eval_runs["cbs_rrs_ss"], torch.device("cpu"))
-    ds = ltaux.SplitDataset(flat_tiny[0], flat_tiny[1]["test"], runtime.build_transform(16, train=False),
-                            read=runtime.read_image)
+    ds = ltaux.SplitDataset(flat_tiny[0], flat_tiny[1]["test"], pipeline.build_transform(16, train=False),
+                            read=pipeline.read_image)
     pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, batch_size=7), torch.device("cpu"))
     want = ltaux.shot_accuracy(pred, target, counts)
     assert [m[k] for k in SUMMARY] == pytest.approx([want[k] for k in SUMMARY])
@@ -1309,16 +1345,34 @@ def test_amp_comes_from_the_checkpoint(eval_runs, tmp_path, monkeypatch, capsys)
     assert seen[2:] == [None]  # CPU: off
 
 
-def test_refuses_to_overwrite_an_evaluation(eval_runs, capsys):
+def test_evaluate_owns_exactly_the_files_it_writes(eval_runs, tmp_path, capsys):
+    """Re-running an evaluation (same checkpoint, same list) replaces its own outputs; another evaluation's
+    files, or files merely named like its outputs, are refused without --overwrite and never deleted; stale
+    figures of its own earlier --compare go; a second evaluation on the same --out at once is refused."""
     folder = os.path.join(os.path.dirname(eval_runs["cbs"]), "eval-tiny_test")  # the default --out
     assert ev("--checkpoint", eval_runs["cbs"], capsys=capsys)[0] == 0
-    rc, cap = ev("--checkpoint", eval_runs["cbs"], capsys=capsys)
-    assert rc == 2 and cap.err.count("\n") == 1 and cap.err.startswith("error: ")
-    assert os.path.join(folder, "metrics.json") in cap.err and "--overwrite" in cap.err
-    open(os.path.join(folder, "gain.png"), "wb").close()  # a stale figure of an earlier --compare
-    rc, cap = ev("--checkpoint", eval_runs["cbs"], "--overwrite", capsys=capsys)
-    assert rc == 0, cap.err
-    assert "gain.png" not in os.listdir(folder) and "metrics.json" in os.listdir(folder)
+    assert ev("--checkpoint", eval_runs["cbs"], capsys=capsys)[0] == 0  # the trainer's suggested command, again
+    assert json.load(open(os.path.join(folder, "metrics.json")))["files"] == list(evaluate.OUTPUTS[:4])
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "gain.png").write_bytes(b"mine")  # not written by evaluate.py
+    rc, cap = ev("--checkpoint", eval_runs["cbs"], "--out", str(out), capsys=capsys)
+    assert rc == 2 and cap.err.count("\n") == 1 and "gain.png of another evaluation" in cap.err and "--overwrite" in cap.err
+    assert ev("--checkpoint", eval_runs["cbs"], "--out", str(out), "--overwrite", capsys=capsys)[0] == 0
+    assert (out / "gain.png").read_bytes() == b"mine"  # replaced only what it writes; deleted nothing
+    rc, cap = ev("--checkpoint", eval_runs["rrs"], "--out", str(out), capsys=capsys)  # another checkpoint's
+    assert rc == 2 and "of another evaluation" in cap.err
+    own = tmp_path / "own"
+    assert ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(own), "--compare", eval_runs["rrs"], capsys=capsys)[0] == 0
+    assert {"gain.png", "tsne.png"} <= set(os.listdir(own))
+    assert ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(own), capsys=capsys)[0] == 0  # no --compare now
+    assert sorted(os.listdir(own)) == sorted(evaluate.OUTPUTS[:4])  # its own stale figures went
+    lock = runtime.FolderLock(str(own), "evaluation")  # another evaluation still writing there
+    try:
+        rc, cap = ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(own), capsys=capsys)
+        assert rc == 2 and "in use by another evaluation that is still running" in cap.err
+    finally:
+        lock.release()
 
 
 @pytest.mark.parametrize("bad, words", [("five", "has 5 classes"), ("other", "other class counts")])
@@ -1396,14 +1450,24 @@ def test_class_names_from_folders():
     assert names == ["n01440764", "apartment_building/outdoor", "bus/outdoor", "n01443537", "4"]
 
 
+@pytest.mark.parametrize("program", ["train.py", "evaluate.py", "bench.py", "cifar_lt.py"])
+def test_help_opens_with_examples_and_needs_no_torch(program):
+    """Every entry point answers --help without importing torch (seconds, not ten), its examples first."""
+    p = subprocess.run([sys.executable, "-X", "importtime", os.path.join(HERE, program), "--help"],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 0 and " torch\n" not in p.stderr and "| torch" not in p.stderr, p.stderr[-500:]
+    assert ("examples:\n  python " + program) in p.stdout
+
+
 def test_help_and_imports():
     text = evaluate.get_args_parser().format_help()
     assert "--eval-batch-size" in text and "--batch-size " not in text and "(default: 256)" in text
+    assert "--many 101 --few 19" in text  # Decoupling's groups, named
     tree = ast.parse(open(os.path.join(HERE, "evaluate.py")).read())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert "train" not in imported and imported <= {"argparse", "collections", "csv", "dataclasses", "json", "math",
-                                                    "os", "sys", "torch", "PIL", "ltaux", "runtime"}
+    assert imported <= {"argparse", "collections", "csv", "dataclasses", "io", "json", "math", "os", "sys", "torch",
+                        "PIL", "ltaux", "pipeline", "recipes", "runtime", "train"}  # train: the checkpoints' schema
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1490,17 +1554,31 @@ def test_check_files_lists_every_failure(tiny, tmp_path, capsys):
     (["--batch-size", "9", "--per-class", "2"], "not divisible by per-class Z=2"),
     (["--batch-size", "16", "--per-class", "2"], "k = S/Z = 8 classes per batch, but only 6 classes"),
     (["--method", "cbs_rrs_ss", "--rotation-aug"], "--rotation-aug is the augmentation baseline"),
-    (["--lr", "-1"], "--lr -1.0: must be >= 0"),
-    (["--momentum", "-0.1"], "--momentum -0.1: must be >= 0"),
-    (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0"),
-    (["--print-freq", "0"], "--print-freq 0: must be at least 1"),
-    (["--eval-freq", "0"], "--eval-freq 0: must be at least 1"),
-    (["--workers", "-1"], "--workers -1: must be >= 0"),
-    (["--image-size", "0"], "--image-size 0: must be at least 1"),
-    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0: must be a finite number in [0, 1e+30]"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--momentum", "-0.1"], "--momentum -0.1: must be a finite number in [0, 1]"),
+    (["--momentum", "1.5"], "--momentum 1.5: must be a finite number in [0, 1]"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: must be a finite number in [0, 1e+30]"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs inf: must be a finite number in [0, 2]"),
+    (["--warmup-epochs", "3"], "--warmup-epochs 3.0: must be a finite number in [0, 2]"),
+    (["--print-freq", "0"], "--print-freq 0: must be in 1.."),
+    (["--eval-freq", "0"], "--eval-freq 0: must be in 1.."),
+    (["--workers", "-1"], "--workers -1: must be in 0..1024"),
+    (["--image-size", "0"], "--image-size 0: must be in 8..4096"),
+    (["--image-size", "1000000"], "--image-size 1000000: must be in 8..4096"),
+    (["--epochs", "0"], "--epochs 0: must be in 1..100000"),
+    (["--epochs", "1000000000000000"], "--epochs 1000000000000000: must be in 1..100000"),
+    (["--seed", "100000000000000000000"], "--seed 100000000000000000000: must be in 0..9223372036854775807"),
     (["--lambdas", "0.5", "-1", "1"], "weights must be finite and >= 0"),
     (["--lambdas", "0", "0", "0"], "leaves h untrained"),
-    (["--embed-dim", "-2"], "--embed-dim -2: must be >= 0"),
+    (["--embed-dim", "-2"], "--embed-dim -2: must be in 0..65536"),
+    (["--embed-dim", "1000000000000"], "--embed-dim 1000000000000: must be in 0..65536"),
+    (["--many", "-5"], "--many -5 --few 20: need whole numbers with 0 <= --few < --many"),
+    (["--many", "10", "--few", "10"], "--many 10 --few 10: need whole numbers with 0 <= --few < --many"),
+    (["--in-memory", "on", "--image-size", "64"], "--in-memory on is for the CIFAR recipe's small images"),
+    (["--lr", "1e300"], "--lr 1e+300: must be a finite number in [0, 1e+30]"),  # past fp32: SGD would overflow
+    (["--lr", "1e29"], "non-finite"),  # finite, absurd: the run stops at the first non-finite loss or weight
 ])
 def test_bad_arguments(tiny, tmp_path, capsys, extra, expect):
     assert expect in bad_run(tiny, tmp_path, capsys, *extra)
@@ -1528,7 +1606,7 @@ def test_weights_are_checked_after_the_update_and_before_any_save(tiny, tmp_path
     checks only the loss writes best.pt / last.pt with inf weights here), and evaluate / resume refuse a
     checkpoint with non-finite weights in one line."""
     msg = bad_run(tiny, tmp_path, capsys, "--batch-size", "92", "--per-class", "46", "--method", "rrs",
-                  "--lr", "1e36", "--weight-decay", "1e6", "--epochs", "1")
+                  "--lr", "1e30", "--weight-decay", "1e10", "--epochs", "1")
     assert "non-finite weights (" in msg and "at the end of epoch 0" in msg and "none yet" in msg
     assert not os.path.exists(tmp_path / "o")
     ok = tmp_path / "ok"
@@ -1565,27 +1643,32 @@ def test_another_run_in_out_is_refused_until_every_input_is_valid(runs, tiny, tm
 
 
 def test_a_running_training_owns_its_folder(tiny, tmp_path, capsys):
+    """The run holds an OS lock on --out itself (not on a file in it): a second run on the folder is refused
+    at once, --overwrite or not; a file named .lock (here a link to a user's notes) is never written through
+    or trusted; the lock ends with its process, leaving nothing stale."""
     out = tmp_path / "o"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a+')\n"
-                               "fcntl.flock(f, fcntl.LOCK_EX)\nf.write('pid 4242 on elsewhere'); f.flush()\n"
-                               "print('locked', flush=True)\nsys.stdin.read()", str(out / ".lock")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    (tmp_path / "notes.txt").write_text("mine")
+    os.symlink(tmp_path / "notes.txt", out / ".lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); import runtime\n"
+                               "lock = runtime.FolderLock(sys.argv[1])\nprint('locked', flush=True)\nsys.stdin.read()",
+                               str(out), HERE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        msg = bad_run(tiny, tmp_path, capsys, "--epochs", "1")
-        assert "in use by a running training (pid 4242 on elsewhere)" in msg
+        msg = bad_run(tiny, tmp_path, capsys, "--epochs", "1", "--overwrite")
+        assert f"{out}: in use by another training that is still running" in msg
     finally:
-        holder.communicate("")  # the holder exits: the OS drops its lock, nothing stale is left
+        holder.communicate("")  # the holder exits: the OS drops its lock
     assert run_train(tiny, out, "--epochs", "1", capsys=capsys)[0] == 0
-    assert not os.path.exists(out / ".lock")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and os.path.islink(out / ".lock")
 
 
 def test_best_pt_is_written_before_last_pt(runs, tiny, tmp_path, capsys, monkeypatch):
     """A crash between the two writes must not leave a last.pt whose best accuracy best.pt lacks."""
     order = []
     real = runtime.atomic_save
-    monkeypatch.setattr(runtime, "atomic_save", lambda obj, path: (order.append(os.path.basename(path)), real(obj, path)))
+    monkeypatch.setattr(runtime, "atomic_save", lambda obj, path, write=None: (order.append(os.path.basename(path)),
+                                                                                real(obj, path, write)))
     assert run_train(tiny, tmp_path / "o", "--epochs", "2", capsys=capsys)[0] == 0
     for i, name in enumerate(order):
         if name == "last.pt":  # every last.pt's best accuracy is already in a best.pt
@@ -1697,7 +1780,7 @@ def test_a_second_signal_exits_at_once(monkeypatch):
         assert stop.agreed() and exits == []
         stop.handle(signal.SIGTERM, None)  # the same request delivered twice (Slurm + torchrun): no exit
         assert exits == []
-        stop.first_at -= 2.0
+        stop.last -= 2.0
         stop.handle(signal.SIGINT, None)  # a second Ctrl-C a while later: out, now
         assert exits == [128 + signal.SIGINT]
     finally:
@@ -1742,8 +1825,8 @@ def test_torchrun_two_processes_on_cpu(tiny, tmp_path):
     ckpt = runtime.load_checkpoint(str(out / "last.pt"))
     assert ckpt["global_step"] == 12 and ckpt["args"]["batch_size"] == 8
     model, _, counts = runtime.model_from_checkpoint(str(out / "best.pt"), torch.device("cpu"))
-    ds = ltaux.SplitDataset(tiny[0], tiny[1]["test"], runtime.build_transform(16, train=False),
-                            read=runtime.read_image)
+    ds = ltaux.SplitDataset(tiny[0], tiny[1]["test"], pipeline.build_transform(16, train=False),
+                            read=pipeline.read_image)
     pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, batch_size=7), torch.device("cpu"))
     single = ltaux.shot_accuracy(pred, target, counts)
     ddp = json.load(open(out / "test_metrics.json"))
@@ -1794,27 +1877,57 @@ def test_demo_data_is_long_tailed_and_never_written_into_a_users_folder(tmp_path
 
 
 def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
+    """Every figure of bench.py on tiny settings, and the arithmetic that ties them together (a rate that
+    is not the ratio it claims, or a worker count off by one, fails)."""
     import bench
-    for i in range(4):
-        Image.effect_noise((120 + 20 * i, 90), 50).convert("RGB").save(tmp_path / f"{i}.jpg", quality=90)
+    (tmp_path / "photos").mkdir()
+    for i in range(4):  # one name with a space: the end-to-end figure must not care
+        Image.effect_noise((120 + 20 * i, 90), 50).convert("RGB").save(tmp_path / "photos" / f"p {i}.jpg", quality=90)
     res = bench.main(["--image-size", "16", "--batch-size", "4", "--num-classes", "5", "--steps", "2", "--warmup", "1",
-                      "--loader-images", "8", "--loader-size", "64", "--images", str(tmp_path),
-                      "--target-rate", "1000", "--demo-dir", str(tmp_path / "demo"), "--loader-workers", "1",
-                      "--loader-batches", "2"])
+                      "--loader-images", "8", "--loader-size", "64", "--images", str(tmp_path / "photos"),
+                      "--target-rate", "1000", "--loader-workers", "1", "--loader-batches", "2", "--cifar-steps", "1",
+                      "--cifar-images", "300", "--cifar-workers", "1"])
     out = capsys.readouterr().out
     assert json.loads(out[: out.index("\n}\n") + 2])["step"]["images_per_step"] == 16
-    assert res["sampler"]["S"] == 4 and res["sampler"]["batches_per_s"] > 0 and res["sampler"]["fraction_of_step"] > 0
-    assert res["step"]["ratio"] > 0
-    ld = res["loader"]
-    assert ld["source"].startswith("4 images in") and ld["oltr_images_per_s_per_worker"] > 0
+    s, st, c, ld = res["sampler"], res["step"], res["cifar"], res["loader"]
+    assert s["S"] == 4 and s["indices_per_s"] == pytest.approx(s["batches_per_s"] * 8)
+    assert s["fraction_of_step"] == pytest.approx(s["ms_per_batch"] / st["method_ms_per_step"])
+    assert st["ratio"] == pytest.approx(st["method_images_per_s"] / st["plain_images_per_s"])
+    assert c["fast_speedup"] == pytest.approx(c["fast_images_per_s"] / c["before_images_per_s"])
+    assert c["memory_vs_synthetic"] == pytest.approx(c["memory_images_per_s"] / c["fast_images_per_s"])
+    assert c["amp"] == runtime.amp_dtype(None, torch.device("cpu"))[0] and c["epoch"]["steps"] == 3  # ceil(300 / 120)
+    assert c["epoch"]["speedup"] == pytest.approx(c["epoch"]["before_epoch_s"] / c["epoch"]["memory_epoch_s"])
+    assert ld["source"].startswith("4 JPEGs in")
     assert ld["workers_ltaux"] == math.ceil(1000 / ld["ltaux_images_per_s_per_worker"])
     assert ld["speedup"] == pytest.approx(ld["ltaux_images_per_s_per_worker"] / ld["oltr_images_per_s_per_worker"])
-    assert ld["gpu_worker_cost_ratio"] > 1 and ld["device_decode_images_per_s"] > 0  # a worker that only reads bytes
-    assert "| ratio method / plain |" in out and "| ltaux --decode cpu: decode_jpeg" in out and "--decode gpu's decode" in out
-    assert list(ld["end_to_end_images_per_s"]) == ["cpu"] and ld["end_to_end_images_per_s"]["cpu"] > 0
-    assert "| train.py's loader, 1 workers, --decode cpu" in out
-    with pytest.raises(SystemExit):
-        bench.main(["--steps", "0"])
+    assert ld["gpu_worker_cost_ratio"] > 1  # a worker that only reads bytes beats one that decodes
+    assert list(ld["end_to_end_images_per_s"]) == ["cpu"]
+    for row in ("| ratio method / plain |", "| ltaux --decode cpu: decode_jpeg", "--decode gpu's decode",
+                "| CIFAR recipe: resnet32 cbs_rrs_ss step", "fed by the in-memory pipeline", "| CIFAR-recipe epoch, 300 JPEGs",
+                "| train.py's loader, 1 workers, --decode cpu"):
+        assert row in out, row
+    assert "PIL decode, crop, flip, uint8 out" not in out  # a pipeline ltaux no longer has
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--steps", "0"], "--steps must be in 1..2^20"),
+    (["--loader-size", "32"], "--loader-size must be in 64..4096"),
+    (["--device", "foo"], "invalid choice: 'foo'"),
+    (["--target-rate", "nan"], "--target-rate must be a positive number"),
+    (["--target-rate", "-5"], "--target-rate must be a positive number"),
+])
+def test_bench_refuses_bad_arguments_in_one_line(argv, words):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *argv], capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_names_a_bad_jpeg(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--images", str(tmp_path), "--steps", "5",
+                        "--warmup", "2", "--cifar-steps", "1", "--cifar-images", "300", "--image-size", "16",
+                        "--batch-size", "4", "--num-classes", "5"], capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 2 and f"error: {tmp_path / 'bad.jpg'}: cannot read image" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_protocol_table_is_computed_from_the_runs_metrics(tiny, tmp_path, capsys):

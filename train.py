@@ -1,73 +1,42 @@
 #!/usr/bin/env python
 """Train a long-tailed classifier with auxiliary learning (Zhang et al., arXiv:1912.04486).
 
-    python train.py                                    # demo: synthetic long-tailed data, CPU, ~2 min
-    python train.py --data /imagenet --split data_lists/ImageNet_LT_train.txt --recipe imagenet_lt_r10
-    torchrun --nproc_per_node=8 train.py --data ... --split ...          # several GPUs / nodes
-    python train.py --resume runs/r10/last.pt                            # continue where it stopped
+examples:
+  python train.py                                    # the demo: synthetic long-tailed data, a few minutes on CPU
+  python train.py --recipe imagenet_lt_r10 --data /imagenet --split data_lists/ImageNet_LT_train.txt
+  torchrun --nproc_per_node=8 train.py --recipe imagenet_lt_r50 --data /imagenet --split data_lists/ImageNet_LT_train.txt
+  python train.py --resume runs/<date>-<time>-cbs_rrs_ss/last.pt            # continue where it stopped
 
-Every epoch: validation (overall / many / medium / few top-1), <out>/best.pt, <out>/last.pt and one
-JSON line in <out>/log.jsonl. The method itself lives in ltaux.py; this file wires it up.
+Every epoch: validation (overall / many / medium / few top-1), <out>/best.pt, <out>/last.pt and one JSON line
+in <out>/log.jsonl; at the end, best.pt on the test list. The method itself lives in ltaux.py.
 """
 
 import argparse
-import collections
-import datetime
-import functools
-import hashlib
-import json
 import math
 import os
-import signal
-import socket
 import sys
-import threading
-import time
-import warnings
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet32")  # ltaux.LTResNet.ARCHS
+from recipes import METHODS, PRETRAINED, RECIPES
 
-# --method: the sampler's mode, the heads it trains (the others stay frozen), and the rotation task h_s.
-Method = collections.namedtuple("Method", "sampler heads rotation")
-METHODS = {
-    "rrs": Method("rrs", ("fc",), False),  # RRS-Only: the random batch trains h (Section 4.3)
-    "cbs": Method("cbs", ("fc",), False),  # CBS-Only: the class-balanced batch trains h
-    "cbs_rrs": Method("cbs_rrs", ("fc", "aux_fc"), False),  # CBS+RRS: h on B_cbs, h_a on B_rrs
-    "cbs_rrs_ss": Method("cbs_rrs", ("fc", "aux_fc", "rot_fc"), True),  # CBS+RRS+SS: plus h_s (Eq. 2)
-}
-
-# Presets. The paper (Section 4.4) gives Z = 4, lambdas 0.5:1:1 and SGD with a cosine schedule, and says
-# that lr, epochs and batch size follow OLTR [19] "and cross-validated"; it gives no numbers. Each value's
-# source is in README ("Recipes: where each value comes from"). `paper`: CBS+RRS+SS row of Tables 1-2.
-RECIPES = {
-    "imagenet_lt_r10": dict(arch="resnet10", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4,
-                            image_size=224, paper=(52.4, 39.5, 21.0, 41.9)),
-    "imagenet_lt_r50": dict(arch="resnet50", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4,
-                            image_size=224, paper=(60.2, 44.0, 23.1, 47.3)),
-    "places_lt_r152": dict(arch="resnet152", epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4,
-                           image_size=224, backbone_lr_scale=0.01, paper=(42.5, 40.6, 32.6, 39.6)),
-    "places_lt_r50": dict(arch="resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4,
-                          image_size=224, paper=(35.8, 31.0, 12.7, 28.9)),
-    "cifar10_lt": dict(arch="resnet32", epochs=200, batch_size=120, per_class=12, lr=0.1, weight_decay=2e-4,
-                       image_size=32, paper=None),
-    "cifar100_lt": dict(arch="resnet32", epochs=200, batch_size=128, per_class=4, lr=0.1, weight_decay=2e-4,
-                        image_size=32, paper=None),
-    # the embedded default (no --data): 30 synthetic classes, 32 px, about 2 minutes on 2 CPU cores
-    "demo": dict(arch="resnet10", epochs=8, batch_size=64, lr=0.1, weight_decay=5e-4, image_size=32,
-                 workers=1, print_freq=20, paper=None),
-}
 NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files", "decode",
-               "in_memory")
-MEMORY_BUDGET = 2 * 2**30  # --in-memory auto: decoded training + evaluation images up to 2 GiB
-DECODE_DEVICES = ("cuda",)  # where --decode gpu may run
+               "in_memory", "demo_dir")  # this machine's or this command's: never taken from a checkpoint
 FIXED_ON_RESUME = ("method", "arch", "embed_dim", "batch_size", "per_class", "seed", "image_size", "rotation",
-                   "rotation_aug")
+                   "rotation_aug", "freeze_backbone")  # a resume continues the same run
+INT_RANGE = dict(epochs=(1, 10**5), batch_size=(1, 2**20), per_class=(1, 2**20), image_size=(8, 4096), workers=(0, 1024),
+                 print_freq=(1, 2**31), eval_freq=(1, 2**31), seed=(0, 2**63 - 1), embed_dim=(0, 2**16))
+FLOAT_RANGE = dict(lr=(0, 1e30), momentum=(0, 1), weight_decay=(0, 1e30), backbone_lr_scale=(0, 1e6))  # SGD: fp32
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet32")  # LTResNet.ARCHS
+DECODE_DEVICES = ("cuda",)  # where --decode gpu may run
+MEMORY_BUDGET = 2 * 2**30  # --in-memory auto: decoded training + evaluation images up to 2 GiB
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "test_metrics.json", "unreadable.txt")  # what a run writes in --out
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown, and the examples at the top kept as written."""
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="dataset root; split paths are relative to it "
                    "(unset: run the demo on synthetic data written to --demo-dir)")
@@ -76,7 +45,7 @@ def get_args_parser():
     g.add_argument("--test-split", default=None, help="test list, evaluated with best.pt after training "
                    "(None: the sibling *_test.txt of --split)")
     g.add_argument("--demo-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
-        "~/.cache")), "ltaux", "demo"), help="where the demo writes its synthetic dataset")
+        "~/.cache")), "ltaux", "demo"), help="where the demo writes its synthetic dataset (20 MB, once)")
     g.add_argument("--check-files", action="store_true", help="open every listed image before training "
                    "and report all unreadable ones at once")
     g.add_argument("--allow-unsafe-paths", action="store_true", help="accept absolute paths and '..' in lists")
@@ -94,7 +63,7 @@ def get_args_parser():
     g.add_argument("--method", default="cbs_rrs_ss", choices=list(METHODS), help="rrs: RRS-Only, cbs: CBS-Only, "
                    "cbs_rrs: CBS+RRS (auxiliary head h_a), cbs_rrs_ss: CBS+RRS+SS (plus rotation head h_s)")
     g.add_argument("--recipe", default=None, choices=[r for r in RECIPES if r != "demo"],
-                   help="preset of the paper's settings (see README); explicit flags override it")
+                   help="preset of the paper's settings (docs/recipes.md); explicit flags override it")
     g.add_argument("--lambdas", type=float, nargs=3, default=[0.5, 1.0, 1.0], metavar=("L1", "L2", "L3"),
                    help="weights of the CBS, RRS and rotation losses (Eq. 2)")
     g.add_argument("--batch-size", type=int, default=256, help="S: images per sampler part of the global "
@@ -109,6 +78,9 @@ def get_args_parser():
     g.add_argument("--embed-dim", type=int, default=None, help="Linear + ReLU after pooling, 0 for none "
                    "(None: 512 for the ImageNet ResNets as OLTR, 0 for resnet32)")
     g.add_argument("--pretrained", default=None, help="torchvision-format backbone weights (local .pth)")
+    g.add_argument("--freeze-backbone", action="store_true", help="train only phi's 512-d layer and the heads: "
+                   "the backbone's weights stay fixed, its BatchNorm statistics keep updating (OLTR's Places-LT "
+                   "stage 1 before 2020-02-11)")
     g.add_argument("--init", default=None, help="initialise phi (backbone + embed) from an ltaux "
                    "checkpoint, heads fresh: ftRRS+CBS of Table 3")
     g = p.add_argument_group("optimisation")
@@ -120,21 +92,18 @@ def get_args_parser():
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine decay")
     g.add_argument("--backbone-lr-scale", type=float, default=1.0, help="lr of phi (backbone and embed) = "
                    "scale * lr, e.g. 0.01 to fine-tune pretrained weights")
-    g.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast precision "
-                   "(None: bf16 on CUDA, off on CPU); fp16 adds a gradient scaler")
+    g.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast precision (None: bf16 "
+                   "on CUDA and on CPUs that run bf16 natively, else off = fp32); fp16 adds a gradient scaler")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs: one all-reduce "
                    "per BN layer per step; matters when per-GPU batches are small")
-    add_run_args(p.add_argument_group("run"))
-    return p
-
-
-def add_run_args(g):
-    g.add_argument("--out", default=None, help="output folder (None: runs/<date>-<method>; with --resume "
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output folder (None: runs/<date>-<time>-<method>; with --resume "
                    "the checkpoint's folder)")
     g.add_argument("--resume", default=None, help="continue from a last.pt (model, optimiser, "
                    "schedule, sampler position, RNG); its settings are the defaults")
-    g.add_argument("--overwrite", action="store_true", help="replace the run held in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace the run held in --out (kept aside until "
+                   "the new run's first checkpoint)")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling, augmentation and init")
     g.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
     g.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
@@ -143,17 +112,35 @@ def add_run_args(g):
                    "(the paper's >= 100; Decoupling's code counts > 100 and < 20: --many 101 --few 19)")
     g.add_argument("--few", type=int, default=20, help="few-shot classes: at most this many training images "
                    "(the paper's <= 20)")
+    return p
 
 
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
     get_args_parser().parse_args()  # prints the help and exits before torch is imported (seconds)
 
-import torch  # noqa: E402 - after the fast --help
+import contextlib  # noqa: E402 - after the fast --help
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import ltaux  # noqa: E402
+import pipeline  # noqa: E402
+import recipes  # noqa: E402
 import runtime  # noqa: E402
 from ltaux import LTauxError  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments
 
 
 def parse_args(argv=None):
@@ -163,8 +150,11 @@ def parse_args(argv=None):
     first = parser.parse_known_args(argv)[0]
     ckpt = runtime.load_checkpoint(first.resume) if first.resume else None
     saved = ckpt["args"] if ckpt else {}
+    runtime.check_saved_args({k: v for k, v in saved.items() if k != "recipe"}, parser, first.resume)
+    if saved.get("recipe") not in (None, *RECIPES):
+        raise LTauxError(f"{first.resume}: its saved recipe {saved['recipe']!r} is unknown (an edited checkpoint)")
     recipe = first.recipe or saved.get("recipe") or ("demo" if first.data is None and not ckpt else None)
-    parser.set_defaults(**{k: v for k, v in RECIPES.get(recipe, {}).items() if k != "paper"})
+    parser.set_defaults(**RECIPES.get(recipe, {}))
     parser.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED and k != "recipe"})
     args = parser.parse_args(argv)
     args.recipe = recipe
@@ -174,19 +164,23 @@ def parse_args(argv=None):
 
 def check_args(args, saved):
     """Every argument mistake, up front, as one LTauxError line."""
-    positive = dict(epochs=args.epochs, batch_size=args.batch_size, per_class=args.per_class,
-                    print_freq=args.print_freq, eval_freq=args.eval_freq, image_size=args.image_size)
-    for name, v in positive.items():
-        if v < 1:
-            raise LTauxError(f"--{name.replace('_', '-')} {v}: must be at least 1")
-    for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "backbone_lr_scale", "workers"):
-        if not getattr(args, name) >= 0:  # also catches nan
-            raise LTauxError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
-    if args.embed_dim is not None and args.embed_dim < 0:
-        raise LTauxError(f"--embed-dim {args.embed_dim}: must be >= 0")
+    for name, (lo, hi) in INT_RANGE.items():
+        v = getattr(args, name)
+        if v is not None and not lo <= v <= hi:
+            raise LTauxError(f"--{name.replace('_', '-')} {v}: must be in {lo}..{hi}")
+    for name, (lo, hi) in dict(FLOAT_RANGE, warmup_epochs=(0, args.epochs)).items():
+        v = getattr(args, name)
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise LTauxError(f"--{name.replace('_', '-')} {v}: must be a finite number in [{lo}, {hi:g}]")
+    runtime.check_thresholds(args.many, args.few)
     method, (l1, l2, l3) = METHODS[args.method], args.lambdas
     if not all(v >= 0 and math.isfinite(v) for v in args.lambdas):
         raise LTauxError(f"--lambdas {l1:g} {l2:g} {l3:g}: weights must be finite and >= 0")
+    if args.recipe in PRETRAINED and not (args.pretrained or args.init or args.resume):
+        raise LTauxError(f"--recipe {args.recipe} fine-tunes ImageNet-pretrained ResNet-152 weights: pass --pretrained "
+                         "resnet152-394f9c45.pth (torchvision's ResNet152_Weights.IMAGENET1K_V1 state dict; python -c "
+                         "\"import torchvision; torchvision.models.resnet152(weights='IMAGENET1K_V1')\" downloads it to "
+                         "~/.cache/torch/hub/checkpoints/)")
     if args.in_memory == "on" and args.image_size >= 64:
         raise LTauxError(f"--in-memory on is for the CIFAR recipe's small images (--image-size < 64, here "
                          f"{args.image_size}): use --in-memory off or auto")
@@ -211,8 +205,13 @@ def check_args(args, saved):
                          "continues the same run (start a new one with --init to change it)")
 
 
+def plain_args(args):
+    """The run's arguments as saved in checkpoints (rank and world size belong to the process)."""
+    return {k: v for k, v in vars(args).items() if k not in ("rank", "world_size")}
+
+
 # ----------------------------------------------------------------------------------------------
-# data
+# data: the demo's, the lists and their images
 
 
 def make_demo_data(root, seed=0, classes=30, head=500, tail=5, val=10, test=40, size=32):
@@ -266,15 +265,17 @@ def save_png(x, path):
     Image.frombytes("RGB", (x.shape[2], x.shape[1]), bytes(x.permute(1, 2, 0).flatten().tolist())).save(path)
 
 
-def resolve_lists(args, rank, world_size):
-    """The demo's data (written by rank 0) or the user's: fills --data/--split and the sibling
-    *_val.txt / *_test.txt of a *_train.txt when those are not given."""
+def resolve_lists(args, log):
+    """The demo's data (written once by rank 0; the dataset is always that of seed 0) or the user's: fills
+    --data / --split and the sibling *_val.txt / *_test.txt of a *_train.txt when those are not given."""
     if args.data is None:
-        if rank == 0:
-            make_demo_data(args.demo_dir, seed=args.seed)
-        if world_size > 1:
+        if args.rank == 0 and not os.path.exists(os.path.join(args.demo_dir, "demo_test.txt")):
+            log(f"demo: writing its synthetic dataset (30 classes, 4,876 PNGs, about 20 MB) to {args.demo_dir} "
+                "(--demo-dir), once")
+            make_demo_data(args.demo_dir)
+        if args.world_size > 1:
             dist.barrier()  # the other ranks wait for rank 0's dataset
-        lists = make_demo_data(args.demo_dir, seed=args.seed)
+        lists = make_demo_data(args.demo_dir)
         args.data, args.split = args.demo_dir, lists["train"]
         args.val_split, args.test_split = args.val_split or lists["val"], args.test_split or lists["test"]
     if args.split is None:
@@ -290,8 +291,26 @@ def open_list(args, path, train):
     if not os.path.exists(path):
         raise LTauxError(f"{path}: split list not found (the official lists: see data_lists/README.md, "
                          "then check them with: cd data_lists && sha256sum -c SHA256SUMS --ignore-missing)")
-    return ltaux.SplitDataset(args.data, path, runtime.build_transform(args.image_size, train),
-                              allow_unsafe_paths=args.allow_unsafe_paths, read=runtime.read_image)
+    return ltaux.SplitDataset(args.data, path, pipeline.build_transform(args.image_size, train),
+                              allow_unsafe_paths=args.allow_unsafe_paths, read=pipeline.read_image)
+
+
+def open_inputs(args, log):
+    """Every list, the image root and the labels, checked: (train set, {"val"/"test": set}, counts (C,))."""
+    resolve_lists(args, log)
+    train_set = open_list(args, args.split, train=True)
+    evals = {k: open_list(args, f, train=False) for k, f in (("val", args.val_split), ("test", args.test_split)) if f}
+    check_root(train_set)
+    counts = ltaux.class_counts(train_set.labels, train_set.num_classes)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise LTauxError(f"{args.split}: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no "
+                         f"training image (labels must be 0..C-1 without gaps)")
+    for ds in evals.values():
+        runtime.check_label_range(ds, train_set.num_classes, f"the training list {args.split}")
+    for line in describe_lists([args.split] + [d.split_file for d in evals.values()]):
+        log(line)
+    return train_set, evals, counts
 
 
 def check_root(ds, probe=8):
@@ -308,7 +327,7 @@ def describe_lists(paths):
     """One line per official list (sha256 matches data_lists/SHA256SUMS); a warning for a list named
     like an official one whose checksum differs; nothing for the user's own lists."""
     known, lines = {}, []
-    sums = os.path.join(HERE, "data_lists", "SHA256SUMS")
+    sums = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists", "SHA256SUMS")
     if os.path.exists(sums):
         with open(sums) as f:
             known = dict(line.split(None, 1) for line in f if line.strip() and not line.startswith("#"))
@@ -323,9 +342,43 @@ def describe_lists(paths):
     return lines
 
 
-def check_files(datasets, log, out_dir, shown=20):
+def data_fingerprint(ds, samples=8):
+    """The training data in brief, stored in checkpoints: the list's sha256 (its content and order) and, for
+    `samples` images spread evenly through it, the file size and the sha256 of its first 64 KiB."""
+    with open(ds.split_file, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    files = []
+    for i in sorted({k * len(ds) // samples for k in range(samples)}):
+        path, size, head = os.path.join(ds.root, ds.paths[i]), -1, b""
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                size, head = os.fstat(f.fileno()).st_size, f.read(65536)
+        files.append([ds.paths[i], size, hashlib.sha256(head).hexdigest()[:16]])
+    return dict(list_sha256=digest, files=files)
+
+
+def check_same_data(ckpt, path, ds, counts, now):
+    """A resume must see the data it was trained on: the same class counts, list (now: data_fingerprint of
+    the data given) and sampled images."""
+    if not torch.equal(ckpt["train_counts"], counts):
+        raise LTauxError(f"{ds.split_file}: not the training list of the resumed run (other class counts)")
+    saved = ckpt.get("data")
+    if not isinstance(saved, dict):  # written before ltaux kept a fingerprint: counts are all it can compare
+        return
+    if saved.get("list_sha256") != now["list_sha256"]:
+        raise LTauxError(f"{ds.split_file}: not the training list of the resumed run {path} (its lines or their "
+                         f"order differ: sha256 {now['list_sha256'][:12]}, the run's {str(saved.get('list_sha256'))[:12]}); "
+                         "start a new run with --init to train on other data")
+    for old, new in zip(saved.get("files", []), now["files"]):
+        if list(old) != new:
+            raise LTauxError(f"--data {ds.root}: {new[0]} is not the image the resumed run {path} was trained on "
+                             f"({new[1]} bytes, the run's {old[1]}{', other content' if old[1] == new[1] else ''}); "
+                             "a resume continues on the same data (start a new run with --init)")
+
+
+def check_files(datasets, stop, log, out_dir, shown=20):
     """Open every listed image (rank 0 only); report all failures at once (the first `shown` inline,
-    every one in <out>/unreadable.txt when there are more)."""
+    every one in <out>/unreadable.txt when there are more). A stop signal ends it (runtime.Interrupted)."""
     failures, done = [], 0
     total = sum(len(d) for d in datasets)
     for ds in datasets:
@@ -337,6 +390,7 @@ def check_files(datasets, log, out_dir, shown=20):
             done += 1
             if done % 5000 == 0 or done == total:
                 log(f"check-files: {done}/{total} images, {len(failures)} unreadable")
+            stop.before_training()
     if not failures:
         return
     more = ""
@@ -348,90 +402,52 @@ def check_files(datasets, log, out_dir, shown=20):
     raise LTauxError(f"{len(failures)} unreadable images:\n  " + "\n  ".join(failures[:shown]) + more)
 
 
-def ignore_stop_signals(_worker_id):
-    """DataLoader workers ignore SIGINT, and SIGTERM unless the main process sends it (the DataLoader's
-    own terminate()): a signal sent to the whole process group (Slurm, systemd, kill -TERM -PGID,
-    Ctrl-C) then reaches the main process, which finishes the step and saves while workers keep serving.
-    A watcher thread reads each SIGTERM's sender (sigwaitinfo; where that is missing, e.g. macOS,
-    SIGTERM keeps its default action). Workers still exit when the main process dies (PyTorch's watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):
-        return
-    parent = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # delivered to the watcher alone
-
-    def watch():
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-            pass  # from the process group or another process: ignored
-        os._exit(0)  # the main process terminates this worker
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def make_loader(ds, args, device, sampler=None, rank=0, world_size=1):
-    """The training loader (batch_sampler = AuxBatchSampler; with --decode gpu its batches are file
-    bytes, finished by loader.dataset.decode; below 64 px each sample gets cifar_augment from its seed)
-    or this rank's shard (rank::W) of an evaluation list, S / W images per batch."""
-    kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
-    if sampler is not None:
-        if args.decode == "gpu":
-            ds = runtime.DeviceDecodeDataset(ds, args.image_size)
-            kw["collate_fn"] = ds.collate
-        elif args.image_size < 64:
-            ds = runtime.SeededCifar(ds)
-        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, persistent_workers=args.workers > 0, **kw)
-    shard = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
-    return torch.utils.data.DataLoader(shard, batch_size=max(1, args.batch_size // world_size), **kw)
-
-
-def in_memory(args, datasets):
-    """Whether --in-memory holds these datasets' decoded images in one tensor each (see its help)."""
-    if args.in_memory == "off" or args.image_size >= 64:
-        return False
-    size = sum(len(d) for d in datasets) * 3 * args.image_size ** 2
-    return args.in_memory == "on" or size <= MEMORY_BUDGET
-
-
-def make_data(train_set, evals, sampler, args, device, log):
-    """The training batches and {name: evaluation batches}: in memory (runtime.MemoryBatches, decoded
-    once here) or DataLoaders (make_loader)."""
-    if not in_memory(args, [train_set] + list(evals.values())):
-        return make_loader(train_set, args, device, sampler), {
-            k: make_loader(d, args, device, None, args.rank, args.world_size) for k, d in evals.items()}
-    t0, n = time.time(), len(train_set) + sum(len(d) for d in evals.values())
+def make_batches(train_set, evals, sampler, args, device, log):
+    """The training batches and {name: evaluation batches}: in memory (pipeline.MemoryBatches, decoded
+    once here; see --in-memory) or DataLoader workers."""
+    size = sum(len(d) for d in [train_set, *evals.values()]) * 3 * args.image_size ** 2
+    if args.in_memory == "off" or args.image_size >= 64 or (args.in_memory == "auto" and size > MEMORY_BUDGET):
+        per_rank = max(1, args.batch_size // args.world_size)
+        return (pipeline.training_loader(train_set, sampler, device, args.workers, args.decode, args.image_size),
+                {k: pipeline.eval_loader(d, per_rank, device, args.workers, args.rank, args.world_size)
+                 for k, d in evals.items()})
+    t0 = time.time()
     try:
-        decoded = {k: runtime.decode_all(d, device, args.workers) for k, d in dict(evals, train=train_set).items()}
+        decoded = {k: pipeline.decode_all(d, device, args.workers) for k, d in dict(evals, train=train_set).items()}
     except LTauxError:
         if args.rank > 0:  # every rank reads the same files: rank 0 alone prints the error line
             raise QuietExit(2) from None
         raise
-    batches = runtime.MemoryBatches(*decoded.pop("train"), sampler)
-    evals = {k: runtime.MemoryEval(*d, max(1, args.batch_size // args.world_size), args.rank, args.world_size)
-             for k, d in decoded.items()}
-    log(f"in memory: {n} images decoded once ({n * 3 * args.image_size ** 2 / 2**20:.0f} MiB on {device}, "
-        f"{time.time() - t0:.1f}s); batches gathered and augmented on {device}, no loader workers")
-    return batches, evals
+    log(f"in memory: {len(train_set) + sum(len(d) for d in evals.values())} images decoded once ({size / 2**20:.0f} "
+        f"MiB on {device}, {time.time() - t0:.1f}s); batches gathered and augmented on {device}, no loader workers")
+    evals = {k: pipeline.MemoryEval(*d, max(1, args.batch_size // args.world_size), args.rank, args.world_size)
+             for k, d in decoded.items() if k != "train"}
+    return pipeline.MemoryBatches(*decoded["train"], sampler), evals
 
 
 # ----------------------------------------------------------------------------------------------
 # model, optimiser, schedule
 
 
-def build_model(args, num_classes, device, world_size):
-    """LTResNet with the heads --method does not train frozen (DDP must not wait for their gradients)."""
+def build_model(args, num_classes, device):
+    """LTResNet with the heads --method does not train frozen (DDP must not wait for their gradients);
+    --freeze-backbone freezes the backbone's weights too (it stays in train mode: BatchNorm keeps updating
+    its running statistics, as OLTR's frozen stage does)."""
     model = ltaux.LTResNet(args.arch, num_classes, args.embed_dim, args.pretrained)
     if args.init:  # the whole of phi (backbone + embed), heads fresh: ftRRS+CBS (Table 3)
         runtime.load_weights(model, runtime.load_checkpoint(args.init), args.init, prefixes=("backbone.", "embed."))
     for head in {"fc", "aux_fc", "rot_fc"} - set(METHODS[args.method].heads):
         getattr(model, head).requires_grad_(False)
-    if args.sync_bn and world_size > 1:
+    if args.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    if args.sync_bn and args.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(device, memory_format=torch.channels_last)
 
 
 def build_optimizer(model, args, device):
-    """SGD with momentum and weight decay on every parameter (as OLTR); phi at backbone_lr_scale * lr."""
-    phi = [p for n, p in model.named_parameters() if n.startswith(("backbone.", "embed."))]
+    """SGD with momentum and weight decay on every trained parameter (as OLTR); phi at backbone_lr_scale * lr."""
+    phi = [p for n, p in model.named_parameters() if n.startswith(("backbone.", "embed.")) and p.requires_grad]
     heads = [p for n, p in model.named_parameters() if not n.startswith(("backbone.", "embed."))]
     groups = [dict(params=phi, lr_scale=args.backbone_lr_scale), dict(params=heads, lr_scale=1.0)]
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -446,36 +462,74 @@ def lr_factor(step, total, warmup):
 
 
 # ----------------------------------------------------------------------------------------------
-# the output folder and checkpoints
+# the output folder: claimed after every input was checked, locked for the run
 
 
-def claim_out(args, ckpt_path):
-    """Choose --out and lock it for this run (an OS lock: a crashed run leaves no stale lock). Refuses
-    a folder that holds another run unless it is the one resumed or --overwrite is given."""
+@dataclasses.dataclass
+class Folder:
+    """--out for this run: its path, the lock the run holds on it, whether the run made it, and the folder
+    where --overwrite keeps the replaced run until this run's first checkpoint (None once none is kept)."""
+    path: str
+    lock: runtime.FolderLock
+    created: bool
+    aside: str = None
+
+    def first_checkpoint_written(self):
+        if self.aside:  # the new run has proved itself: the replaced one goes
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+
+    def close(self, failed):
+        """At the end of the run: put a replaced run back if this one failed before its first checkpoint,
+        remove a folder this run made and left empty, release the lock."""
+        if failed and self.aside:
+            print(f"note: the run that --overwrite was replacing is back in {self.path}", file=sys.stderr, flush=True)
+            for f in RUN_FILES:
+                if os.path.exists(os.path.join(self.path, f)):
+                    os.remove(os.path.join(self.path, f))
+            for f in os.listdir(self.aside):
+                os.replace(os.path.join(self.aside, f), os.path.join(self.path, f))
+            os.rmdir(self.aside)
+        self.lock.release()
+        if self.created and not os.listdir(self.path):
+            os.rmdir(self.path)
+
+
+def claim_out(args, ckpt):
+    """Make and lock --out. Refuses a folder that holds another run unless it is the one resumed or
+    --overwrite is given; --overwrite moves that run (its files and eval-* folders) aside. Resuming into
+    another folder brings the resumed run's best.pt and log along (see carry_over)."""
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise LTauxError(f"--out {out}: is a file, not a folder")
-    parent = os.path.dirname(os.path.abspath(out))
-    probe = out if os.path.isdir(out) else next(p for p in _ancestors(parent) if os.path.exists(p))
+    probe = out if os.path.isdir(out) else next(p for p in _ancestors(os.path.abspath(out)) if os.path.exists(p))
     if not os.access(probe, os.W_OK | os.X_OK):
         raise LTauxError(f"--out {out}: {probe} is not writable")
-    resumed_here = bool(ckpt_path) and os.path.isdir(out) and os.path.samefile(os.path.dirname(
-        os.path.abspath(ckpt_path)), out)
-    taken = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if taken and not resumed_here and not args.overwrite:
-        hint = f"pass --resume {os.path.join(out, 'last.pt')} to continue it, " if "last.pt" in taken else ""
-        raise LTauxError(f"{out}: holds another run ({', '.join(taken)}); {hint}--overwrite to replace it, "
-                         "or another --out")
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
-    lock = RunLock(out, created)
-    if taken and not resumed_here:  # --overwrite, now that every input was checked and the folder is ours
-        for f in taken:
-            os.remove(os.path.join(out, f))
-    return out, lock
-
-
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "test_metrics.json")
+    folder = Folder(out, runtime.FolderLock(out, "training"), created)
+    try:
+        for f in os.listdir(out):  # temporary files of a run killed outright (SIGKILL) while saving
+            if f.startswith((".last.pt.tmp", ".best.pt.tmp", ".log.jsonl.tmp")) and os.path.isfile(os.path.join(out, f)):
+                os.remove(os.path.join(out, f))
+        here = bool(args.resume) and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), out)
+        taken = [f for f in sorted(os.listdir(out)) if f in RUN_FILES or (f.startswith("eval-") and "last.pt" in
+                                                                           os.listdir(out))]
+        if taken and not here and not args.overwrite:
+            hint = f"pass --resume {os.path.join(out, 'last.pt')} to continue it, " if "last.pt" in taken else ""
+            raise LTauxError(f"{out}: holds another run ({', '.join(taken)}); {hint}--overwrite to replace it, "
+                             "or another --out")
+        if taken and not here:  # --overwrite: the old run waits aside until the new one has a checkpoint
+            folder.aside = os.path.join(out, f".replaced-by-{os.getpid()}")
+            os.mkdir(folder.aside)
+            for f in taken:
+                os.replace(os.path.join(out, f), os.path.join(folder.aside, f))
+        if ckpt and not here:
+            carry_over(args.resume, out, ckpt["epoch"])
+    except BaseException:
+        folder.close(failed=True)
+        raise
+    return folder
 
 
 def _ancestors(path):
@@ -486,81 +540,116 @@ def _ancestors(path):
         path = os.path.dirname(path)
 
 
-class RunLock:
-    """An exclusive OS lock on <out>/.lock (with pid and host inside) held for the whole run: a second
-    run on the same folder is refused at once; the OS drops the lock when the process dies."""
-
-    def __init__(self, out, created):
-        import fcntl
-        self.out, self.created = out, created
-        self.path = os.path.join(out, ".lock")
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            who = self.file.read().strip() or "another process"
-            self.file.close()
-            raise LTauxError(f"{out}: in use by a running training ({who}); choose another --out") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        self.file.flush()
-
-    def release(self):
-        """Unlock; a folder this run created and left empty (it failed before writing) is removed."""
-        os.remove(self.path)
-        self.file.close()
-        if self.created and not os.listdir(self.out):
-            os.rmdir(self.out)
+def carry_over(resume, out, epoch):
+    """Resuming into another folder: copy the resumed run's best.pt and its log lines before `epoch`, so the
+    new folder holds the whole run. Without a best.pt beside the checkpoint, the first epoch writes one."""
+    src = os.path.dirname(os.path.abspath(resume))
+    if os.path.isfile(os.path.join(src, "best.pt")):
+        with open(os.path.join(src, "best.pt"), "rb") as f:
+            runtime.atomic_save(f, os.path.join(out, "best.pt"), write=lambda src_file, dst: shutil.copyfileobj(src_file, dst))
+    if os.path.isfile(os.path.join(src, "log.jsonl")):
+        shutil.copyfile(os.path.join(src, "log.jsonl"), os.path.join(out, "log.jsonl"))
+        trim_log(out, epoch)
 
 
-def save_checkpoint(path, args, model, optimizer, scaler, counts, steps_per_epoch, epoch, step_in_epoch, best_acc,
-                    partial=None):
-    """Write one checkpoint atomically: everything needed to resume, as tensors and plain types. Weights
-    are checked first (one reduction, one host sync per save): a non-finite one raises NonFiniteLoss and
-    nothing is written, so no checkpoint ever holds non-finite weights."""
-    bad = runtime.first_non_finite(model.state_dict())
+def trim_log(out, epoch):
+    """On resume: keep the log lines of the epochs before `epoch` (a crash may have left one more, or a
+    damaged line: dropped)."""
+    path = os.path.join(out, "log.jsonl")
+    if os.path.exists(path):
+        keep = []
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] < epoch:
+                        keep.append(json.dumps(row) + "\n")
+                except ValueError:  # a line cut short by a crash, or not JSON
+                    pass
+        runtime.atomic_save("".join(keep).encode(), path, write=lambda data, f: f.write(data))
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@dataclasses.dataclass
+class Run:
+    """What every step and every epoch of a run needs, fixed for the run."""
+    args: argparse.Namespace
+    device: torch.device
+    amp: torch.dtype  # the autocast dtype, None for fp32
+    model: torch.nn.Module  # the LTResNet: saved and evaluated
+    net: torch.nn.Module  # what a step calls: the model, wrapped by DDP and torch.compile where asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: object  # training batches: a DataLoader or pipeline.MemoryBatches, with .batch_sampler
+    evals: dict  # {"val" / "test": evaluation batches}
+    counts: torch.Tensor  # (C,) training images per class
+    fingerprint: dict  # data_fingerprint of the training data
+    folder: Folder
+    stop: "StopFlag"
+    log: callable
+
+
+def save_checkpoint(run, name, epoch, step_in_epoch, best_acc, partial=None):
+    """Write <out>/<name> atomically: everything needed to resume, as tensors and plain types. Weights are
+    checked first (one reduction, one host sync per save): non-finite ones raise RunError and nothing is
+    written, so no checkpoint ever holds non-finite weights. A failed write raises RunError too."""
+    bad = runtime.first_non_finite(run.model.state_dict())
     if bad:
         where = f"at the end of epoch {epoch - 1}" if step_in_epoch == 0 else f"after step {step_in_epoch} of epoch {epoch}"
-        raise NonFiniteLoss(f"non-finite weights ({bad}) {where} (the update diverged); lower --lr or check the "
-                            "data, then --resume the last good checkpoint")
-    ckpt = dict(format=runtime.CKPT_FORMAT, args=plain_args(args), model=model.state_dict(),
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), train_counts=counts, epoch=epoch,
-                step_in_epoch=step_in_epoch, global_step=epoch * steps_per_epoch + step_in_epoch,
-                shot_rule=runtime.SHOT_RULE,
-                best_acc=float(best_acc),
+        raise RunError(f"non-finite weights ({bad}) {where} (the update diverged); lower --lr or check the data, "
+                       "then --resume the last good checkpoint")
+    steps = run.batches.batch_sampler.num_batches
+    ckpt = dict(format=runtime.CKPT_FORMAT, args=plain_args(run.args), model=run.model.state_dict(),
+                optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), train_counts=run.counts,
+                epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * steps + step_in_epoch,
+                best_acc=float(best_acc), shot_rule=runtime.SHOT_RULE, data=run.fingerprint,
                 rng_cpu=torch.get_rng_state(), partial=partial or {},
                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    runtime.atomic_save(ckpt, path)
+    write_file(run, name, ckpt)
+    run.folder.first_checkpoint_written()
 
 
-def plain_args(args):
-    """The run's arguments as saved in checkpoints (rank and world size belong to the process)."""
-    return {k: v for k, v in vars(args).items() if k not in ("rank", "world_size")}
-
-
-def restore(ckpt, path, model, optimizer, scaler, args, log):
-    """Load a --resume checkpoint; apply the optimisation flags given now (logged). Returns
-    (epoch, step_in_epoch, best_acc, partial epoch metrics)."""
-    runtime.load_weights(model, ckpt, path)
+def write_file(run, name, obj):
+    """<out>/<name> written atomically (a checkpoint, or bytes), never cut by a second signal; a failed write
+    (disk full, folder gone or read-only) raises RunError."""
+    write = None if isinstance(obj, dict) else (lambda data, f: f.write(data))
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        with run.stop.saving():
+            runtime.atomic_save(obj, os.path.join(run.args.out, name), write)
+    except LTauxError as e:
+        raise RunError(str(e)) from None
+
+
+def restore(ckpt, run):
+    """Load a --resume checkpoint into the run; apply the optimisation flags given now (logged). Returns
+    (epoch, step_in_epoch, best_acc, partial epoch metrics)."""
+    args, path = run.args, run.args.resume
+    runtime.load_weights(run.model, ckpt, path)
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng_cpu"])
+        if ckpt.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise LTauxError(f"{path}: damaged optimiser or RNG state ({type(e).__name__})") from None
-    if ckpt.get("rng_cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-    for g in optimizer.param_groups:  # load_state_dict brought the old values back
+    for g in run.optimizer.param_groups:  # load_state_dict brought the old values back
         g.update(momentum=args.momentum, weight_decay=args.weight_decay)
-    optimizer.param_groups[0]["lr_scale"] = args.backbone_lr_scale
+    run.optimizer.param_groups[0]["lr_scale"] = args.backbone_lr_scale
     old = ckpt["args"]
     for k in ("lr", "momentum", "weight_decay", "backbone_lr_scale", "epochs", "warmup_epochs", "lambdas"):
         if old.get(k) != getattr(args, k):
-            log(f"resume: --{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's run had {old.get(k)}); "
-                + ("the cosine schedule is recomputed over the new length from the current step"
-                   if k in ("epochs", "warmup_epochs") else "applied from the next step"))
+            run.log(f"resume: --{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's run had {old.get(k)}); "
+                    + ("the cosine schedule is recomputed over the new length from the current step"
+                       if k in ("epochs", "warmup_epochs") else "applied from the next step"))
+    steps = run.batches.batch_sampler.num_batches
+    if ckpt["step_in_epoch"] >= steps:
+        raise LTauxError(f"{path}: step {ckpt['step_in_epoch']} of an epoch of {steps} steps (a damaged checkpoint)")
+    run.log(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']} of {steps} "
+            f"(global step {ckpt['global_step']} of {steps * args.epochs})")
     return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_acc"], ckpt.get("partial") or {}
 
 
@@ -568,15 +657,31 @@ def restore(ckpt, path, model, optimizer, scaler, args, log):
 # one epoch
 
 
-def step_inputs(images, labels, args, device, gen):
-    """A loader batch [B_cbs; B_rrs] (uint8, this rank's S/W + S/W rows) -> aux_loss's four inputs."""
-    jitter = gen if runtime.jitter_on_device(args.image_size, train=True) else None
-    x, y = runtime.to_device(images, device, jitter), labels.to(device, non_blocking=True)
+def loss_settings(args):
+    """aux_loss's (lambdas, rotation) for the method: the rotation task only where the method has it."""
+    if METHODS[args.method].rotation:
+        return list(args.lambdas), args.rotation
+    return [args.lambdas[0], args.lambdas[1], 0.0], "off"
+
+
+def images_per_step(args):
+    """Images through the backbone per global step (S per part, rotated copies included)."""
+    method = METHODS[args.method]
+    n = args.batch_size * (2 if method.sampler == "cbs_rrs" else 1)
+    if method.rotation or args.rotation_aug:
+        n += n * (4 if args.rotation == "all" else 1)
+    return n
+
+
+def step_inputs(images, labels, run, gen):
+    """A batch of the sampler's parts (uint8, this rank's S/W rows per part) -> aux_loss's four inputs,
+    None for a part the method has not."""
+    args = run.args
+    jitter = gen if pipeline.jitter_on_device(args.image_size, train=True) else None
+    x, y = pipeline.to_device(images, run.device, jitter), labels.to(run.device, non_blocking=True)
     mode = METHODS[args.method].sampler
-    if mode == "rrs":
-        return None, None, x, y
-    if mode == "cbs":
-        return x, y, None, None
+    if mode != "cbs_rrs":
+        return (x, y, None, None) if mode == "cbs" else (None, None, x, y)
     s = args.batch_size // args.world_size
     x_cbs, y_cbs, x_rrs, y_rrs = x[:s], y[:s], x[s:], y[s:]
     if args.rotation_aug:  # Table 5: the same images through phi as CBS+RRS+SS, all as classification
@@ -585,100 +690,129 @@ def step_inputs(images, labels, args, device, gen):
     return x_cbs, y_cbs, x_rrs, y_rrs
 
 
-def images_per_step(args):
-    """Images through the backbone per global step (S per part, rotated copies included)."""
-    n = args.batch_size * (1 if METHODS[args.method].sampler != "cbs_rrs" else 2)
-    if METHODS[args.method].rotation or args.rotation_aug:
-        n += n * (4 if args.rotation == "all" else 1)
-    return n
+def train_step(run, images, labels, step, gen):
+    """One SGD step on Eq. 2 at global step `step`: its learning rate, the loss, backward, the update.
+    Rotation angles and colour jitter come from `gen` (a generator on the device), seeded here by (seed,
+    step, rank): a resume repeats them. Returns the loss parts (detached, on the device)."""
+    args, total = run.args, run.batches.batch_sampler.num_batches * run.args.epochs
+    warmup = round(args.warmup_epochs * run.batches.batch_sampler.num_batches)
+    for g in run.optimizer.param_groups:
+        g["lr"] = args.lr * g["lr_scale"] * lr_factor(step, total, warmup)
+    gen.manual_seed(ltaux.AuxBatchSampler.derive_seed(args.seed, "rotation", step, args.rank))
+    lambdas, rotation = loss_settings(args)
+    with torch.autocast(run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+        loss, parts = ltaux.aux_loss(run.net, *step_inputs(images, labels, run, gen), lambdas, rotation, gen)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return dict(parts, loss=loss.detach())
 
 
-def train_one_epoch(model, loader, optimizer, scaler, stop, epoch, first_step, partial, args, device, amp, log):
-    """Train from batch `first_step` of `epoch` to its end, or until a stop is agreed. Returns a metrics
-    dict: mean loss and parts over the whole epoch (a resumed part included), lr, images/s (this
-    session), epoch_time_s, steps (done in this epoch so far), stopped."""
-    model.train()
-    steps = loader.batch_sampler.num_batches  # M
-    total, warmup = steps * args.epochs, round(args.warmup_epochs * steps)
-    sums = {k: torch.tensor(v, device=device) for k, v in partial.get("sums", {}).items()}
-    done, seen, t0 = partial.get("steps", 0), 0, time.time()
-    gen = torch.Generator(device=device)
-    method = METHODS[args.method]
-    lambdas = list(args.lambdas) if method.rotation else [args.lambdas[0], args.lambdas[1], 0.0]
-    rotation = args.rotation if method.rotation else "off"
-    step_in_epoch = first_step
-    for batch in loader:
-        images, labels = loader.dataset.decode(batch, device) if args.decode == "gpu" else batch
-        step = epoch * steps + step_in_epoch
-        for g in optimizer.param_groups:
-            g["lr"] = args.lr * g["lr_scale"] * lr_factor(step, total, warmup)
-        gen.manual_seed(ltaux.AuxBatchSampler.derive_seed(args.seed, "rotation", step, args.rank))
-        x_cbs, y_cbs, x_rrs, y_rrs = step_inputs(images, labels, args, device, gen)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, parts = ltaux.aux_loss(model, x_cbs, y_cbs, x_rrs, y_rrs, lambdas, rotation, gen)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        for k, v in dict(parts, loss=loss.detach()).items():  # running sums stay on the device: no sync
-            sums[k] = sums.get(k, 0.0) + v.float()
-        done, seen, step_in_epoch = done + 1, seen + images_per_step(args), step_in_epoch + 1
-        if step_in_epoch % args.print_freq == 0 or step_in_epoch == steps:
+def train_one_epoch(run, epoch, first_step, partial):
+    """Train from batch `first_step` of `epoch` to its end, or until a stop is agreed. Returns (metrics,
+    partial): mean loss and parts over the whole epoch (a resumed part included), lr, images/s (this
+    session), epoch_time_s, steps (done in this epoch so far), stopped; partial carries an interrupted
+    epoch's sums into its checkpoint."""
+    run.model.train()
+    steps = run.batches.batch_sampler.num_batches  # M
+    sums = {k: torch.tensor(v, device=run.device) for k, v in partial.get("sums", {}).items()}
+    done, seen, t0, step_in_epoch = partial.get("steps", 0), 0, time.time(), first_step
+    gen = torch.Generator(device=run.device)
+    for batch in worker_errors(run.batches):
+        images, labels = run.batches.dataset.decode(batch, run.device) if run.args.decode == "gpu" else batch
+        for k, v in train_step(run, images, labels, epoch * steps + step_in_epoch, gen).items():
+            sums[k] = sums.get(k, 0.0) + v.float()  # running sums stay on the device: no sync
+        done, seen, step_in_epoch = done + 1, seen + images_per_step(run.args), step_in_epoch + 1
+        if step_in_epoch % run.args.print_freq == 0 or step_in_epoch == steps:
             means = check_finite(sums, done, epoch, step_in_epoch)
-            rate = seen / (time.time() - t0)
-            eta = datetime.timedelta(seconds=round((total - step - 1) * (time.time() - t0) / (done - partial.get(
-                "steps", 0))))
-            log(f"epoch {epoch} [{step_in_epoch:>{len(str(steps))}}/{steps}] "
-                + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                + f" lr {optimizer.param_groups[-1]['lr']:.5f} img/s {rate:.0f} eta {eta}")
-        if stop.agreed():
+            left = steps * run.args.epochs - epoch * steps - step_in_epoch  # steps still to run
+            eta = datetime.timedelta(seconds=round(left * (time.time() - t0) / (step_in_epoch - first_step)))
+            run.log(f"epoch {epoch} [{step_in_epoch:>{len(str(steps))}}/{steps}] "
+                    + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                    + f" lr {run.optimizer.param_groups[-1]['lr']:.5f} img/s {seen / (time.time() - t0):.0f} eta {eta}")
+        if run.stop.agreed():
             break
     means = check_finite(sums, done, epoch, step_in_epoch)
     elapsed = partial.get("time", 0.0) + time.time() - t0
     out = {f"loss_{k}" if k != "loss" else k: v for k, v in means.items()}
-    out.update(lr=optimizer.param_groups[-1]["lr"], images_per_s=seen / max(time.time() - t0, 1e-9),
+    out.update(lr=run.optimizer.param_groups[-1]["lr"], images_per_s=seen / max(time.time() - t0, 1e-9),
                epoch_time_s=elapsed, steps=step_in_epoch, stopped=step_in_epoch < steps)
-    partial = dict(sums={k: float(v) for k, v in sums.items()}, steps=done, time=elapsed)
-    return out, partial
+    return out, dict(sums={k: float(v) for k, v in sums.items()}, steps=done, time=elapsed)
+
+
+def worker_errors(batches):
+    """Iterate the training batches; a DataLoader worker that died (killed, out of memory) becomes a RunError."""
+    try:
+        yield from batches
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise RunError(f"a data-loader worker died ({str(e).splitlines()[0]}); lower --workers if memory is "
+                       "short, then --resume the last good checkpoint") from None
+
+
+class RunError(LTauxError):
+    """An error during training (non-finite loss or weights, a failed write, a dead worker); train() adds
+    the last good checkpoint to its message."""
 
 
 class QuietExit(Exception):
     """End the process with this status and no message (another rank prints the error line)."""
 
 
-class NonFiniteLoss(LTauxError):
-    """The loss became nan or inf; train() adds the path of the last good checkpoint."""
-
-
 def check_finite(sums, n, epoch, step_in_epoch):
     """Mean loss parts since the epoch began ({name: float}; one host sync). A non-finite one ends the
-    run before anything is saved, so no checkpoint ever holds non-finite weights."""
+    run before anything is saved."""
     means = {k: float(v) / max(n, 1) for k, v in sums.items()}
     if not all(math.isfinite(v) for v in means.values()):
         parts = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
-        raise NonFiniteLoss(f"non-finite loss at step {step_in_epoch} of epoch {epoch} or before it ({parts}); "
-                            "lower --lr or check the data, then --resume the last good checkpoint")
+        raise RunError(f"non-finite loss at step {step_in_epoch} of epoch {epoch} or before it ({parts}); "
+                       "lower --lr or check the data, then --resume the last good checkpoint")
     return means
 
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag: the run finishes its step, saves last.pt and exits 0. A second
-    signal more than a second later exits at once (status 128 + signal); one within the second is the
-    same request delivered twice (Slurm signals every process, torchrun forwards it again). With W
-    processes the flag is all-reduced every step, read one step later (no stall of the GPU queue),
-    so every rank stops after the same step."""
+    """SIGTERM / SIGINT ask the run to stop: before training it ends at once (runtime.Interrupted), during
+    training after the current step (last.pt is saved), during the final test at the next batch. A signal
+    within a second of the previous one is the same request delivered again (Slurm signals every process,
+    torchrun forwards it, supervisors repeat it); one more than a second after the previous exits at once
+    with status 128 + signal, without saving, but never in the middle of writing a file. With W processes
+    the flag is all-reduced every step, read one step later (no stall of the GPU queue), so every rank
+    stops after the same step."""
 
     def __init__(self, device, world_size):
-        self.signum, self.device, self.world_size, self.pending = None, device, world_size, None
-        self.first_at = None
+        self.signum, self.last, self.device, self.world_size, self.pending = None, 0.0, device, world_size, None
+        self.writing, self.exit_after_write = False, None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
-        if self.signum is None:
-            self.signum, self.first_at = signum, time.monotonic()
-        elif time.monotonic() - self.first_at > 1.0:
-            print(f"second {signal.Signals(signum).name}: exiting now, without saving", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
+        now = time.monotonic()
+        if self.signum is None or now - self.last <= 1.0:  # the first request, or the same one again
+            self.signum = self.signum or signum
+        elif self.writing:
+            self.exit_after_write = signum  # once the file being written is whole
+        else:
+            self.exit_now(signum)
+        self.last = now
+
+    def exit_now(self, signum):
+        print(f"second {signal.Signals(signum).name}: exiting now, without saving", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    @contextlib.contextmanager
+    def saving(self):
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+            if self.exit_after_write:
+                self.exit_now(self.exit_after_write)
+
+    def before_training(self):
+        if self.signum is not None:
+            raise runtime.Interrupted(self.signum)
 
     def agreed(self):
         if self.world_size == 1:
@@ -697,52 +831,45 @@ class StopFlag:
 # validation, the end of an epoch, the final test
 
 
-def validate(model, loader, counts, args, device, amp):
-    """Overall / many / medium / few top-1 (percent) of phi + h on an evaluation loader."""
-    pred, target = runtime.predict(model, loader, device, amp, args.world_size)
-    return ltaux.shot_accuracy(pred, target, counts, args.many, args.few)
+def validate(run, batches, stop=None):
+    """Overall / many / medium / few top-1 (percent) of phi + h on evaluation batches."""
+    pred, target = runtime.predict(run.model, batches, run.device, run.amp, run.args.world_size, stop=stop)
+    return ltaux.shot_accuracy(pred, target, run.counts, run.args.many, run.args.few)
 
 
-def end_epoch(out, metrics, improved, save):
-    """Write best.pt (if improved), then the log line, then last.pt: after a crash at any point,
-    last.pt never records a best accuracy that best.pt does not hold, and a resume rewrites the rest."""
+def end_epoch(run, metrics, improved, best_acc):
+    """Write best.pt (if improved), then the log line, then last.pt: after a crash at any point, last.pt
+    never records a best accuracy that best.pt does not hold, and a resume rewrites the rest."""
+    epoch = metrics["epoch"] + 1
     if improved:
-        save(os.path.join(out, "best.pt"))
-    with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    save(os.path.join(out, "last.pt"))
+        save_checkpoint(run, "best.pt", epoch, 0, best_acc)
+    try:
+        with run.stop.saving(), open(os.path.join(run.args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    except OSError as e:
+        raise RunError(f"{os.path.join(run.args.out, 'log.jsonl')}: cannot write it ({e.strerror})") from None
+    save_checkpoint(run, "last.pt", epoch, 0, best_acc)
 
 
-def trim_log(out, epoch):
-    """On resume: keep the log lines of the epochs before `epoch` (a crash may have left one more)."""
-    path = os.path.join(out, "log.jsonl")
-    if os.path.exists(path):
-        keep = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("epoch", -1) < epoch:
-                        keep.append(line)
-                except ValueError:  # a line cut short by a crash
-                    pass
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
-
-
-def final_test(model, loader, out, counts, args, device, amp, log):
-    """Evaluate best.pt on the test list, print the many / medium / few table, write test_metrics.json."""
-    best = os.path.join(out, "best.pt")
+def final_test(run):
+    """Evaluate best.pt on the test list, print the many / medium / few table (with the paper's row for a
+    recipe run) and write test_metrics.json. A stop signal ends it early (runtime.Interrupted)."""
+    args, best = run.args, os.path.join(run.args.out, "best.pt")
     if args.rank == 0:
-        runtime.load_weights(model, runtime.load_checkpoint(best), best)
+        runtime.load_weights(run.model, runtime.load_checkpoint(best), best)
     if args.world_size > 1:  # rank 0's weights to every rank: no shared file system needed
-        for tensor in model.state_dict().values():
+        for tensor in run.model.state_dict().values():
             dist.broadcast(tensor, src=0)
-    acc = validate(model, loader, counts, args, device, amp)
-    log(f"\ntest ({args.test_split}) with {best}:\n" + runtime.format_table({f"{args.method} (best.pt)": acc}))
+    acc = validate(run, run.evals["test"], stop=run.stop.agreed)
+    paper = recipes.paper_row(plain_args(args), vars(get_args_parser().parse_args([])), args.test_split)
+    run.log(f"\ntest ({args.test_split}) with {best}:\n" + runtime.format_table({f"{args.method} (best.pt)": acc})
+            + runtime.paper_lines(acc, paper))
     if args.rank == 0:
-        with open(os.path.join(out, "test_metrics.json"), "w") as f:
-            json.dump({k: acc[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}, f)
+        metrics = {k: acc[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
+        if paper:
+            metrics.update(paper=paper, paper_difference={k: None if acc[k] is None else acc[k] - paper[k]
+                                                          for k in ("many", "medium", "few", "overall")})
+        write_file(run, "test_metrics.json", json.dumps(metrics).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,129 +895,138 @@ def setup_processes(args):
     return device
 
 
-def open_inputs(args, log):
-    """Every list, the image root and the labels, checked: (train set, {"val"/"test": set}, counts (C,))."""
-    resolve_lists(args, args.rank, args.world_size)
-    train_set = open_list(args, args.split, train=True)
-    evals = {k: open_list(args, f, train=False) for k, f in (("val", args.val_split), ("test", args.test_split)) if f}
-    check_root(train_set)
-    counts = ltaux.class_counts(train_set.labels, train_set.num_classes)
-    empty = torch.nonzero(counts == 0).flatten().tolist()
-    if empty:
-        raise LTauxError(f"{args.split}: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no "
-                         f"training image (labels must be 0..C-1 without gaps)")
-    for ds in evals.values():
-        runtime.check_label_range(ds, train_set.num_classes, f"the training list {args.split}")
-    for line in describe_lists([args.split] + [d.split_file for d in evals.values()]):
-        log(line)
-    return train_set, evals, counts
-
-
-def run_header(args, device, amp_name, train_set, steps, out, has_val, log):
+def run_header(run, has_val):
+    args, n = run.args, len(run.batches.batch_sampler.labels)
     defaults = vars(get_args_parser().parse_args([]))
     changed = {k: v for k, v in plain_args(args).items() if k in defaults and defaults[k] != v}
-    log("args not at their defaults (all are saved in every checkpoint): " + json.dumps(changed, sort_keys=True))
-    log(f"device: {device}, {args.world_size} process{'es' if args.world_size > 1 else ''}, amp {amp_name}; "
-        f"{len(train_set)} train images, {train_set.num_classes} classes, {steps} steps/epoch of "
-        f"{images_per_step(args)} images; writing to {out}")
+    run.log("args not at their defaults (all are saved in every checkpoint): " + json.dumps(changed, sort_keys=True))
+    run.log(f"device: {run.device}, {args.world_size} process{'es' if args.world_size > 1 else ''}, amp "
+            f"{runtime.amp_dtype(args.amp, run.device)[0]}; {n} train images, {len(run.counts)} classes, "
+            f"{run.batches.batch_sampler.num_batches} steps/epoch of {images_per_step(args)} images; writing to {args.out}")
     if not has_val:
-        log("no validation list: best.pt is the last epoch's weights (--val-split selects by validation accuracy)")
+        run.log("no validation list: best.pt is the last epoch's weights (--val-split selects by validation accuracy)")
 
 
 def train(args, ckpt):
-    """The whole run: inputs first (nothing is written until all are checked), then the epochs."""
+    """The whole run: inputs first (nothing is written until all are checked), then the epochs, then the test."""
     t_start = time.time()
     device = setup_processes(args)
     log = functools.partial(print_rank0, args.rank)
-    amp_name, amp = runtime.amp_dtype(args.amp, device)
+    amp = runtime.amp_dtype(args.amp, device)[1]
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-
-    # inputs: lists, images root, arguments, checkpoints (--resume, --init, --pretrained)
-    train_set, evals, counts = open_inputs(args, log)
+    stop = StopFlag(device, args.world_size)
     try:
-        sampler = ltaux.AuxBatchSampler(train_set.labels, args.batch_size, args.per_class,
-                                        METHODS[args.method].sampler, seed=args.seed, rank=args.rank,
-                                        world_size=args.world_size, with_seeds=True)
-    except ValueError as e:  # S vs Z, k vs C, S vs W: the user's arguments
-        raise LTauxError(f"{args.split}: {e}") from None
-    model = build_model(args, train_set.num_classes, device, args.world_size)
-    optimizer = build_optimizer(model, args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_name == "fp16")
-    if ckpt and not torch.equal(ckpt["train_counts"], counts):
-        raise LTauxError(f"{args.split}: not the training list of the resumed run (other class counts)")
-    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
-                            os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
-    if args.check_files and args.rank == 0:
-        check_files([train_set] + list(evals.values()), log, args.out)
-
-    # the output folder: claimed only now
-    out, lock = claim_out(args, args.resume) if args.rank == 0 else (None, None)
-    if args.world_size > 1:
-        box = [out]
-        dist.broadcast_object_list(box, src=0)
-        out = box[0]
-    args.out = out
-    try:
-        epoch, first_step, best_acc, partial = 0, 0, -1.0, {}
+        # inputs: lists, images root, arguments, checkpoints (--resume, --init, --pretrained)
+        train_set, evals, counts = open_inputs(args, log)
+        sampler = make_sampler(train_set, args)
+        model = build_model(args, train_set.num_classes, device)
+        optimizer = build_optimizer(model, args, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        fingerprint = data_fingerprint(train_set)
         if ckpt:
-            epoch, first_step, best_acc, partial = restore(ckpt, args.resume, model, optimizer, scaler, args, log)
-            if args.rank == 0:
-                trim_log(out, epoch)
-        net = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
-        net = torch.compile(net) if args.compile else net
-        loader, eval_loaders = make_data(train_set, evals, sampler, args, device, log)
-        run_header(args, device, amp_name, train_set, sampler.num_batches, out, "val" in evals, log)
-        stopped = run_epochs(net, model, loader, eval_loaders, optimizer, scaler, counts, epoch, first_step,
-                             best_acc, partial, args, device, amp, log)
-        if not stopped and "test" in eval_loaders:
-            final_test(model, eval_loaders["test"], out, counts, args, device, amp, log)
-    except NonFiniteLoss as e:
-        last = os.path.join(out, "last.pt")
-        raise LTauxError(f"{e}: {last if os.path.exists(last) else 'none yet'}") from None
+            check_same_data(ckpt, args.resume, train_set, counts, fingerprint)
+        args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                                os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
+        if args.check_files and args.rank == 0:
+            check_files([train_set] + list(evals.values()), stop, log, args.out)
+        stop.before_training()
+
+        # the output folder, claimed only now; then the training batches (decoded into memory here)
+        folder = claim_out(args, ckpt) if args.rank == 0 else None
+        failed = True
+        try:
+            args.out = share_out(args, folder)
+            batches, eval_batches = make_batches(train_set, evals, sampler, args, device, log)
+            net = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
+            run = Run(args, device, amp, model, torch.compile(net) if args.compile else net, optimizer, scaler,
+                      batches, eval_batches, counts, fingerprint, folder, stop, log)
+            stopped = run_epochs(run, ckpt, "val" in evals)
+            failed = False
+        finally:
+            if folder:
+                folder.close(failed)
     finally:
-        if lock:
-            lock.release()
-    if not stopped:
-        log(f"\ndone in {datetime.timedelta(seconds=round(time.time() - t_start))}; best.pt: {out}/best.pt\n"
-            f"next: python evaluate.py --checkpoint {out}/best.pt" + (f" --split {args.test_split}" if
-                                                                       args.test_split else " --split LIST"))
+        stop.restore()
+    if stopped is None:
+        log(f"\ndone in {datetime.timedelta(seconds=round(time.time() - t_start))}; best.pt: {args.out}/best.pt\n"
+            f"next: python evaluate.py --checkpoint {args.out}/best.pt" + (f" --split {args.test_split}" if
+                                                                          args.test_split else " --split LIST"))
     return 0
 
 
-def run_epochs(net, model, loader, eval_loaders, optimizer, scaler, counts, epoch, first_step, best_acc,
-               partial, args, device, amp, log):
-    """The epoch loop: train, validate, write best.pt / log.jsonl / last.pt. Returns True if stopped."""
-    sampler, stop = loader.batch_sampler, StopFlag(device, args.world_size)
-    save = functools.partial(save_checkpoint, args=args, model=model, optimizer=optimizer, scaler=scaler,
-                             counts=counts, steps_per_epoch=sampler.num_batches)
+def make_sampler(train_set, args):
+    """AuxBatchSampler of the method's mode; its argument errors (S vs Z, k vs C, S vs W) are the user's."""
+    try:
+        return ltaux.AuxBatchSampler(train_set.labels, args.batch_size, args.per_class, METHODS[args.method].sampler,
+                                     seed=args.seed, rank=args.rank, world_size=args.world_size, with_seeds=True)
+    except ValueError as e:
+        raise LTauxError(f"{args.split}: {e}") from None
+
+
+def share_out(args, folder):
+    """Rank 0's output folder, told to every rank."""
+    box = [folder.path if folder else None]
+    if args.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_epochs(run, ckpt, has_val):
+    """The epochs (train, validate, write best.pt / log.jsonl / last.pt), then the final test. Returns None
+    when the run is complete, else where it stopped (a signal)."""
+    args, log = run.args, run.log
+    epoch, first_step, best_acc, partial = restore(ckpt, run) if ckpt else (0, 0, -1.0, {})
+    if ckpt and args.rank == 0:
+        trim_log(args.out, epoch)
+    force_best = ckpt is not None and not os.path.exists(os.path.join(args.out, "best.pt"))
+    run_header(run, has_val)
     try:
         for epoch in range(epoch, args.epochs):
-            sampler.set_epoch(epoch, first_step)
-            m, partial = train_one_epoch(net, loader, optimizer, scaler, stop, epoch, first_step, partial,
-                                         args, device, amp, log)
+            run.batches.batch_sampler.set_epoch(epoch, first_step)
+            m, partial = train_one_epoch(run, epoch, first_step, partial)
             if m.pop("stopped"):
                 if args.rank == 0:
-                    save(os.path.join(args.out, "last.pt"), epoch=epoch, step_in_epoch=m["steps"],
-                         best_acc=best_acc, partial=partial)
+                    save_checkpoint(run, "last.pt", epoch, m["steps"], best_acc, partial)
                 log(f"stopped at epoch {epoch} step {m['steps']}: saved {args.out}/last.pt; continue with "
                     f"python train.py --resume {args.out}/last.pt")
-                return True
+                return epoch
             first_step, partial, m["epoch"] = 0, {}, epoch
-            if "val" in eval_loaders and ((epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs):
-                acc = validate(model, eval_loaders["val"], counts, args, device, amp)
+            if "val" in run.evals and ((epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs):
+                acc = validate(run, run.evals["val"])
                 m.update({f"val_{k}": acc[k] for k in ("overall", "many", "medium", "few", "mean_per_class")})
-            improved = "val" not in eval_loaders or m.get("val_overall", -1.0) > best_acc
-            best_acc = max(best_acc, m.get("val_overall", best_acc))
+            improved = force_best or "val" not in run.evals or m.get("val_overall", -1.0) > best_acc
+            best_acc, force_best = max(best_acc, m.get("val_overall", best_acc)), False
             if args.rank == 0:
-                end_epoch(args.out, m, improved, functools.partial(save, epoch=epoch + 1, step_in_epoch=0,
-                                                                   best_acc=best_acc))
+                end_epoch(run, m, improved, best_acc)
             log(f"epoch {epoch} done in {m['epoch_time_s']:.0f}s: loss {m['loss']:.4f}" + "".join(
                 f", val {k} {m['val_' + k]:.2f}" for k in ("overall", "many", "medium", "few")
                 if m.get("val_" + k) is not None))
-    finally:
-        stop.restore()
-    return False
+            if run.stop.agreed():
+                log(f"stopped after epoch {epoch}: saved {args.out}/last.pt; continue with python train.py --resume "
+                    f"{args.out}/last.pt")
+                return epoch
+        return test_at_the_end(run, force_best, best_acc)
+    except RunError as e:
+        last = os.path.join(args.out, "last.pt")
+        raise LTauxError(f"{e}: {last if os.path.exists(last) else 'none yet'}") from None
+
+
+def test_at_the_end(run, force_best, best_acc):
+    """The final test of a complete run (a resume of a finished run lands here directly). Returns None, or
+    "test" when a stop signal ended it early."""
+    if "test" not in run.evals:
+        return None
+    if force_best and run.args.rank == 0:  # resumed into a new folder after the last epoch, no best.pt beside
+        run.log("the resumed run's best.pt was not beside its checkpoint: testing the resumed weights (now best.pt)")
+        save_checkpoint(run, "best.pt", run.args.epochs, 0, best_acc)
+    try:
+        final_test(run)
+    except runtime.Interrupted:
+        run.log(f"stopped during the final test: training is complete ({run.args.out}/best.pt, last.pt); "
+                f"python train.py --resume {run.args.out}/last.pt runs the test")
+        return "test"
+    return None
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -904,6 +1040,10 @@ def main(argv=None):
         return train(args, ckpt)
     except LTauxError as e:
         return runtime.report(e)
+    except runtime.Interrupted as e:
+        name = signal.Signals(e.args[0]).name
+        print(f"error: {name} before training started: stopped, nothing was written", file=sys.stderr, flush=True)
+        return 128 + e.args[0]
     except QuietExit as e:
         return e.args[0]
     except RuntimeError as e:  # a collective broke because a peer failed first and printed its one error line:

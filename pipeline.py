@@ -1,0 +1,378 @@
+"""The input pipeline: image files -> uint8 tensors -> normalised batches on the training device.
+
+Workers read and crop (decode_jpeg for JPEGs, Pillow for the rest); what needs no worker runs batched on
+the device: float conversion, the ImageNet-LT recipe's colour jitter, normalisation. Three ways to feed a
+step, all giving a sample the same pixels for the same (seed, epoch, position):
+    training_loader            DataLoader workers (the ImageNet-LT recipe; the CIFAR recipe with --in-memory off)
+    DeviceDecodeDataset        --decode gpu: workers send file bytes; decode_jpeg and the crop on the GPU
+    MemoryBatches, MemoryEval  --in-memory: small images decoded once into one tensor on the device
+Used by train.py, evaluate.py and bench.py; the method itself is ltaux.py.
+"""
+
+import functools
+import io
+import os
+import signal
+import threading
+
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.v2 as T2
+import torchvision.transforms.v2.functional as F2
+from PIL import Image
+
+try:  # deprecated in torchvision 0.29 for TorchCodec; without it, Pillow decodes every image
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    ImageReadMode = decode_jpeg = None
+
+import ltaux
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, applied on the device
+
+
+# ----------------------------------------------------------------------------------------------
+# reading images: JPEGs by torchvision.io.decode_jpeg (in the workers, or on the GPU), the rest by Pillow
+
+
+JPEG_MODES = ("RGB", "L", "CMYK")  # decode_jpeg(mode=RGB) gives Pillow's convert("RGB") pixels for these
+
+
+def read_encoded(path, max_aspect=50):
+    """An image file's bytes and header -> (data uint8 (N,), is_jpeg, (H, W)). Only the header is
+    parsed (Pillow: format, size, its decompression-bomb check, and load_rgb's aspect limit)."""
+    data, is_jpeg, size = _read_header(path, max_aspect)
+    return torch.frombuffer(data, dtype=torch.uint8), is_jpeg, size
+
+
+def _read_header(path, max_aspect=50):
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        if max(w, h) > max_aspect * max(1, min(w, h)):
+            raise ValueError(f"aspect ratio {w}x{h} exceeds {max_aspect}:1")
+        is_jpeg = img.format == "JPEG" and img.mode in JPEG_MODES and decode_jpeg is not None
+    return data, is_jpeg, (h, w)
+
+
+def read_image(path):
+    """An image file -> uint8 RGB (3, H, W). JPEGs are decoded by torchvision.io.decode_jpeg
+    (libjpeg-turbo: Pillow's pixels, bit for bit); other files, and JPEGs it rejects, by Pillow
+    (ltaux.load_rgb), whose error then names what is wrong. The file is read once."""
+    data, is_jpeg, _ = _read_header(path)
+    if is_jpeg:
+        try:
+            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # truncated or damaged: Pillow reads it again and raises an OSError that says why
+    return F2.pil_to_tensor(ltaux.load_rgb(io.BytesIO(data)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipes' transforms: what a worker does to one image (uint8 in, uint8 out)
+
+
+def build_transform(size, train):
+    """uint8 image tensor (3, H, W) -> uint8 (3, size, size), as DataLoader workers run it. What needs no
+    worker runs later, batched, on the device (to_device): float conversion, the ImageNet-LT recipe's
+    ColorJitter (color_jitter), normalisation. Resizing is torchvision's antialiased bilinear on tensors
+    (within one grey level of PIL's, and faster: README "Input pipeline").
+    Below 64 px (the CIFAR recipe) the transform is the fixed resize + centre crop alone, for training
+    too: the random pad-4 crop and flip come from each sample's seed (cifar_augment), batched."""
+    if size >= 64:  # the ImageNet-LT recipe of OLTR: RandomResizedCrop, flip (+ ColorJitter 0.4 on the device)
+        if train:
+            return RandomResizedCropFlip(size)
+        return T2.Compose([T2.Resize(round(size * 256 / 224), antialias=True), T2.CenterCrop(size)])
+    return T2.Compose([T2.Resize(size, antialias=True), T2.CenterCrop(size)])
+
+
+class RandomResizedCropFlip:
+    """torchvision's RandomResizedCrop(size) then RandomHorizontalFlip() on uint8 tensors, with the random
+    draw (params) apart from the pixel work (apply): --decode gpu draws in the workers and applies on
+    the device. The draws are torchvision's own (get_params, then torch.rand(1) < 0.5), from torch's
+    global RNG, so that a seeded sample gives the same crop whichever half runs it.
+
+    Args:
+        size: output side (default: none, required).
+        scale: range of the crop's area, a fraction of the image's (default: (0.08, 1.0)).
+        ratio: range of the crop's aspect ratio (default: (3/4, 4/3)).
+    """
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def params(self, height, width):
+        """(top, left, crop height, crop width, flip 0/1) for an image of height x width."""
+        shape_only = torch.zeros(1).expand(1, height, width)  # get_params reads the size alone: no pixels
+        top, left, h, w = T.RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio))
+        return top, left, h, w, int(torch.rand(1) < 0.5)
+
+    def apply(self, x, p):
+        """uint8 (3, H, W) on any device + params -> uint8 (3, size, size) on that device."""
+        top, left, h, w, flip = (int(v) for v in p)
+        x = F2.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
+        return x.flip(-1) if flip else x
+
+    def __call__(self, x):
+        return self.apply(x, self.params(*x.shape[-2:]))
+
+
+def cifar_augment(x, seeds, pad=4):
+    """The CIFAR recipe's augmentation (pad 4 with zeros, random crop back to H x W, random horizontal
+    flip), batched, on any device, drawn from each sample's seed: the crop offsets and the flip are
+    digits of the seed (top = seed mod 9, left = seed div 9 mod 9, flip = seed div 81 mod 2), so a
+    sample gets the same pixels alone in a DataLoader worker or in a batch on the GPU.
+
+    Args:
+        x: uint8 images (B, 3, H, W).
+        seeds: (B,) int64 >= 0, uniformly random (AuxBatchSampler.epoch_seeds).
+        pad: zero padding on each side (default: 4).
+    Returns:
+        uint8 images (B, 3, H, W) (a strided view in channels-last order).
+    """
+    B, _, H, W = x.shape
+    n, dev = 2 * pad + 1, x.device
+    seeds = seeds.to(dev)
+    top, left, flip = seeds % n, seeds // n % n, (seeds // (n * n) % 2).bool()  # (B,) each
+    rows = top[:, None] + torch.arange(H, device=dev)  # (B, H) rows of the padded image
+    cols = left[:, None] + torch.arange(W, device=dev)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, 3, H + 2 pad, W + 2 pad)
+    out = padded[torch.arange(B, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, 3)
+    return out.permute(0, 3, 1, 2)
+
+
+class SeededCifar(torch.utils.data.Dataset):
+    """A training SplitDataset (fixed transform: build_transform(size < 64)) whose items dataset[(i, seed)]
+    get cifar_augment with that seed: what a DataLoader worker runs on the CIFAR recipe's path."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        i, seed = item
+        x, y = self.dataset[i]
+        return cifar_augment(x[None], torch.tensor([seed]))[0].contiguous(), y
+
+
+# ----------------------------------------------------------------------------------------------
+# on the device: uint8 batch -> (jittered) normalised float, channels_last
+
+
+def jitter_on_device(size, train):
+    """Whether training images of this size get color_jitter on the device (the ImageNet-LT recipe)."""
+    return train and size >= 64
+
+
+def color_jitter(x, generator=None, brightness=0.4, contrast=0.4, saturation=0.4):
+    """torchvision's ColorJitter(brightness, contrast, saturation), batched on the images' device.
+
+    Every image draws its own factors, uniform in [1 - s, 1 + s] for each strength s, as ColorJitter
+    does; each operation is torchvision's tensor version (adjust_brightness: scale; adjust_contrast:
+    blend with the image's mean grey; adjust_saturation: blend with its grey image; grey = ITU-R 601
+    luma), clamped to [0, 255] after each. Differences: the operations run in a fixed order
+    (brightness, contrast, saturation), where torchvision draws a random order per image, and in float,
+    where PIL rounds to 8 bits after each operation.
+
+    Args:
+        x: float images (B, 3, H, W) with values in [0, 255].
+        generator: torch.Generator on x.device (default: the global RNG).
+    Returns:
+        float images (B, 3, H, W) in [0, 255].
+    """
+    strength = torch.tensor([brightness, contrast, saturation], device=x.device).view(3, 1, 1, 1, 1)
+    f = 1 + strength * (2 * torch.rand(3, x.shape[0], 1, 1, 1, device=x.device, generator=generator) - 1)
+    x = (x * f[0]).clamp_(0, 255)  # brightness: (B, 3, H, W), the one new batch; the rest in place
+    mean = grey(x).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
+    x.mul_(f[1]).add_((1 - f[1]) * mean).clamp_(0, 255)  # contrast
+    g = grey(x)  # (B, 1, H, W)
+    return x.mul_(f[2]).add_((1 - f[2]) * g).clamp_(0, 255)  # saturation
+
+
+def grey(x):
+    """ITU-R 601 luma of RGB images: (B, 3, H, W) -> (B, 1, H, W), as torchvision's rgb_to_grayscale."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+@functools.lru_cache(maxsize=None)
+def mean_std(device):
+    """ImageNet mean and std for uint8 pixels, made once per device (a per-step copy would sync)."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
+def to_device(x, device, jitter=None):
+    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W) on the device, channels_last (faster for
+    these ResNets on CUDA and on CPUs alike: 1.15-1.2x for a CPU training step, bench.py).
+    With jitter = a torch.Generator on the device, color_jitter first (training, ImageNet-LT recipe)."""
+    x = x.to(device, non_blocking=True).float()
+    if jitter is not None:
+        x = color_jitter(x, jitter)
+    mean, std = mean_std(device)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------
+# feeding the step: DataLoader workers, --decode gpu, --in-memory
+
+
+def ignore_stop_signals(_worker_id):
+    """DataLoader workers ignore SIGINT, and SIGTERM unless the main process sends it (the DataLoader's
+    own terminate()): a signal sent to the whole process group (Slurm, systemd, kill -TERM -PGID,
+    Ctrl-C) then reaches the main process, which finishes the step and saves while workers keep serving.
+    A watcher thread reads each SIGTERM's sender (sigwaitinfo; where that is missing, e.g. macOS,
+    SIGTERM keeps its default action). Workers still exit when the main process dies (PyTorch's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # delivered to the watcher alone
+
+    def watch():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass  # from the process group or another process: ignored
+        os._exit(0)  # the main process terminates this worker
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def training_loader(ds, sampler, device, workers, decode="cpu", size=224):
+    """DataLoader workers over a training SplitDataset with batch_sampler = AuxBatchSampler (with seeds):
+    uint8 batches [B_cbs; B_rrs]. decode "gpu": its batches are file bytes + crops, which
+    loader.dataset.decode finishes on the device (DeviceDecodeDataset); below 64 px each sample gets
+    cifar_augment from its seed (SeededCifar)."""
+    kw = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+              persistent_workers=workers > 0)
+    if decode == "gpu":
+        ds = DeviceDecodeDataset(ds, size)
+        kw["collate_fn"] = ds.collate
+    elif size < 64:
+        ds = SeededCifar(ds)
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, **kw)
+
+
+def eval_loader(ds, batch_size, device, workers, rank=0, world_size=1):
+    """DataLoader workers over this rank's shard (items rank::W, in list order) of an evaluation list."""
+    shard = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
+    return torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+                                       pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+
+
+class DeviceDecodeDataset(torch.utils.data.Dataset):
+    """--decode gpu, the workers' half: a training SplitDataset's items as file bytes plus the crop to
+    apply after decoding, so that workers only read files and draw random numbers.
+
+    Args:
+        dataset: ltaux.SplitDataset of the training list (its labels, lines and error messages).
+        size: crop size of RandomResizedCropFlip.
+    Items:
+        dataset[(i, seed)] -> (data, params (6,) int64: i, top, left, h, w, flip; label). data is the
+        JPEG file's bytes (N,), or, for any other file, the finished uint8 image (3, size, size). The
+        seed gives the crop that SplitDataset's transform would draw for (i, seed).
+    Batches (collate): (list of data, params (B, 6), labels (B,)); decode() finishes them on the device.
+    """
+
+    def __init__(self, dataset, size):
+        self.dataset, self.crop = dataset, RandomResizedCropFlip(size)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        i, seed = item
+        data, is_jpeg, (h, w) = self.dataset.load(i, read=read_encoded)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            p = self.crop.params(h, w)
+        if not is_jpeg:  # PNG and the rest: the CPU path, here in the worker
+            data = self.crop.apply(self.dataset.load(i, read=read_image), p)
+        return data, torch.tensor((i,) + p), self.dataset.labels[i]
+
+    @staticmethod
+    def collate(items):
+        data, params, labels = zip(*items)
+        return list(data), torch.stack(params), torch.tensor(labels)
+
+    def decode(self, batch, device):
+        """A collated batch -> (uint8 images (B, 3, size, size) on the device, labels (B,)). JPEGs are
+        decoded together by decode_jpeg(device=...); one the device decoder rejects is read on the CPU
+        (read_image); one that fails there too raises LTauxError naming its file and split line."""
+        data, params, labels = batch
+        rows = params.tolist()  # one conversion, not two tensor reads per image
+        out = torch.empty(len(data), 3, self.crop.size, self.crop.size, dtype=torch.uint8, device=device)
+        jpeg = [b for b, d in enumerate(data) if d.dim() == 1]
+        for b, x in zip(jpeg, decode_many([data[b] for b in jpeg], device)):
+            if x is None:  # the device decoder said no: the CPU path, with its error messages
+                x = self.dataset.load(rows[b][0], read=read_image)
+            out[b] = self.crop.apply(x.to(device, non_blocking=True), rows[b][1:])
+        for b, d in enumerate(data):
+            if d.dim() == 3:
+                out[b] = d.to(device, non_blocking=True)
+        return out, labels
+
+
+def decode_many(data, device):
+    """JPEG bytes [(N_i,)] -> [uint8 (3, H_i, W_i) on the device, or None where decoding failed]: one
+    batched decode_jpeg call, or one call per image when the batch fails."""
+    if not data:
+        return []
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    out = []
+    for d in data:
+        try:
+            out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+def decode_all(dataset, device, workers=0, batch_size=256):
+    """Every image of a SplitDataset through its (fixed) transform, once: (uint8 (N, 3, s, s), labels (N,)),
+    both on `device`. Errors name the file and split line as in training."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    images = torch.cat([x for x, _ in loader]) if len(dataset) else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    return images.to(device), torch.tensor(dataset.labels, device=device)
+
+
+class MemoryBatches:
+    """The training batches of a small dataset held in memory (--in-memory): the sampler's [B_cbs; B_rrs]
+    indices of each step gather the images from one uint8 tensor on the device, then cifar_augment draws
+    from the same per-sample seeds as a worker (SeededCifar) would: the same uint8 batches as the
+    DataLoader path, without worker processes. Iterating yields (uint8 (2S/W, 3, s, s), labels) per step
+    from the sampler's epoch and first step (set_epoch)."""
+
+    def __init__(self, images, labels, sampler):
+        self.images, self.labels, self.batch_sampler = images, labels, sampler
+
+    def __iter__(self):
+        s, dev = self.batch_sampler, self.images.device
+        index = s.epoch_batches()[s.first:].to(dev)  # (M - first, 2S / W)
+        seeds = s.epoch_seeds()[s.first:].to(dev)
+        for idx, seed in zip(index, seeds):
+            yield cifar_augment(self.images[idx], seed), self.labels[idx]
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+
+class MemoryEval:
+    """An evaluation list held in memory: batches (uint8 images, labels) of this rank's shard (rank::W),
+    in list order, for predict()."""
+
+    def __init__(self, images, labels, batch_size, rank=0, world_size=1):
+        self.images, self.labels = images[rank::world_size], labels[rank::world_size]
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        for i in range(0, len(self.images), self.batch_size):
+            yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+
+    def __len__(self):
+        return -(-len(self.images) // self.batch_size)
