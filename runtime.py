@@ -128,8 +128,13 @@ def atomic_save(obj, path, write=None):
             os.fsync(fd)  # make the rename itself durable
         finally:
             os.close(fd)
-    except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError ("unexpected pos")
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OSError):
+            reason = e.strerror or str(e)
+        elif "unexpected pos" in str(e) or "StreamWriter" in str(e):  # how torch.save reports a short write
+            reason = "written short: the disk is full or a file-size limit was reached"
+        else:
+            raise
         raise LTauxError(f"{path}: cannot write it ({reason})") from None
     finally:
         if os.path.lexists(tmp):

@@ -1,11 +1,15 @@
-"""Sanity checks of ltaux (the method, in the order of ltaux.py) and of the entry points. CPU only.
+"""Sanity checks of ltaux, module by module in the order of the code: ltaux.py (the method), recipes.py,
+pipeline.py, runtime.py, then the entry points train.py, evaluate.py, cifar_lt.py, bench.py, data_lists/ and
+README.md. CPU only (the few CUDA tests skip without a GPU).
 
-    python -m pytest -q
+    python -m pytest -q                     # everything, a few minutes on 2 cores
+    python -m pytest -q -m "not slow"       # the method and the data pieces, seconds
 
 The method tests check behaviour through the public API (what each head is given, which rows the
 sampler puts where, what the loss adds up), so that a wrongly wired method fails: heads, halves,
 labels or loss weights swapped, a CBS part that is not class-balanced, rotation labels that do not
-match the rotation, a deployed model that uses another head.
+match the rotation, a deployed model that uses another head. Tests that read ../shared (the official
+lists, real images, the paper's text) skip cleanly where it is absent.
 """
 
 import ast
@@ -37,20 +41,39 @@ from PIL import Image
 import evaluate
 import ltaux
 import pipeline
+import recipes
 import runtime
 import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision"
                                         ":DeprecationWarning")  # torchvision 0.29 on decode_jpeg (README)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+
 SHARED = os.path.join(HERE, "..", "shared")
+
 SHARED_LISTS = os.path.join(SHARED, "data_lists")
 
+PAPER_TXT = os.path.join(SHARED, "seed", "paper.txt")
 
 def write_list(path, rows):
     with open(path, "w") as f:
         f.write("".join(rows))
     return str(path)
+
+def need(name):
+    path = os.path.join(SHARED_LISTS, name)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} absent")
+    return path
+
+
+# ==============================================================================================
+# ltaux.py
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm 1 lines 2-8: AuxBatchSampler
 
 
 def lt_labels(seed=0):
@@ -58,10 +81,6 @@ def lt_labels(seed=0):
     counts = [200, 120, 60, 33, 17, 9] + [5] * 29 + [2, 1]
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
     return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))].tolist(), counts
-
-
-# ----------------------------------------------------------------------------------------------
-# Algorithm 1 lines 2-8: AuxBatchSampler
 
 
 def halves(sampler):
@@ -203,7 +222,7 @@ def test_sampler_on_places_lt_never_repeats_a_class_or_an_image():
 
 
 # ----------------------------------------------------------------------------------------------
-# the model: phi and the heads h (.fc), h_a (.aux_fc), h_s (.rot_fc)
+# the model (Sections 3.4, 4.3): phi and the heads h, h_a, h_s
 
 
 @pytest.mark.parametrize("arch", ["resnet10", "resnet18", "resnet32", "resnet50"])  # 34/101/152: same classes
@@ -250,7 +269,7 @@ def test_pretrained_backbone_loads_torchvision_weights(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Algorithm 1 line 9 and Eq. 2: rotate_batch, aux_loss, rotation_augment
+# Algorithm 1 line 9 and Eq. 2: rotations and the loss
 
 
 def find_rotation(row, sources):
@@ -488,6 +507,33 @@ def test_read_split_missing_file_unsafe_opt_in_and_duplicates(tmp_path):
     assert ltaux.read_split(f, allow_negative=True)[1] == [-1]
 
 
+@pytest.mark.parametrize("label", ["0_3", "\uff13", "٣", "1e2", "0x1"])
+def test_read_split_takes_only_ascii_digits_as_labels(tmp_path, label):
+    """int() would read '0_3' as 3 and a full-width or Arabic-Indic digit as a number."""
+    path = write_list(tmp_path / "l.txt", ["a.png 0\n", f"b.png {label}\n"])
+    with pytest.raises(ltaux.LTauxError, match=r"l\.txt:2: label .* is not an integer"):
+        ltaux.read_split(path)
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\x1c", "\x85", "\x0b"])
+def test_read_split_counts_lines_by_newlines_alone(tmp_path, sep):
+    """A U+2028 (or another character str.splitlines() breaks at) inside a line must not shift the line
+    numbers of the lines after it: the bad label below is on line 4."""
+    path = tmp_path / "l.txt"
+    path.write_text(f"a.png 0\nb.png 1{sep}\nd.png 2\ne.png x\n", encoding="utf-8")
+    with pytest.raises(ltaux.LTauxError, match=r"l\.txt:4: label 'x' is not an integer"):
+        ltaux.read_split(str(path))
+
+
+def test_read_split_drops_a_byte_order_mark_and_bounds_labels(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes("\ufeffa/1.jpg 0\nb/2.jpg 1\n".encode("utf-8"))
+    assert ltaux.read_split(f)[0] == ["a/1.jpg", "b/2.jpg"]
+    big = write_list(tmp_path / "big.txt", ["a.jpg 0\n", "b.jpg 1000000000\n"])
+    with pytest.raises(ltaux.LTauxError, match=r"big.txt:2: label 1000000000 is larger than"):
+        ltaux.read_split(big)
+
+
 def make_image_tree(tmp_path):
     root = tmp_path / "imgs"
     root.mkdir()
@@ -556,15 +602,6 @@ def test_dataset_bad_image_names_path_and_line(tmp_path, content, reason, read):
     assert "s.txt:3" in msg and str(root / "bad.jpg") in msg and reason in msg
 
 
-def test_read_split_drops_a_byte_order_mark_and_bounds_labels(tmp_path):
-    f = tmp_path / "bom.txt"
-    f.write_bytes("\ufeffa/1.jpg 0\nb/2.jpg 1\n".encode("utf-8"))
-    assert ltaux.read_split(f)[0] == ["a/1.jpg", "b/2.jpg"]
-    big = write_list(tmp_path / "big.txt", ["a.jpg 0\n", "b.jpg 1000000000\n"])
-    with pytest.raises(ltaux.LTauxError, match=r"big.txt:2: label 1000000000 is larger than"):
-        ltaux.read_split(big)
-
-
 @pytest.mark.parametrize("read", ["load_rgb", "read_image"])
 def test_wide_greyscale_is_rescaled_and_extreme_aspect_ratios_refused(tmp_path, read):
     ramp = Image.new("I;16", (64, 2))
@@ -587,58 +624,67 @@ def test_wide_greyscale_is_rescaled_and_extreme_aspect_ratios_refused(tmp_path, 
         ds[2]
 
 
-# ----------------------------------------------------------------------------------------------
-# the input pipeline: colour jitter on the device (pipeline.color_jitter)
-
-
-def jitter_factors(which, n=2000, seed=0):
-    """Run color_jitter with one operation on, on mid-range images (no clamping), and read back each
-    image's factor together with torchvision's own operation applied with that factor."""
-    import torchvision.transforms.functional as TF
-    g = torch.Generator().manual_seed(seed)
-    x = 60 + 120 * torch.rand(n, 3, 4, 4, generator=g)
-    strengths = {**dict(brightness=0.0, contrast=0.0, saturation=0.0), which: 0.4}
-    out = pipeline.color_jitter(x, torch.Generator().manual_seed(seed + 1), **strengths)
-    if which == "brightness":
-        f = (out / x).mean(dim=(1, 2, 3))
-        ref = torch.stack([TF.adjust_brightness(x[i] / 255, float(f[i])) * 255 for i in range(8)])
-    elif which == "contrast":
-        f = out.std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))
-        ref = torch.stack([TF.adjust_contrast(x[i] / 255, float(f[i])) * 255 for i in range(8)])
-    else:
-        g_x = pipeline.grey(x)
-        f = ((out - g_x) * (x - g_x)).sum(dim=(1, 2, 3)) / ((x - g_x) ** 2).sum(dim=(1, 2, 3))
-        ref = torch.stack([TF.adjust_saturation(x[i] / 255, float(f[i])) * 255 for i in range(8)])
-    return f, out[:8], ref
-
-
-@pytest.mark.parametrize("which", ["brightness", "contrast", "saturation"])
-def test_color_jitter_is_torchvisions_operation_with_uniform_factors(which):
-    f, out, ref = jitter_factors(which)
-    assert torch.allclose(out, ref, atol=1e-2)  # the same operation as torchvision, factor for factor (0..255)
-    assert f.min() >= 0.6 - 1e-4 and f.max() <= 1.4 + 1e-4  # ColorJitter(0.4): uniform in [0.6, 1.4]
-    quantiles = torch.linspace(0.6, 1.4, len(f))
-    assert (f.sort().values - quantiles).abs().max() < 0.04  # and uniform (Kolmogorov-Smirnov distance)
-
-
-def test_training_images_are_jittered_on_the_device_and_only_at_imagenet_sizes():
-    x = torch.full((4, 3, 8, 8), 128, dtype=torch.uint8)
-    plain = pipeline.to_device(x, torch.device("cpu"))
-    jittered = pipeline.to_device(x, torch.device("cpu"), torch.Generator().manual_seed(0))
-    assert torch.allclose(plain[0], plain[1]) and not torch.allclose(jittered[0], jittered[1])
-    again = pipeline.to_device(x, torch.device("cpu"), torch.Generator().manual_seed(0))
-    assert torch.equal(jittered, again)  # seeded per step: an exact resume
-    assert pipeline.jitter_on_device(224, train=True) and not pipeline.jitter_on_device(224, train=False)
-    assert not pipeline.jitter_on_device(32, train=True)  # the CIFAR recipe has no colour jitter
-    x = torch.full((3, 300, 200), 100, dtype=torch.uint8)
-    for size, train_ in ((224, True), (224, False), (32, False)):  # workers: no jitter, uint8 out
-        assert torch.equal(pipeline.build_transform(size, train_)(x), torch.full((3, size, size), 100, dtype=torch.uint8))
-    cifar = pipeline.build_transform(32, train=True)(x)  # the fixed part; the random crop comes from the seed
-    assert torch.equal(cifar, torch.full((3, 32, 32), 100, dtype=torch.uint8))
-
+# ==============================================================================================
+# recipes.py
+# ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# the input pipeline: reading and cropping (pipeline.read_image, RandomResizedCropFlip, --decode gpu)
+# the paper's rows and the recipes' protocol
+
+
+@pytest.mark.skipif(not os.path.exists(PAPER_TXT), reason="no ../shared/seed/paper.txt")
+def test_the_papers_rows_are_tables_1_to_5_as_printed():
+    """recipes.PAPER against the paper's text: every row of Tables 1-5 that a recipe can reproduce (a swapped
+    recipe, method or column fails)."""
+    text = open(PAPER_TXT).read()
+    tables = [text[text.index(f"Table {t - 1}:") if t > 1 else 0: text.index(f"Table {t}:")] for t in range(1, 6)]
+    names = {"rrs": "RRS-Only", "cbs": "CBS-Only", "cbs_rrs": "CBS+RRS†", "cbs_rrs_ss": "CBS+RRS†+SS†",
+             "ft_cbs": "ftRRS+CBS", "cbs_rrs 1:1": "1:1", "cbs_rrs 1:0.5": "1:0.5", "rotation_aug": "Rotation Augmentation"}
+    left = {"imagenet_lt_r10": 1, "imagenet_lt_r50": 2}  # Table 1 / 2: ImageNet-LT in the first four columns
+    right = {"places_lt_r152": 1, "places_lt_r50": 2}
+    checked = 0
+    for recipe, rows in recipes.PAPER.items():
+        for key, (table, values) in rows.items():
+            t = int(table.split()[1])
+            line = next(l for l in tables[t - 1].splitlines() if l.startswith(names[key] + " "))
+            numbers = [float(v) for v in line[len(names[key]):].split()]
+            if t in (3, 4, 5):  # ImageNet-LT ResNet-10 left, Places-LT ResNet-50 right
+                half = numbers[:4] if recipe == "imagenet_lt_r10" else numbers[4:]
+            else:
+                half = numbers[:4] if left.get(recipe) == t else numbers[4:]
+                assert left.get(recipe, right.get(recipe, t)) == t or recipe == "places_lt_r152_2019"
+            assert tuple(half) == values, (recipe, key)
+            checked += 1
+    assert checked == 28  # 8 + 4 + 4 + 8 rows, and the 2019 Places-LT recipe shares the ResNet-152 ones
+
+
+def test_paper_row_names_the_protocol_differences():
+    defaults = vars(train.get_args_parser().parse_args([]))
+    run = dict(defaults, **recipes.RECIPES["imagenet_lt_r10"], recipe="imagenet_lt_r10", method="cbs_rrs_ss")
+    row = recipes.paper_row(run, defaults, "data_lists/ImageNet_LT_test.txt")
+    assert (row["many"], row["overall"], row["differs"]) == (52.4, 41.9, [])
+    assert row["name"] == "paper: CBS+RRS+SS, Table 1 (ImageNet-LT, ResNet-10)"
+    row = recipes.paper_row(dict(run, epochs=2, batch_size=64, amp="off", many=101), defaults, "my_test.txt")
+    assert row["differs"] == ["--batch-size 64", "--epochs 2", "--amp off", "--many 101",
+                              "evaluated on my_test.txt, not ImageNet_LT_test.txt"]
+    assert recipes.paper_row(dict(run, method="rrs"), defaults)["overall"] == 32.4
+    assert recipes.paper_row(dict(run, method="cbs_rrs", lambdas=[1.0, 0.5, 0.0]), defaults)["name"].startswith(
+        "paper: CBS:RRS 1:0.5, Table 4")
+    assert recipes.paper_row(dict(run, method="cbs", init="rrs.pt"), defaults)["overall"] == 37.6  # ftRRS+CBS
+    assert recipes.paper_row(dict(run, method="cbs_rrs", rotation_aug=True), defaults)["overall"] == 41.0
+    assert recipes.paper_row(dict(run, method="cbs_rrs", lambdas=[2.0, 1.0, 0.0]), defaults) is None  # not in the paper
+    assert recipes.paper_row(dict(run, recipe=None), defaults) is None
+    assert recipes.paper_row(dict(run, recipe="cifar10_lt"), defaults) is None
+    pl = dict(defaults, **recipes.RECIPES["places_lt_r152_2019"], recipe="places_lt_r152_2019", method="cbs")
+    assert recipes.paper_row(pl, defaults)["overall"] == 35.7 and recipes.paper_row(pl, defaults)["differs"] == []
+
+
+# ==============================================================================================
+# pipeline.py
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# reading images and the recipes' transforms
 
 
 def pattern_image(w=120, h=90):
@@ -729,6 +775,60 @@ def test_cifar_augment_is_pad_crop_flip_drawn_from_each_seed():
     assert abs(float((big // 81 % 2).float().mean()) - 0.5) < 0.02
 
 
+# ----------------------------------------------------------------------------------------------
+# colour jitter and normalisation on the device
+
+
+def jitter_factors(which, n=2000, seed=0):
+    """Run color_jitter with one operation on, on mid-range images (no clamping), and read back each
+    image's factor together with torchvision's own operation applied with that factor."""
+    import torchvision.transforms.functional as TF
+    g = torch.Generator().manual_seed(seed)
+    x = 60 + 120 * torch.rand(n, 3, 4, 4, generator=g)
+    strengths = {**dict(brightness=0.0, contrast=0.0, saturation=0.0), which: 0.4}
+    out = pipeline.color_jitter(x, torch.Generator().manual_seed(seed + 1), **strengths)
+    if which == "brightness":
+        f = (out / x).mean(dim=(1, 2, 3))
+        ref = torch.stack([TF.adjust_brightness(x[i] / 255, float(f[i])) * 255 for i in range(8)])
+    elif which == "contrast":
+        f = out.std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))
+        ref = torch.stack([TF.adjust_contrast(x[i] / 255, float(f[i])) * 255 for i in range(8)])
+    else:
+        g_x = pipeline.grey(x)
+        f = ((out - g_x) * (x - g_x)).sum(dim=(1, 2, 3)) / ((x - g_x) ** 2).sum(dim=(1, 2, 3))
+        ref = torch.stack([TF.adjust_saturation(x[i] / 255, float(f[i])) * 255 for i in range(8)])
+    return f, out[:8], ref
+
+
+@pytest.mark.parametrize("which", ["brightness", "contrast", "saturation"])
+def test_color_jitter_is_torchvisions_operation_with_uniform_factors(which):
+    f, out, ref = jitter_factors(which)
+    assert torch.allclose(out, ref, atol=1e-2)  # the same operation as torchvision, factor for factor (0..255)
+    assert f.min() >= 0.6 - 1e-4 and f.max() <= 1.4 + 1e-4  # ColorJitter(0.4): uniform in [0.6, 1.4]
+    quantiles = torch.linspace(0.6, 1.4, len(f))
+    assert (f.sort().values - quantiles).abs().max() < 0.04  # and uniform (Kolmogorov-Smirnov distance)
+
+
+def test_training_images_are_jittered_on_the_device_and_only_at_imagenet_sizes():
+    x = torch.full((4, 3, 8, 8), 128, dtype=torch.uint8)
+    plain = pipeline.to_device(x, torch.device("cpu"))
+    jittered = pipeline.to_device(x, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.allclose(plain[0], plain[1]) and not torch.allclose(jittered[0], jittered[1])
+    again = pipeline.to_device(x, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.equal(jittered, again)  # seeded per step: an exact resume
+    assert pipeline.jitter_on_device(224, train=True) and not pipeline.jitter_on_device(224, train=False)
+    assert not pipeline.jitter_on_device(32, train=True)  # the CIFAR recipe has no colour jitter
+    x = torch.full((3, 300, 200), 100, dtype=torch.uint8)
+    for size, train_ in ((224, True), (224, False), (32, False)):  # workers: no jitter, uint8 out
+        assert torch.equal(pipeline.build_transform(size, train_)(x), torch.full((3, size, size), 100, dtype=torch.uint8))
+    cifar = pipeline.build_transform(32, train=True)(x)  # the fixed part; the random crop comes from the seed
+    assert torch.equal(cifar, torch.full((3, 32, 32), 100, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# --in-memory and --decode gpu: the same pixels as the workers
+
+
 def test_in_memory_batches_are_the_workers_batches(tmp_path):
     """MemoryBatches (gather + cifar_augment on the device) and a DataLoader over SeededCifar (workers) give
     the same uint8 batches, bit for bit, for a whole epoch and from a mid-epoch start."""
@@ -782,6 +882,7 @@ def test_decode_gpu_path_on_cpu_gives_the_workers_images_bit_for_bit(tmp_path):
     assert not torch.equal(images[0], images[10])  # image 0 under two seeds: two crops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA"))])
 def test_decode_gpu_path_has_the_workers_augmentation_statistics(tmp_path, device):
@@ -835,106 +936,81 @@ def test_decode_gpu_falls_back_to_the_cpu_path_and_names_a_bad_file(tmp_path, mo
         dd.decode(batch, torch.device("cpu"))
 
 
-@pytest.fixture(scope="module")
-def jpeg_tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jpegs")
-    return root, jpeg_set(root, n=24, png=(3, 11))
-
-
-def test_train_decode_gpu_trains_exactly_as_decode_cpu(jpeg_tiny, tmp_path, monkeypatch, capsys):
-    root, split = jpeg_tiny
-    common = ["--data", str(root), "--split", split, "--arch", "resnet10", "--image-size", "64",
-              "--batch-size", "6", "--per-class", "2", "--embed-dim", "8", "--epochs", "1", "--device", "cpu",
-              "--print-freq", "1", "--lr", "0.05"]
-    assert train.main(common + ["--out", str(tmp_path / "gpu"), "--decode", "gpu"]) == 2
-    assert "--decode gpu needs a CUDA device (this run is on cpu)" in capsys.readouterr().err
-    assert train.main(common + ["--out", str(tmp_path / "c"), "--decode", "gpu", "--image-size", "32"]) == 2
-    assert "--decode gpu is for the ImageNet-LT recipe" in capsys.readouterr().err
-    assert train.main(common + ["--out", str(tmp_path / "cpu"), "--workers", "0"]) == 0
-    monkeypatch.setattr(train, "DECODE_DEVICES", ("cuda", "cpu"))  # the same code, on the CPU
-    spy = []
-    real = pipeline.DeviceDecodeDataset.decode
-    monkeypatch.setattr(pipeline.DeviceDecodeDataset, "decode", lambda self, b, d: spy.append(len(b[0])) or real(self, b, d))
-    assert train.main(common + ["--out", str(tmp_path / "gpu"), "--decode", "gpu", "--workers", "2"]) == 0
-    assert spy == [12] * 4  # every step decoded in the main process: 2S images, ceil(24 / 6) steps
-    cpu, gpu = read_log(tmp_path / "cpu"), read_log(tmp_path / "gpu")
-    assert [r["loss"] for r in gpu] == pytest.approx([r["loss"] for r in cpu], rel=1e-5)  # same crops, same order
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_train_on_cuda_with_both_decoders(jpeg_tiny, tmp_path):
-    """The CUDA path end to end: bf16, channels_last, jitter on the GPU, nvJPEG with --decode gpu."""
-    root, split = jpeg_tiny
-    common = ["--data", str(root), "--split", split, "--arch", "resnet10", "--image-size", "64", "--batch-size", "6",
-              "--per-class", "2", "--embed-dim", "8", "--epochs", "2", "--device", "cuda", "--lr", "0.05"]
-    for mode in ("cpu", "gpu"):
-        assert train.main(common + ["--out", str(tmp_path / mode), "--decode", mode, "--workers", "2"]) == 0
-    cpu, gpu = read_log(tmp_path / "cpu"), read_log(tmp_path / "gpu")
-    assert all(math.isfinite(r["loss"]) for r in cpu + gpu)
-    assert gpu[0]["loss"] == pytest.approx(cpu[0]["loss"], rel=0.05)  # the same crops; nvJPEG, resize differ in bits
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_train_on_cuda_in_memory(tiny, tmp_path, capsys):
-    """The CIFAR recipe's path on CUDA: images decoded once onto the GPU, batches gathered and augmented there
-    (the same uint8 batches as the workers'), bf16; then the workers' path with the same seed: close losses."""
-    root, lists = tiny
-    ds = ltaux.SplitDataset(root, lists["train"], pipeline.build_transform(16, train=True), read=pipeline.read_image)
-    sampler = ltaux.AuxBatchSampler(ds.labels, 8, 2, with_seeds=True)
-    cuda = list(pipeline.MemoryBatches(*pipeline.decode_all(ds, torch.device("cuda")), sampler))
-    cpu = list(torch.utils.data.DataLoader(pipeline.SeededCifar(ds), batch_sampler=sampler))
-    assert all(torch.equal(a.cpu(), b) and torch.equal(ya.cpu(), yb) for (a, ya), (b, yb) in zip(cuda, cpu))
-    for mode in ("on", "off"):
-        assert run_train(tiny, tmp_path / mode, "--device", "cuda", "--in-memory", mode)[0] == 0
-    out = capsys.readouterr().out
-    assert "in memory: 134 images decoded once" in out and "amp bf16" in out
-    on, off = read_log(tmp_path / "on"), read_log(tmp_path / "off")
-    assert on[0]["loss"] == pytest.approx(off[0]["loss"], rel=0.05) and math.isfinite(on[-1]["loss"])
-
+# ==============================================================================================
+# runtime.py
+# ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# the official lists (read from ../shared when present; never shipped)
+# files: atomic writes, a second signal while writing
 
 
-def need(name):
-    path = os.path.join(SHARED_LISTS, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} absent")
-    return path
+KILLER = r"""
+import os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+import runtime
+path = sys.argv[2]
+runtime.atomic_save({"v": torch.zeros(3)}, path)   # the good, old checkpoint
+class Bomb:
+    def __reduce__(self):                          # runs while torch.save is writing the new one
+        os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[3] == "during-write":
+    runtime.atomic_save({"v": torch.ones(1 << 20), "x": Bomb()}, path)
+else:                                              # after the bytes are written, before the rename
+    os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+    runtime.atomic_save({"v": torch.ones(1 << 20)}, path)
+"""
 
 
-def test_places_lt_train_figures():
-    paths, labels = ltaux.read_split(need("Places_LT_train.txt"))
-    counts = ltaux.class_counts(labels, max(labels) + 1)
-    assert len(paths) == 62500 and len(counts) == 365
-    assert int(counts.min()) == 5 and int(counts.max()) == 4980
-    assert torch.bincount(ltaux.shot_groups(counts)).tolist() == [132, 156, 77]  # the paper's groups (README)
-    assert torch.bincount(ltaux.shot_groups(counts, 101, 19)).tolist() == [131, 163, 71]  # Decoupling's code
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["during-write", "before-rename"])
+def test_kill_during_save_leaves_the_old_checkpoint(tmp_path, when):
+    path = tmp_path / "last.pt"
+    p = subprocess.run([sys.executable, "-c", KILLER, HERE, str(path), when], capture_output=True)
+    assert p.returncode == -signal.SIGKILL
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.zeros(3))
 
 
-def test_imagenet_lt_test_is_balanced():
-    _, labels = ltaux.read_split(need("ImageNet_LT_test.txt"))
-    counts = ltaux.class_counts(labels, 1000)
-    assert len(labels) == 50000 and counts.min() == counts.max() == 50
+def test_a_second_signal_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stop = train.StopFlag(torch.device("cpu"), 1)
+    try:
+        stop.handle(signal.SIGINT, None)
+        assert stop.agreed() and exits == []
+        stop.handle(signal.SIGTERM, None)  # the same request delivered twice (Slurm + torchrun): no exit
+        assert exits == []
+        stop.last -= 2.0
+        stop.handle(signal.SIGINT, None)  # a second Ctrl-C a while later: out, now
+        assert exits == [128 + signal.SIGINT]
+    finally:
+        stop.restore()
 
 
-def test_shipped_checksums_match_the_official_lists_and_train_py_says_so(tmp_path):
-    with open(os.path.join(HERE, "data_lists", "SHA256SUMS")) as f:
-        sums = dict(line.split() for line in f if line.strip() and not line.startswith("#"))
-    assert len(sums) == 11 and "ImageNet_LT_train.txt" in sums.values()
-    for digest, name in sums.items():
-        path = os.path.join(SHARED_LISTS, name)
-        if os.path.exists(path):
-            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest, name
-    official = need("Places_LT_val.txt")
-    assert train.describe_lists([official]) == [f"{official}: official Places_LT_val.txt (sha256 ok)"]
-    mine = write_list(tmp_path / "Places_LT_val.txt", ["a.jpg 0\n"])
-    with pytest.warns(UserWarning, match="named like an official list, but its sha256 differs"):
-        assert train.describe_lists([mine, write_list(tmp_path / "own.txt", ["a.jpg 0\n"])]) == []
+def test_a_second_signal_during_a_save_waits_for_the_file_to_be_whole(monkeypatch, tmp_path):
+    """A second signal that comes while a checkpoint is being written exits as soon as the file is whole
+    (renamed into place), not in the middle: no half file, no .tmp file left behind."""
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stop = train.StopFlag(torch.device("cpu"), 1)
+    try:
+        stop.handle(signal.SIGTERM, None)
+        stop.last -= 2.0
+        with stop.saving():
+            runtime.atomic_save({"v": torch.zeros(3)}, str(tmp_path / "last.pt"))
+            stop.handle(signal.SIGTERM, None)  # a second request, mid-write
+            assert exits == []
+        assert exits == [128 + signal.SIGTERM] and os.listdir(tmp_path) == ["last.pt"]
+    finally:
+        stop.restore()
 
+
+# ==============================================================================================
+# train.py
+# ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# train.py and evaluate.py end to end, on tiny generated data
+# tiny data and finished runs, shared by the sections below
+
 
 TRAIN_COUNTS = [40, 25, 12, 6, 5, 4]
 
@@ -1004,6 +1080,37 @@ def runs(tiny, tmp_path_factory):
     return done
 
 
+def bad_run(tiny, tmp_path, capsys, *extra, lists=None, out="o"):
+    root, base = tiny
+    rc = train.main(base_args((root, {**base, **(lists or {})}), tmp_path / out, *extra))
+    cap = capsys.readouterr()
+    assert rc == 2, cap.out + cap.err
+    err = [line for line in cap.err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "Traceback" not in cap.err, cap.err
+    return err[0]
+
+
+def start(args, **kw):
+    return subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=HERE, start_new_session=True, **kw)
+
+
+def signal_when(p, prefix, signum):
+    """Read p's output until a line starts with `prefix`, then signal p's whole process group."""
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            os.killpg(p.pid, signum)  # as Slurm's scancel, systemd and kill -TERM -PGID do: workers too
+            break
+    return "".join(lines) + p.stdout.read()
+
+
+# ----------------------------------------------------------------------------------------------
+# the method end to end: what each --method trains, and how
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHOD_RUNS))
 def test_every_method_trains_logs_and_tests(runs, name):
     out, stdout = runs[name]
@@ -1026,6 +1133,7 @@ def test_every_method_trains_logs_and_tests(runs, name):
     assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "log.jsonl", "test_metrics.json"]
 
 
+@pytest.mark.slow
 def test_each_method_trains_exactly_its_heads(runs):
     """Same seed, same initial weights: a head a method does not train keeps them (frozen)."""
     w = {name: weights(out) for name, (out, _) in runs.items()}
@@ -1055,6 +1163,7 @@ def balanced(y, k, z):
     return bool((groups == groups[:, :1]).all()) and len(groups[:, 0].unique()) == k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rrs", "cbs", "cbs_rrs", "cbs_rrs_ss", "rotation_aug"])
 def test_train_py_feeds_eq2_as_the_method_says(tiny, tmp_path, capsys, monkeypatch, name):
     spy = AuxLossSpy()
@@ -1082,6 +1191,7 @@ def test_train_py_feeds_eq2_as_the_method_says(tiny, tmp_path, capsys, monkeypat
             assert find_rotation(x_cbs[8 + i], x_cbs[:8])[0] == i
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, trained", [
     ("rrs", {"fc"}), ("cbs", {"fc"}), ("cbs_rrs", {"fc", "aux_fc"}), ("cbs_rrs_ss", {"fc", "aux_fc", "rot_fc"}),
 ])
@@ -1099,6 +1209,7 @@ def test_build_model_freezes_the_heads_a_method_does_not_use(method, trained):
     assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith(("backbone.", "embed.")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, lambdas, rotation, x_rows", [
     (["--method", "cbs_rrs_ss", "--rotation", "all", "--lambdas", "1", "2", "0.5"], [1.0, 2.0, 0.5], "all", 8),
     (["--method", "cbs_rrs", "--lambdas", "0.3", "2", "0"], [0.3, 2.0, 0.0], "off", 8),
@@ -1117,6 +1228,7 @@ def test_train_py_honours_lambdas_and_rotation_flags(tiny, tmp_path, capsys, mon
         assert len(x_cbs) == len(y_cbs) == len(x_rrs) == len(y_rrs) == x_rows
 
 
+@pytest.mark.slow
 def test_train_py_draws_new_rotation_angles_every_step(tiny, tmp_path, capsys, monkeypatch):
     """One random angle per image (Section 3.3) means new angles each step, not one fixed pattern."""
     real, seen = ltaux.rotate_batch, []
@@ -1131,92 +1243,14 @@ def test_train_py_draws_new_rotation_angles_every_step(tiny, tmp_path, capsys, m
     assert len(seen) == 12 and len({tuple(y.tolist()) for y in seen}) > 1
 
 
-@pytest.mark.parametrize("supported", [True, False])
-def test_cpu_amp_default_is_bf16_only_where_the_cpu_runs_bf16(tiny, tmp_path, capsys, monkeypatch, supported):
-    """--amp's default on a CPU follows oneDNN's bf16 query (emulated bf16 is ~10x slower: fp32 there); an
-    explicit --amp wins; a CUDA device is bf16 either way."""
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
-    cpu = torch.device("cpu")
-    assert runtime.amp_dtype(None, cpu) == (("bf16", torch.bfloat16) if supported else ("off", None))
-    assert runtime.amp_dtype("off", cpu) == ("off", None) and runtime.amp_dtype(None, torch.device("cuda"))[0] == "bf16"
-    rc, cap = run_train(tiny, tmp_path / "o", "--epochs", "1", "--method", "rrs", capsys=capsys)
-    assert rc == 0 and f"device: cpu, 1 process, amp {'bf16' if supported else 'off'};" in cap.out
-
-
-def test_in_memory_and_worker_paths_train_the_same_weights(tiny, tmp_path, capsys):
-    """--in-memory on (no workers) and off (2 workers): the same batches, so the same losses and weights, bit
-    for bit on the CPU (a different crop draw, flip or sample order in either path fails)."""
-    rc, cap = run_train(tiny, tmp_path / "on", "--in-memory", "on", capsys=capsys)
-    assert rc == 0 and "in memory: 134 images decoded once" in cap.out
-    rc, cap = run_train(tiny, tmp_path / "off", "--in-memory", "off", "--workers", "2", capsys=capsys)
-    assert rc == 0 and "in memory" not in cap.out
-    a, b = read_log(tmp_path / "on"), read_log(tmp_path / "off")
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    wa, wb = weights(tmp_path / "on"), weights(tmp_path / "off")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert json.load(open(tmp_path / "on" / "test_metrics.json")) == json.load(open(tmp_path / "off" / "test_metrics.json"))
-
-
-def test_recipes_defaults_and_explicit_flags():
-    a, _ = train.parse_args(["--data", "/d", "--split", "s", "--recipe", "places_lt_r152", "--lr", "0.5",
-                             "--pretrained", "w.pth"])
-    assert a.arch == "resnet152" and a.backbone_lr_scale == 0.01 and a.lr == 0.5 and a.epochs == 30
-    old, _ = train.parse_args(["--data", "/d", "--split", "s", "--recipe", "places_lt_r152_2019", "--pretrained", "w"])
-    assert (old.batch_size, old.lr * old.backbone_lr_scale, old.freeze_backbone) == (256, pytest.approx(0.01), True)
-    demo, _ = train.parse_args([])
-    assert demo.recipe == "demo" and demo.image_size == 32
-    plain, _ = train.parse_args(["--data", "/d"])
-    assert plain.image_size == 224 and plain.per_class == 4 and plain.lambdas == [0.5, 1.0, 1.0]
-    c10, _ = train.parse_args(["--data", "/d", "--recipe", "cifar10_lt"])
-    assert c10.arch == "resnet32" and c10.batch_size // c10.per_class <= 10  # k <= C = 10
-    text = " ".join(train.get_args_parser().format_help().split())
-    assert "(default: 256)" in text and "(default: cbs_rrs_ss)" in text and "lr = 0.1 * S / 256" in text
-    assert "(default: 4)" in text and "(default: [0.5, 1.0, 1.0])" in text
-    assert train.ARCHS == ltaux.LTResNet.ARCHS
-
-
-@pytest.mark.parametrize("recipe", ["places_lt_r152", "places_lt_r152_2019"])
-def test_pretrained_recipes_refuse_to_start_without_weights(tiny, tmp_path, capsys, recipe):
-    """The Places-LT ResNet-152 recipes fine-tune ImageNet weights (phi at lr 0.001 or frozen): without
-    --pretrained (or --init / --resume) they would train from scratch and learn nothing. Exit 2, one line."""
-    msg = bad_run(tiny, tmp_path, capsys, "--recipe", recipe)
-    assert msg.startswith(f"error: --recipe {recipe} fine-tunes ImageNet-pretrained ResNet-152 weights: pass "
-                          "--pretrained resnet152-394f9c45.pth (torchvision's ResNet152_Weights.IMAGENET1K_V1")
-    assert not os.path.exists(tmp_path / "o")
-
-
-def test_freeze_backbone_trains_the_512d_layer_and_heads_and_bn_statistics_still_move(tiny, tmp_path, capsys):
-    """--freeze-backbone (OLTR's Places-LT stage 1 before 2020-02-11): the backbone's weights (BN's affine
-    parameters included) stay as they were, phi's 512-d layer and the heads train, and BN's running
-    statistics keep updating (the backbone stays in train mode)."""
-    assert run_train(tiny, tmp_path / "a", "--epochs", "1", "--freeze-backbone", capsys=capsys)[0] == 0
-    args, _ = train.parse_args(base_args(tiny, tmp_path / "b"))
-    args.world_size = 1
-    torch.manual_seed(args.seed)
-    init = train.build_model(args, 6, torch.device("cpu")).state_dict()  # the run's initial weights (same seed)
-    w = weights(tmp_path / "a")
-    frozen = [k for k in w if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
-    assert frozen and all(torch.equal(w[k], init[k]) for k in frozen)
-    assert not torch.equal(w["backbone.bn1.running_mean"], init["backbone.bn1.running_mean"])
-    for k in ("embed.0.weight", "fc.weight", "aux_fc.weight", "rot_fc.weight"):
-        assert not torch.equal(w[k], init[k]), k
-
-
-def test_help_is_fast_and_needs_no_torch():
-    code = "import runpy, sys; sys.argv = ['train.py', '--help']; runpy.run_path('train.py', run_name='__main__')"
-    p = subprocess.run([sys.executable, "-c", code + "\n"], capture_output=True, text=True, cwd=HERE)
-    assert p.returncode == 0 and "--batch-size" in p.stdout
-    p = subprocess.run([sys.executable, "-X", "importtime", os.path.join(HERE, "train.py"), "--help"],
-                       capture_output=True, text=True, cwd=HERE)
-    assert p.returncode == 0 and " torch\n" not in p.stderr and "| torch" not in p.stderr
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("lambdas, flag", [(["0", "1", "0"], "--method rrs"), (["1", "0", "0"], "--method cbs")])
 def test_table4_endpoints_name_the_baseline_to_run(tiny, tmp_path, capsys, lambdas, flag):
     msg = bad_run(tiny, tmp_path, capsys, "--method", "cbs_rrs", "--lambdas", *lambdas)
     assert "Table 4" in msg and flag in msg
 
 
+@pytest.mark.slow
 def test_init_loads_all_of_phi_and_fresh_heads(runs, tiny, tmp_path, capsys):
     src = weights(runs["rrs"][0])
     rc, _ = run_train(tiny, tmp_path / "ft", "--epochs", "1", "--method", "cbs", "--lr", "0", "--init",
@@ -1239,10 +1273,773 @@ def test_init_loads_all_of_phi_and_fresh_heads(runs, tiny, tmp_path, capsys):
     assert rc == 2 and "this run is resnet10 with 5 classes" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_freeze_backbone_trains_the_512d_layer_and_heads_and_bn_statistics_still_move(tiny, tmp_path, capsys):
+    """--freeze-backbone (OLTR's Places-LT stage 1 before 2020-02-11): the backbone's weights (BN's affine
+    parameters included) stay as they were, phi's 512-d layer and the heads train, and BN's running
+    statistics keep updating (the backbone stays in train mode)."""
+    assert run_train(tiny, tmp_path / "a", "--epochs", "1", "--freeze-backbone", capsys=capsys)[0] == 0
+    args, _ = train.parse_args(base_args(tiny, tmp_path / "b"))
+    args.world_size = 1
+    torch.manual_seed(args.seed)
+    init = train.build_model(args, 6, torch.device("cpu")).state_dict()  # the run's initial weights (same seed)
+    w = weights(tmp_path / "a")
+    frozen = [k for k in w if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
+    assert frozen and all(torch.equal(w[k], init[k]) for k in frozen)
+    assert not torch.equal(w["backbone.bn1.running_mean"], init["backbone.bn1.running_mean"])
+    for k in ("embed.0.weight", "fc.weight", "aux_fc.weight", "rot_fc.weight"):
+        assert not torch.equal(w[k], init[k]), k
+
+
 # ----------------------------------------------------------------------------------------------
-# evaluate.py: metrics, per-class CSV, Fig. 3 / Fig. 4 and t-SNE, on a flat test list
+# the input paths and precision of a run
+
+
+@pytest.mark.slow
+def test_in_memory_and_worker_paths_train_the_same_weights(tiny, tmp_path, capsys):
+    """--in-memory on (no workers) and off (2 workers): the same batches, so the same losses and weights, bit
+    for bit on the CPU (a different crop draw, flip or sample order in either path fails)."""
+    rc, cap = run_train(tiny, tmp_path / "on", "--in-memory", "on", capsys=capsys)
+    assert rc == 0 and "in memory: 134 images decoded once" in cap.out
+    rc, cap = run_train(tiny, tmp_path / "off", "--in-memory", "off", "--workers", "2", capsys=capsys)
+    assert rc == 0 and "in memory" not in cap.out
+    a, b = read_log(tmp_path / "on"), read_log(tmp_path / "off")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = weights(tmp_path / "on"), weights(tmp_path / "off")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.load(open(tmp_path / "on" / "test_metrics.json")) == json.load(open(tmp_path / "off" / "test_metrics.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("supported", [True, False])
+def test_cpu_amp_default_is_bf16_only_where_the_cpu_runs_bf16(tiny, tmp_path, capsys, monkeypatch, supported):
+    """--amp's default on a CPU follows oneDNN's bf16 query (emulated bf16 is ~10x slower: fp32 there); an
+    explicit --amp wins; a CUDA device is bf16 either way."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+    cpu = torch.device("cpu")
+    assert runtime.amp_dtype(None, cpu) == (("bf16", torch.bfloat16) if supported else ("off", None))
+    assert runtime.amp_dtype("off", cpu) == ("off", None) and runtime.amp_dtype(None, torch.device("cuda"))[0] == "bf16"
+    rc, cap = run_train(tiny, tmp_path / "o", "--epochs", "1", "--method", "rrs", capsys=capsys)
+    assert rc == 0 and f"device: cpu, 1 process, amp {'bf16' if supported else 'off'};" in cap.out
+
+
+@pytest.fixture(scope="module")
+def jpeg_tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    return root, jpeg_set(root, n=24, png=(3, 11))
+
+
+@pytest.mark.slow
+def test_train_decode_gpu_trains_exactly_as_decode_cpu(jpeg_tiny, tmp_path, monkeypatch, capsys):
+    root, split = jpeg_tiny
+    common = ["--data", str(root), "--split", split, "--arch", "resnet10", "--image-size", "64",
+              "--batch-size", "6", "--per-class", "2", "--embed-dim", "8", "--epochs", "1", "--device", "cpu",
+              "--print-freq", "1", "--lr", "0.05"]
+    assert train.main(common + ["--out", str(tmp_path / "gpu"), "--decode", "gpu"]) == 2
+    assert "--decode gpu needs a CUDA device (this run is on cpu)" in capsys.readouterr().err
+    assert train.main(common + ["--out", str(tmp_path / "c"), "--decode", "gpu", "--image-size", "32"]) == 2
+    assert "--decode gpu is for the ImageNet-LT recipe" in capsys.readouterr().err
+    assert train.main(common + ["--out", str(tmp_path / "cpu"), "--workers", "0"]) == 0
+    monkeypatch.setattr(train, "DECODE_DEVICES", ("cuda", "cpu"))  # the same code, on the CPU
+    spy = []
+    real = pipeline.DeviceDecodeDataset.decode
+    monkeypatch.setattr(pipeline.DeviceDecodeDataset, "decode", lambda self, b, d: spy.append(len(b[0])) or real(self, b, d))
+    assert train.main(common + ["--out", str(tmp_path / "gpu"), "--decode", "gpu", "--workers", "2"]) == 0
+    assert spy == [12] * 4  # every step decoded in the main process: 2S images, ceil(24 / 6) steps
+    cpu, gpu = read_log(tmp_path / "cpu"), read_log(tmp_path / "gpu")
+    assert [r["loss"] for r in gpu] == pytest.approx([r["loss"] for r in cpu], rel=1e-5)  # same crops, same order
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_train_on_cuda_with_both_decoders(jpeg_tiny, tmp_path):
+    """The CUDA path end to end: bf16, channels_last, jitter on the GPU, nvJPEG with --decode gpu."""
+    root, split = jpeg_tiny
+    common = ["--data", str(root), "--split", split, "--arch", "resnet10", "--image-size", "64", "--batch-size", "6",
+              "--per-class", "2", "--embed-dim", "8", "--epochs", "2", "--device", "cuda", "--lr", "0.05"]
+    for mode in ("cpu", "gpu"):
+        assert train.main(common + ["--out", str(tmp_path / mode), "--decode", mode, "--workers", "2"]) == 0
+    cpu, gpu = read_log(tmp_path / "cpu"), read_log(tmp_path / "gpu")
+    assert all(math.isfinite(r["loss"]) for r in cpu + gpu)
+    assert gpu[0]["loss"] == pytest.approx(cpu[0]["loss"], rel=0.05)  # the same crops; nvJPEG, resize differ in bits
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_train_on_cuda_in_memory(tiny, tmp_path, capsys):
+    """The CIFAR recipe's path on CUDA: images decoded once onto the GPU, batches gathered and augmented there
+    (the same uint8 batches as the workers'), bf16; then the workers' path with the same seed: close losses."""
+    root, lists = tiny
+    ds = ltaux.SplitDataset(root, lists["train"], pipeline.build_transform(16, train=True), read=pipeline.read_image)
+    sampler = ltaux.AuxBatchSampler(ds.labels, 8, 2, with_seeds=True)
+    cuda = list(pipeline.MemoryBatches(*pipeline.decode_all(ds, torch.device("cuda")), sampler))
+    cpu = list(torch.utils.data.DataLoader(pipeline.SeededCifar(ds), batch_sampler=sampler))
+    assert all(torch.equal(a.cpu(), b) and torch.equal(ya.cpu(), yb) for (a, ya), (b, yb) in zip(cuda, cpu))
+    for mode in ("on", "off"):
+        assert run_train(tiny, tmp_path / mode, "--device", "cuda", "--in-memory", mode)[0] == 0
+    out = capsys.readouterr().out
+    assert "in memory: 134 images decoded once" in out and "amp bf16" in out
+    on, off = read_log(tmp_path / "on"), read_log(tmp_path / "off")
+    assert on[0]["loss"] == pytest.approx(off[0]["loss"], rel=0.05) and math.isfinite(on[-1]["loss"])
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments and recipes
+
+
+@pytest.mark.slow
+def test_recipes_defaults_and_explicit_flags():
+    a, _ = train.parse_args(["--data", "/d", "--split", "s", "--recipe", "places_lt_r152", "--lr", "0.5",
+                             "--pretrained", "w.pth"])
+    assert a.arch == "resnet152" and a.backbone_lr_scale == 0.01 and a.lr == 0.5 and a.epochs == 30
+    old, _ = train.parse_args(["--data", "/d", "--split", "s", "--recipe", "places_lt_r152_2019", "--pretrained", "w"])
+    assert (old.batch_size, old.lr * old.backbone_lr_scale, old.freeze_backbone) == (256, pytest.approx(0.01), True)
+    demo, _ = train.parse_args([])
+    assert demo.recipe == "demo" and demo.image_size == 32
+    plain, _ = train.parse_args(["--data", "/d"])
+    assert plain.image_size == 224 and plain.per_class == 4 and plain.lambdas == [0.5, 1.0, 1.0]
+    c10, _ = train.parse_args(["--data", "/d", "--recipe", "cifar10_lt"])
+    assert c10.arch == "resnet32" and c10.batch_size // c10.per_class <= 10  # k <= C = 10
+    text = " ".join(train.get_args_parser().format_help().split())
+    assert "(default: 256)" in text and "(default: cbs_rrs_ss)" in text and "lr = 0.1 * S / 256" in text
+    assert "(default: 4)" in text and "(default: [0.5, 1.0, 1.0])" in text
+    assert train.ARCHS == ltaux.LTResNet.ARCHS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["places_lt_r152", "places_lt_r152_2019"])
+def test_pretrained_recipes_refuse_to_start_without_weights(tiny, tmp_path, capsys, recipe):
+    """The Places-LT ResNet-152 recipes fine-tune ImageNet weights (phi at lr 0.001 or frozen): without
+    --pretrained (or --init / --resume) they would train from scratch and learn nothing. Exit 2, one line."""
+    msg = bad_run(tiny, tmp_path, capsys, "--recipe", recipe)
+    assert msg.startswith(f"error: --recipe {recipe} fine-tunes ImageNet-pretrained ResNet-152 weights: pass "
+                          "--pretrained resnet152-394f9c45.pth (torchvision's ResNet152_Weights.IMAGENET1K_V1")
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_a_recipe_runs_table_carries_the_papers_row_and_a_plain_run_does_not(tiny, tmp_path, capsys):
+    rc, cap = run_train(tiny, tmp_path / "r", "--recipe", "imagenet_lt_r10", "--method", "cbs_rrs", capsys=capsys)
+    assert rc == 0
+    row = next(l for l in cap.out.splitlines() if l.startswith("| paper: CBS+RRS, Table 1 (ImageNet-LT, ResNet-10) ("))
+    assert "a different protocol: --embed-dim 8, --batch-size 8, --per-class 2, --epochs 2, --lr 0.05, " \
+           "--image-size 16, evaluated on" in row and row.endswith("| 51.0 | 38.5 | 21.0 | 40.9 | - |")
+    m = json.load(open(tmp_path / "r" / "test_metrics.json"))
+    assert m["paper"]["overall"] == 40.9 and m["paper_difference"]["overall"] == pytest.approx(m["overall"] - 40.9)
+    diff = next(l for l in cap.out.splitlines() if l.startswith("| difference (run - paper) |"))
+    assert diff.split(" | ")[4] == f"{m['overall'] - 40.9:+.1f}"
+    rc, cap = ev("--checkpoint", str(tmp_path / "r" / "best.pt"), "--out", str(tmp_path / "e"), capsys=capsys)
+    assert rc == 0 and "| paper: CBS+RRS, Table 1 (ImageNet-LT, ResNet-10) (a different protocol" in cap.out
+    assert json.load(open(tmp_path / "e" / "metrics.json"))["paper"]["many"] == 51.0
+    rc, cap = run_train(tiny, tmp_path / "plain", "--epochs", "1", capsys=capsys)
+    assert rc == 0 and "paper:" not in cap.out and "paper" not in json.load(open(tmp_path / "plain" / "test_metrics.json"))
+
+
+@pytest.mark.slow
+def test_help_is_fast_and_needs_no_torch():
+    code = "import runpy, sys; sys.argv = ['train.py', '--help']; runpy.run_path('train.py', run_name='__main__')"
+    p = subprocess.run([sys.executable, "-c", code + "\n"], capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 0 and "--batch-size" in p.stdout
+    p = subprocess.run([sys.executable, "-X", "importtime", os.path.join(HERE, "train.py"), "--help"],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 0 and " torch\n" not in p.stderr and "| torch" not in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, expect", [
+    (["--batch-size", "9", "--per-class", "2"], "not divisible by per-class Z=2"),
+    (["--batch-size", "16", "--per-class", "2"], "k = S/Z = 8 classes per batch, but only 6 classes"),
+    (["--method", "cbs_rrs_ss", "--rotation-aug"], "--rotation-aug is the augmentation baseline"),
+    (["--lr", "-1"], "--lr -1.0: must be a finite number in [0, 1e+30]"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--momentum", "-0.1"], "--momentum -0.1: must be a finite number in [0, 1]"),
+    (["--momentum", "1.5"], "--momentum 1.5: must be a finite number in [0, 1]"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: must be a finite number in [0, 1e+30]"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs inf: must be a finite number in [0, 2]"),
+    (["--warmup-epochs", "3"], "--warmup-epochs 3.0: must be a finite number in [0, 2]"),
+    (["--print-freq", "0"], "--print-freq 0: must be in 1.."),
+    (["--eval-freq", "0"], "--eval-freq 0: must be in 1.."),
+    (["--workers", "-1"], "--workers -1: must be in 0..1024"),
+    (["--image-size", "0"], "--image-size 0: must be in 8..4096"),
+    (["--image-size", "1000000"], "--image-size 1000000: must be in 8..4096"),
+    (["--epochs", "0"], "--epochs 0: must be in 1..100000"),
+    (["--epochs", "1000000000000000"], "--epochs 1000000000000000: must be in 1..100000"),
+    (["--seed", "100000000000000000000"], "--seed 100000000000000000000: must be in 0..9223372036854775807"),
+    (["--lambdas", "0.5", "-1", "1"], "weights must be finite and >= 0"),
+    (["--lambdas", "0", "0", "0"], "leaves h untrained"),
+    (["--embed-dim", "-2"], "--embed-dim -2: must be in 0..65536"),
+    (["--embed-dim", "1000000000000"], "--embed-dim 1000000000000: must be in 0..65536"),
+    (["--many", "-5"], "--many -5 --few 20: need whole numbers with 0 <= --few < --many"),
+    (["--many", "10", "--few", "10"], "--many 10 --few 10: need whole numbers with 0 <= --few < --many"),
+    (["--in-memory", "on", "--image-size", "64"], "--in-memory on is for the CIFAR recipe's small images"),
+    (["--lr", "1e300"], "--lr 1e+300: must be a finite number in [0, 1e+30]"),  # past fp32: SGD would overflow
+    (["--lr", "1e29"], "non-finite"),  # finite, absurd: the run stops at the first non-finite loss or weight
+])
+def test_bad_arguments(tiny, tmp_path, capsys, extra, expect):
+    assert expect in bad_run(tiny, tmp_path, capsys, *extra)
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_device_and_out_mistakes(tiny, tmp_path, capsys):
+    if not torch.cuda.is_available():
+        assert "no CUDA device is available" in bad_run(tiny, tmp_path, capsys, "--device", "cuda")
+    (tmp_path / "afile").write_text("x")
+    assert "is a file, not a folder" in bad_run(tiny, tmp_path, capsys, out="afile")
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        assert "is not writable" in bad_run(tiny, tmp_path, capsys, out="ro/run")
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line naming the file (and line), exit status 2, nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows, expect", [
+    (["train/c0/0.png 0\n", "train/c0/1.png zero\n"], "bad_train.txt:2: label 'zero' is not an integer"),
+    (["train/c0/0.png 0\n", "train/c0/1.png\n"], "bad_train.txt:2: expected 'relative/path label'"),
+    (["train/c0/0.png 0\n", "train/c0/1.png -3\n"], "bad_train.txt:2: label -3 is negative"),
+    ([], "bad_train.txt: split list is empty"),
+    (["train/c0/%d.png 0\n" % i for i in range(10)] + ["train/c2/%d.png 2\n" % i for i in range(10)],
+     "bad_train.txt: classes [1] have no training image"),
+])
+def test_bad_train_list(tiny, tmp_path, capsys, rows, expect):
+    bad = write_list(tmp_path / "bad_train.txt", rows)
+    assert expect in bad_run(tiny, tmp_path, capsys, "--per-class", "1", lists={"train": bad})
+    assert not os.path.exists(tmp_path / "o")  # a run that fails on its inputs creates nothing
+
+
+@pytest.mark.slow
+def test_val_label_unknown_to_train(tiny, tmp_path, capsys):
+    bad = write_list(tmp_path / "v.txt", ["val/c0/0.png 0\n", "val/c0/1.png 6\n"])
+    assert "v.txt:2: label 6 is not a class of the training list" in bad_run(tiny, tmp_path, capsys, lists={"val": bad})
+
+
+@pytest.mark.slow
+def test_missing_list_and_wrong_root_say_what_to_do(tiny, tmp_path, capsys):
+    msg = bad_run(tiny, tmp_path, capsys, lists={"train": str(tmp_path / "t_trian.txt")})
+    assert "t_trian.txt: split list not found" in msg and "data_lists/README.md" in msg and "SHA256SUMS" in msg
+    root, lists = tiny
+    rc = train.main(base_args((tmp_path, lists), tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "the root is probably wrong" in err and str(tmp_path / "train/c0/0.png") in err
+
+
+@pytest.mark.slow
+def test_duplicate_paths_warn(tiny, tmp_path, capsys):
+    root, lists = tiny
+    rows = open(lists["train"]).readlines()
+    dup = write_list(tmp_path / "dup_train.txt", rows + rows[:1])
+    with pytest.warns(UserWarning, match=f"dup_train.txt:{len(rows) + 1}: duplicate path"):
+        assert train.main(base_args((root, {**lists, "train": dup}), tmp_path / "o", "--epochs", "1")) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bad_image_during_training_names_path_and_line(tiny, tmp_path, capsys, workers):
+    root, lists = tiny
+    rows = open(lists["train"]).readlines()
+    rows[7] = "train/c0/missing.png 0\n"
+    bad = write_list(tmp_path / "img_train.txt", rows)
+    msg = bad_run(tiny, tmp_path, capsys, "--workers", str(workers), lists={"train": bad})
+    assert "img_train.txt:8: cannot read image" in msg and "missing.png (file not found)" in msg
+    assert not os.path.exists(tmp_path / "o")  # nothing written: the folder it made is gone again
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory", ["on", "off"])
+def test_a_fifo_listed_as_an_image_is_refused_not_waited_on(tiny, tmp_path, memory):
+    root, lists = tiny
+    os.mkfifo(tmp_path / "pipe.png")
+    rows = open(lists["train"]).readlines()
+    split = write_list(tmp_path / "f_train.txt", rows[:5] + [f"{tmp_path / 'pipe.png'} 0\n"] + rows[5:])
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *base_args(tiny, tmp_path / "o"), "--split",
+                        split, "--allow-unsafe-paths", "--in-memory", memory, "--workers", "0"],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 2 and "f_train.txt:6: cannot read image" in p.stderr and "not a regular file" in p.stderr
+
+
+@pytest.mark.slow
+def test_check_files_lists_every_failure(tiny, tmp_path, capsys):
+    root, lists = tiny
+    (tmp_path / "zero.png").write_bytes(b"")
+    rows = open(lists["train"]).readlines()
+    rows[3], rows[9] = "train/c0/gone.png 0\n", f"../{tmp_path.name}/zero.png 0\n"
+    bad = write_list(tmp_path / "cf_train.txt", rows)
+    rc = train.main(base_args((root, {**lists, "train": bad}), tmp_path / "o", "--check-files", "--allow-unsafe-paths"))
+    cap = capsys.readouterr()
+    assert rc == 2 and "error: 2 unreadable images" in cap.err
+    assert "cf_train.txt:4:" in cap.err and "cf_train.txt:10:" in cap.err and "UnidentifiedImageError" in cap.err
+    assert "check-files: 134/134 images, 2 unreadable" in cap.out
+    rows += [f"train/c0/gone{i}.png 0\n" for i in range(30)]
+    many = write_list(tmp_path / "many_train.txt", rows)
+    rc = train.main(base_args((root, {**lists, "train": many}), tmp_path / "o2", "--check-files", "--allow-unsafe-paths"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: 32 unreadable images" in err and "and 12 more" in err
+    assert len((tmp_path / "o2" / "unreadable.txt").read_text().splitlines()) == 32
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_before_anything_is_saved(tiny, tmp_path, capsys):
+    msg = bad_run(tiny, tmp_path, capsys, "--lr", "1e30")
+    assert "non-finite loss at step" in msg and "cbs" in msg and "no checkpoint yet" in msg
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_weights_are_checked_after_the_update_and_before_any_save(tiny, tmp_path, capsys):
+    """One step per epoch: the loss of that step is finite, the update is not. Nothing is saved (a version that
+    checks only the loss writes best.pt / last.pt with inf weights here), and evaluate / resume refuse a
+    checkpoint with non-finite weights in one line."""
+    msg = bad_run(tiny, tmp_path, capsys, "--batch-size", "92", "--per-class", "46", "--method", "rrs",
+                  "--lr", "1e30", "--weight-decay", "1e10", "--epochs", "1")
+    assert "non-finite weights (" in msg and "at the end of epoch 0" in msg and "nothing saved" in msg
+    assert msg.endswith("; no checkpoint yet")
+    assert not os.path.exists(tmp_path / "o")
+    ok = tmp_path / "ok"
+    assert run_train(tiny, ok, "--epochs", "1", capsys=capsys)[0] == 0
+    ckpt = torch.load(ok / "last.pt", weights_only=True)
+    ckpt["model"]["fc.bias"][1] = float("nan")
+    torch.save(ckpt, ok / "nan.pt")
+    assert evaluate.main(["--checkpoint", str(ok / "nan.pt")]) == 2
+    assert train.main(["--resume", str(ok / "nan.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("nan.pt: holds non-finite weights (fc.bias): not a usable checkpoint") == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder: a finished run is never lost to a new command
+
+
+@pytest.mark.slow
+def test_another_run_in_out_is_refused_until_every_input_is_valid(runs, tiny, tmp_path, capsys):
+    out = tmp_path / "o"
+    shutil.copytree(runs["cbs_rrs_ss"][0], out)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    msg = bad_run(tiny, tmp_path, capsys, "--epochs", "1")
+    assert "holds another run" in msg and "--resume" in msg and "--overwrite" in msg
+    msg = bad_run(tiny, tmp_path, capsys, "--overwrite", lists={"train": str(tmp_path / "t_trian.txt")})
+    assert "split list not found" in msg  # a typo with --overwrite: the finished run is still there
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    other = tmp_path / "other"
+    shutil.copytree(runs["rrs"][0], other)
+    rc = train.main(["--resume", str(other / "last.pt"), "--out", str(out), "--epochs", "3"])
+    assert rc == 2 and "holds another run" in capsys.readouterr().err  # resume into a third run's folder
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert run_train(tiny, out, "--epochs", "1", "--overwrite", capsys=capsys)[0] == 0
+    assert len(read_log(out)) == 1
+
+
+@pytest.mark.slow
+def test_a_running_training_owns_its_folder(tiny, tmp_path, capsys):
+    """The run holds an OS lock on --out itself (not on a file in it): a second run on the folder is refused
+    at once, --overwrite or not; a file named .lock (here a link to a user's notes) is never written through
+    or trusted; the lock ends with its process, leaving nothing stale."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    os.symlink(tmp_path / "notes.txt", out / ".lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); import runtime\n"
+                               "lock = runtime.FolderLock(sys.argv[1])\nprint('locked', flush=True)\nsys.stdin.read()",
+                               str(out), HERE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        msg = bad_run(tiny, tmp_path, capsys, "--epochs", "1", "--overwrite")
+        assert f"{out}: in use by another training that is still running" in msg
+    finally:
+        holder.communicate("")  # the holder exits: the OS drops its lock
+    assert run_train(tiny, out, "--epochs", "1", capsys=capsys)[0] == 0
+    assert (tmp_path / "notes.txt").read_text() == "mine" and os.path.islink(out / ".lock")
+
+
+@pytest.mark.slow
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(runs, tiny, tmp_path, capsys):
+    """--overwrite moves the old run (and its evaluations) aside; a new run that fails before its first
+    checkpoint (an unreadable image in the middle of its list) puts it back, byte for byte; one that
+    writes a checkpoint deletes it, eval-* folders included."""
+    out = tmp_path / "o"
+    shutil.copytree(runs["cbs"][0], out)
+    (out / "eval-tiny_test").mkdir()
+    (out / "eval-tiny_test" / "metrics.json").write_text("{}")
+    before = {f: (out / f).read_bytes() for f in os.listdir(out) if f.endswith((".pt", ".json", ".jsonl"))}
+    root, lists = tiny
+    rows = open(lists["train"]).readlines()
+    bad = write_list(tmp_path / "bad_train.txt", rows[:40] + ["train/c0/missing.png 0\n"] + rows[40:])
+    for memory in ("on", "off"):  # fails while decoding into memory / in the middle of epoch 0
+        msg = bad_run(tiny, tmp_path, capsys, "--overwrite", "--in-memory", memory, "--workers", "0",
+                      lists={"train": bad})
+        assert "bad_train.txt:41: cannot read image" in msg
+        assert {f: (out / f).read_bytes() for f in before} == before and (out / "eval-tiny_test").is_dir()
+        assert not [f for f in os.listdir(out) if f.startswith(".replaced")]
+    assert run_train(tiny, out, "--epochs", "1", "--overwrite", capsys=capsys)[0] == 0
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "log.jsonl", "test_metrics.json"]
+
+
+@pytest.mark.slow
+def test_best_pt_is_written_before_last_pt(runs, tiny, tmp_path, capsys, monkeypatch):
+    """A crash between the two writes must not leave a last.pt whose best accuracy best.pt lacks."""
+    order = []
+    real = runtime.atomic_save
+    monkeypatch.setattr(runtime, "atomic_save", lambda obj, path, write=None: (order.append(os.path.basename(path)),
+                                                                                real(obj, path, write)))
+    assert run_train(tiny, tmp_path / "o", "--epochs", "2", capsys=capsys)[0] == 0
+    for i, name in enumerate(order):
+        if name == "last.pt":  # every last.pt's best accuracy is already in a best.pt
+            assert "best.pt" in order[:i]
+    best, last = (runtime.load_checkpoint(str(tmp_path / "o" / f)) for f in ("best.pt", "last.pt"))
+    assert best["best_acc"] == last["best_acc"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["deleted", "renamed"])
+def test_an_output_folder_that_vanishes_mid_run_ends_in_one_line(tiny, tmp_path, capsys, monkeypatch, how):
+    out, real = tmp_path / "o", train.train_step
+
+    def step(run, images, labels, step, gen):
+        if step == 14:  # in epoch 1, after epoch 0's checkpoints
+            shutil.rmtree(out) if how == "deleted" else os.rename(out, tmp_path / "moved")
+        return real(run, images, labels, step, gen)
+    monkeypatch.setattr(train, "train_step", step)
+    msg = bad_run(tiny, tmp_path, capsys)
+    assert msg.startswith(f"error: {out / 'best.pt'}: cannot write it (No such file or directory)")
+    assert msg.endswith(f"; {out} is gone (deleted or renamed)")
+    if how == "renamed":  # the last good checkpoint went with the folder, whole
+        assert runtime.load_checkpoint(str(tmp_path / "moved" / "last.pt"))["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_save_ends_in_one_line_and_leaves_no_temporary_file(tiny, tmp_path):
+    """RLIMIT_FSIZE (a disk that takes no more than 64 KiB per file): the first checkpoint cannot be written;
+    one line names it, exit 2, nothing half written."""
+    import resource
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))  # noqa: E731
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *base_args(tiny, tmp_path / "o")],
+                       capture_output=True, text=True, cwd=HERE, preexec_fn=limit, timeout=300)
+    err = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert p.returncode == 2 and len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert err[0] == f"error: {tmp_path / 'o' / 'best.pt'}: cannot write it (written short: the disk is full or a " \
+        "file-size limit was reached); no checkpoint yet"
+    assert not (tmp_path / "o").exists()  # made by the run, left without a file (no .tmp either): removed
+
+
+# ----------------------------------------------------------------------------------------------
+# resume: the same run, on the same data, from any checkpoint ltaux wrote
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_method_and_applies_optimisation_flags(runs, tmp_path, capsys):
+    out = tmp_path / "o"
+    shutil.copytree(runs["cbs_rrs_ss"][0], out)
+    for flag in (["--batch-size", "16"], ["--method", "cbs"], ["--arch", "resnet18"]):
+        rc = train.main(["--resume", str(out / "last.pt"), *flag, "--epochs", "3"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "the resumed run has" in err and "--init" in err, err
+    rc = train.main(["--resume", str(out / "last.pt"), "--epochs", "3", "--momentum", "0.5", "--weight-decay", "0"])
+    cap = capsys.readouterr()
+    assert rc == 0 and "--momentum 0.5 (the checkpoint's run had 0.9)" in cap.out and "--epochs 3" in cap.out
+    ckpt = runtime.load_checkpoint(str(out / "last.pt"))
+    assert all(g["momentum"] == 0.5 and g["weight_decay"] == 0 for g in ckpt["optimizer"]["param_groups"])
+    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_resume_into_a_new_folder_holds_the_whole_run(runs, tiny, tmp_path, capsys):
+    """--resume X/last.pt --out NEW: best.pt and the log come along, so the final test finds best.pt even when
+    validation does not improve after the resume, or when the run had already finished; without a best.pt
+    beside the checkpoint the resumed weights become best.pt (and it says so)."""
+    done = runs["cbs_rrs_ss"][0]  # a finished 2-epoch run
+    assert train.main(["--resume", str(done / "last.pt"), "--out", str(tmp_path / "new")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "new" / "best.pt").read_bytes() == (done / "best.pt").read_bytes()
+    assert json.load(open(tmp_path / "new" / "test_metrics.json")) == json.load(open(done / "test_metrics.json"))
+    assert read_log(tmp_path / "new") == read_log(done) and "epoch 1 done" not in out
+    assert train.main(["--resume", str(done / "last.pt"), "--out", str(tmp_path / "more"), "--epochs", "3"]) == 0
+    assert [r["epoch"] for r in read_log(tmp_path / "more")] == [0, 1, 2] and (tmp_path / "more" / "best.pt").exists()
+    (tmp_path / "lonely").mkdir()
+    shutil.copy(done / "last.pt", tmp_path / "lonely" / "last.pt")
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "lonely" / "last.pt"), "--out", str(tmp_path / "new2")]) == 0
+    assert "testing the resumed weights (now best.pt)" in capsys.readouterr().out
+    assert (tmp_path / "new2" / "test_metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_data(runs, tiny, tmp_path, capsys):
+    """The same file names under another root with other pixels, or the same lines in another order: refused,
+    naming what differs (a checkpoint records the list's sha256 and a sample of the images)."""
+    root, lists = tiny
+    last = str(runs["rrs"][0] / "last.pt")
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    for f in sorted((other / "train").rglob("*.png")):
+        train.save_png(torch.zeros(3, 16, 16, dtype=torch.uint8), str(f))
+    rc = train.main(["--resume", last, "--data", str(other), "--out", str(tmp_path / "a"), "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not the image the resumed run" in err and f"--data {other}: train/c0/0.png" in err
+    rows = open(lists["train"]).readlines()
+    shuffled = write_list(other / "tiny_train.txt", rows[1:] + rows[:1])
+    rc = train.main(["--resume", last, "--data", str(root), "--split", shuffled, "--out", str(tmp_path / "b"),
+                     "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not the training list of the resumed run" in err and "order differ" in err
+
+
+@pytest.mark.slow
+def test_saved_unsafe_paths_flag_is_not_honoured_on_resume(runs, tmp_path, capsys):
+    ckpt = runtime.load_checkpoint(str(runs["rrs"][0] / "last.pt"))
+    ckpt["args"]["allow_unsafe_paths"] = True
+    ckpt["args"]["split"] = write_list(tmp_path / "u_train.txt", ["../../etc/x.png 0\n"] + open(
+        ckpt["args"]["split"]).readlines())
+    runtime.atomic_save(ckpt, str(tmp_path / "last.pt"))
+    rc = train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "3"])
+    assert rc == 2 and "is absolute or contains '..'" in capsys.readouterr().err
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.slow
+def test_checkpoints_that_are_not_ours_are_refused_in_one_line(runs, tmp_path, capsys):
+    torch.save({"format": runtime.CKPT_FORMAT, "payload": Evil()}, tmp_path / "evil.pt")
+    rc = train.main(["--resume", str(tmp_path / "evil.pt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "evil.pt: refused: it holds pickled Python objects" in err and "pwned" not in err
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    assert train.main(["--resume", str(tmp_path / "junk.pt")]) == 2
+    assert "junk.pt: not a readable checkpoint" in capsys.readouterr().err
+    good = runtime.load_checkpoint(str(runs["rrs"][0] / "last.pt"))
+    for name, damage in (("nokeys", lambda c: c.pop("optimizer")), ("arch", lambda c: c["args"].update(arch="vgg")),
+                         ("types", lambda c: c.update(epoch="one")), ("rng", lambda c: c.update(rng_cpu=torch.zeros(3)))):
+        c = {**good, "args": dict(good["args"])}
+        damage(c)
+        torch.save(c, tmp_path / f"{name}.pt")
+        rc = train.main(["--resume", str(tmp_path / f"{name}.pt"), "--epochs", "3", "--out", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{name}.pt: " in err and "Traceback" not in err, err
+    torch.save({**good, "format": "ltaux-checkpoint-v1"}, tmp_path / "v1.pt")
+    assert train.main(["--resume", str(tmp_path / "v1.pt")]) == 2
+    assert "written by an older ltaux" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_saved_arguments_were_edited_is_refused(runs, tmp_path, capsys):
+    good = runtime.load_checkpoint(str(runs["rrs"][0] / "last.pt"))
+    for name, edit in (("lambdas", dict(lambdas=[1.0])), ("method", dict(method="magic")), ("lr", dict(lr="fast")),
+                       ("recipe", dict(recipe="nonsense"))):
+        torch.save({**good, "args": {**good["args"], **edit}}, tmp_path / f"{name}.pt")
+        rc = train.main(["--resume", str(tmp_path / f"{name}.pt")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err and f"{name}.pt: its saved" in err, err
+        assert evaluate.main(["--checkpoint", str(tmp_path / f"{name}.pt")]) == 2 or name == "recipe"
+        capsys.readouterr()
+    torch.save({**good, "epoch": -3}, tmp_path / "negative.pt")
+    assert train.main(["--resume", str(tmp_path / "negative.pt")]) == 2
+    assert "negative.pt: damaged ltaux checkpoint (epoch missing, negative or of the wrong type)" in capsys.readouterr().err
+    torch.save({**good, "args": {**good["args"], "data": None, "demo_dir": str(tmp_path / "elsewhere")}},
+               tmp_path / "demo.pt")
+    args, _ = train.parse_args(["--resume", str(tmp_path / "demo.pt")])
+    assert args.demo_dir == train.get_args_parser().get_default("demo_dir")  # never from a checkpoint
+
+
+@pytest.mark.slow
+def test_a_damaged_log_on_resume_is_read_around(runs, tmp_path, capsys):
+    out = tmp_path / "o"
+    shutil.copytree(runs["rrs"][0], out)
+    with open(out / "log.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n"text"\n{"epoch": "one"}\n\xff\xfe not utf-8 {\n{"epoch": 0, "loss"')
+    assert train.main(["--resume", str(out / "last.pt"), "--epochs", "3"]) == 0
+    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# signals in every phase, and dead workers
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_resume_matches_an_uninterrupted_run(runs, tiny, tmp_path):
+    """Cut with 2 workers (they must not die first), resumed with none: the same weights as the run
+    straight through (made with none), bit for bit."""
+    straight = runs["cbs_rrs_ss"][0]
+    p = start(base_args(tiny, tmp_path / "cut", "--print-freq", "1", "--workers", "2"))
+    out = signal_when(p, "epoch 1 [ 4/", signal.SIGTERM)
+    assert p.wait(timeout=120) == 0, out
+    assert "stopped at epoch 1 step" in out and "--resume" in out and "Traceback" not in out
+    cut = runtime.load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert cut["epoch"] == 1 and 4 <= cut["step_in_epoch"] < 12
+    assert cut["global_step"] == 12 + cut["step_in_epoch"]
+    assert not [f for f in os.listdir(tmp_path / "cut") if ".tmp" in f]
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--resume", str(tmp_path / "cut" / "last.pt"),
+                        "--workers", "0"], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    a, b = weights(straight), weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit, BN buffers too
+    log_a, log_b = read_log(straight), read_log(tmp_path / "cut")
+    assert [r["epoch"] for r in log_b] == [0, 1]
+    assert log_b[1]["loss"] == pytest.approx(log_a[1]["loss"], rel=1e-5)  # the whole epoch, not the resumed part
+
+
+@pytest.mark.slow
+def test_sigterm_repeated_every_third_of_a_second_is_one_request(tiny, tmp_path):
+    """A supervisor that repeats SIGTERM every 0.3 s until the process ends: each comes within a second of
+    the previous one, so it is the same request: the run saves last.pt and exits 0 (not 143)."""
+    p = start(base_args(tiny, tmp_path / "o", "--print-freq", "1", "--epochs", "4"))
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1 [ 2/"):
+            break
+    while p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=0.3)
+        except subprocess.TimeoutExpired:
+            pass
+    out = "".join(lines) + p.stdout.read()
+    assert p.returncode == 0, out
+    assert "stopped at epoch 1 step" in out and "Traceback" not in out
+    assert runtime.load_checkpoint(str(tmp_path / "o" / "last.pt"))["epoch"] == 1
+    assert not [f for f in os.listdir(tmp_path / "o") if ".tmp" in f]
+
+
+@pytest.mark.slow
+def test_sigint_during_the_final_test_stops_it_and_resume_runs_it(tiny, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the final test: no traceback, no test_metrics.json, exit 0 with the way on; --resume of
+    the finished run runs the test and nothing else."""
+    real = runtime.predict
+
+    def interrupted(*a, stop=None, **kw):
+        if stop is not None:  # the final test (validation passes no stop)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, stop=stop, **kw)
+    monkeypatch.setattr(runtime, "predict", interrupted)
+    rc, cap = run_train(tiny, tmp_path / "o", "--epochs", "1", capsys=capsys)
+    assert rc == 0 and "stopped during the final test: training is complete" in cap.out and "Traceback" not in cap.err
+    assert "test_metrics.json" not in os.listdir(tmp_path / "o")
+    monkeypatch.setattr(runtime, "predict", real)
+    assert train.main(["--resume", str(tmp_path / "o" / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "test (" in out and "epoch 0 done" not in out and (tmp_path / "o" / "test_metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_sigint_during_check_files_ends_at_once_in_one_line(tiny, tmp_path, capsys, monkeypatch):
+    real, calls = ltaux.SplitDataset.load, []
+
+    def load(self, i, read=None):
+        calls.append(i)
+        if len(calls) == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, i, read)
+    monkeypatch.setattr(ltaux.SplitDataset, "load", load)
+    rc, cap = run_train(tiny, tmp_path / "o", "--check-files", capsys=capsys)
+    assert rc == 128 + signal.SIGINT and "Traceback" not in cap.err
+    assert cap.err.strip() == "error: SIGINT before training started: stopped, nothing was written"
+    assert len(calls) == 10 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_ends_the_run_in_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """A DataLoader worker killed outright (SIGKILL, the OOM killer): one line naming what happened and the
+    last good checkpoint, exit 2, no traceback."""
+    main_pid, real, served = os.getpid(), pipeline.SeededCifar.__getitem__, []
+
+    def item(self, key):
+        served.append(key)  # in the worker's own copy of this list
+        if os.getpid() != main_pid and len(served) == 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, key)
+    monkeypatch.setattr(pipeline.SeededCifar, "__getitem__", item)
+    msg = bad_run(tiny, tmp_path, capsys, "--in-memory", "off", "--workers", "1")
+    assert "a data-loader worker died (DataLoader worker (pid" in msg and msg.endswith("; no checkpoint yet")
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), *base_args(tiny, out, "--epochs", "1")],
+                       capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("epoch 0 done") == 1  # rank 0 alone logs
+    assert "device: cpu, 2 processes" in p.stdout
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "log.jsonl", "test_metrics.json"]  # rank 0 alone writes
+    ckpt = runtime.load_checkpoint(str(out / "last.pt"))
+    assert ckpt["global_step"] == 12 and ckpt["args"]["batch_size"] == 8
+    model, _, counts = runtime.model_from_checkpoint(str(out / "best.pt"), torch.device("cpu"))
+    ds = ltaux.SplitDataset(tiny[0], tiny[1]["test"], pipeline.build_transform(16, train=False),
+                            read=pipeline.read_image)
+    pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, batch_size=7), torch.device("cpu"))
+    single = ltaux.shot_accuracy(pred, target, counts)
+    ddp = json.load(open(out / "test_metrics.json"))
+    assert ddp["overall"] == pytest.approx(single["overall"])  # gathered: no test image lost or counted twice
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_every_rank_stops_after_the_same_step(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(HERE, "train.py"), *base_args(tiny, out, "--epochs", "50", "--print-freq", "1")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE, env=env,
+                         start_new_session=True)
+    text = signal_when(p, "epoch 0 [ 3/", signal.SIGTERM)
+    p.wait(timeout=120)
+    assert "stopped at epoch 0 step" in text, text
+    ckpt = runtime.load_checkpoint(str(out / "last.pt"))
+    assert ckpt["epoch"] == 0 and 3 <= ckpt["step_in_epoch"] <= 6  # agreed within a few steps, then saved
+
+
+@pytest.mark.slow
+def test_bad_image_under_torchrun_prints_one_error_line(tiny, tmp_path):
+    root, lists = tiny
+    rows = open(lists["train"]).readlines()
+    rows[50] = "train/c0/missing.png 0\n"
+    bad = write_list(tmp_path / "bad_train.txt", rows)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), *base_args((root, {**lists, "train": bad}), tmp_path / "o")],
+                       capture_output=True, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    ours = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error: ")]
+    assert p.returncode != 0 and len(ours) == 1 and "bad_train.txt:51: cannot read image" in ours[0]
+    assert "Connection closed by peer" not in p.stderr and "ProcessGroupGloo" not in p.stderr  # no collective traceback
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo
+
+
+@pytest.mark.slow
+def test_demo_data_is_long_tailed_and_never_written_into_a_users_folder(tmp_path):
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ltaux.LTauxError, match="exists but holds no demo lists"):
+        train.make_demo_data(str(tmp_path / "mine"))
+    lists = train.make_demo_data(str(tmp_path / "demo"), classes=12, head=150, tail=5, val=2, test=3, size=8)
+    _, labels = ltaux.read_split(lists["train"])
+    groups = ltaux.shot_groups(ltaux.class_counts(labels, 12))
+    assert set(groups.tolist()) == {0, 1, 2}  # the demo spans many, medium and few
+    assert ltaux.class_counts(ltaux.read_split(lists["test"])[1], 12).tolist() == [3] * 12
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+# ==============================================================================================
+# evaluate.py
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# metrics, per-class CSV, Fig. 3 / Fig. 4 and t-SNE, on a flat test list
+
 
 NAMES = ["c0", "c1", "c2", "c3", "c4", "c5"]
+
+
 SUMMARY = ("many", "medium", "few", "overall", "mean_per_class")
 
 
@@ -1287,6 +2084,7 @@ def has_color(img, color, box=None):
     return any(c == color for _, c in img.getcolors(1 << 20))
 
 
+@pytest.mark.slow
 def test_metrics_and_csv(eval_runs, flat_tiny, tmp_path, capsys):
     rc, cap = ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(tmp_path / "e"), capsys=capsys)
     assert rc == 0, cap.err
@@ -1317,6 +2115,7 @@ def test_metrics_and_csv(eval_runs, flat_tiny, tmp_path, capsys):
     assert has_color(png(tmp_path / "e" / "weight_norms.png"), evaluate.THIS_COLOR, (80, 80, 1100, 500))
 
 
+@pytest.mark.slow
 def test_thresholds_come_from_the_checkpoint(eval_runs, tmp_path, capsys):
     rc, cap = ev("--checkpoint", eval_runs["cbs"], "--out", str(tmp_path / "e"), capsys=capsys)  # run: --many 30 --few 5
     assert rc == 0, cap.err
@@ -1330,6 +2129,16 @@ def test_thresholds_come_from_the_checkpoint(eval_runs, tmp_path, capsys):
     assert rc == 0 and [r["shot_group"] for r in rows] == ["medium", "medium", "few", "few", "few", "few"]
 
 
+@pytest.mark.slow
+def test_evaluate_and_train_check_the_thresholds_alike(eval_runs, tiny, tmp_path, capsys):
+    msg = bad_run(tiny, tmp_path, capsys, "--many", "-5")
+    rc, cap = ev("--checkpoint", eval_runs["cbs"], "--many", "-5", "--few", "20", "--out", str(tmp_path / "e"),
+                 capsys=capsys)
+    assert rc == 2 and cap.err.strip() == msg == "error: --many -5 --few 20: need whole numbers with 0 <= --few < --many " \
+        "(many-shot: at least --many training images, few-shot: at most --few)"
+
+
+@pytest.mark.slow
 def test_amp_comes_from_the_checkpoint(eval_runs, tmp_path, monkeypatch, capsys):
     seen, predict = [], runtime.predict
 
@@ -1345,6 +2154,7 @@ def test_amp_comes_from_the_checkpoint(eval_runs, tmp_path, monkeypatch, capsys)
     assert seen[2:] == [None]  # CPU: off
 
 
+@pytest.mark.slow
 def test_evaluate_owns_exactly_the_files_it_writes(eval_runs, tmp_path, capsys):
     """Re-running an evaluation (same checkpoint, same list) replaces its own outputs; another evaluation's
     files, or files merely named like its outputs, are refused without --overwrite and never deleted; stale
@@ -1375,6 +2185,7 @@ def test_evaluate_owns_exactly_the_files_it_writes(eval_runs, tmp_path, capsys):
         lock.release()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad, words", [("five", "has 5 classes"), ("other", "other class counts")])
 def test_compare_needs_the_same_classes(eval_runs, tmp_path, capsys, bad, words):
     rc, cap = ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(tmp_path / "e"), "--compare", eval_runs["rrs"],
@@ -1383,6 +2194,7 @@ def test_compare_needs_the_same_classes(eval_runs, tmp_path, capsys, bad, words)
     assert words in cap.err and not os.path.exists(tmp_path / "e")  # refused before any work or output
 
 
+@pytest.mark.slow
 def test_compare_table_and_figures(eval_runs, tmp_path, capsys):
     out = tmp_path / "e"
     rc, cap = ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(out), "--compare", eval_runs["rrs"], eval_runs["cbs"],
@@ -1414,6 +2226,7 @@ def test_compare_table_and_figures(eval_runs, tmp_path, capsys):
         assert sum(has_color(panel, c) for c in evaluate.PALETTE[:6]) >= 4
 
 
+@pytest.mark.slow
 def test_tsne_keeps_blobs_apart_and_is_deterministic():
     g = torch.Generator().manual_seed(1)
     centres = torch.randn(3, 10, generator=g) * 10
@@ -1428,6 +2241,7 @@ def test_tsne_keeps_blobs_apart_and_is_deterministic():
     assert not torch.equal(y, shuffled)
 
 
+@pytest.mark.slow
 def test_tsne_picks_six_classes_per_group_evenly():
     counts = torch.tensor([500 - 10 * c for c in range(20)] + [60 - c for c in range(20)] + [10] * 4)
     labels = [c for c in range(44) for _ in range(60 if c % 2 else 3)]
@@ -1440,6 +2254,7 @@ def test_tsne_picks_six_classes_per_group_evenly():
     assert all(n == (50 if c % 2 else 3) for c, n in per_class.items())  # up to 50 images per class
 
 
+@pytest.mark.slow
 def test_class_names_from_folders():
     names = evaluate.class_names([
         (["val/x.jpg", "val/y.jpg"], [0, 1]),  # flat: names nothing
@@ -1450,15 +2265,7 @@ def test_class_names_from_folders():
     assert names == ["n01440764", "apartment_building/outdoor", "bus/outdoor", "n01443537", "4"]
 
 
-@pytest.mark.parametrize("program", ["train.py", "evaluate.py", "bench.py", "cifar_lt.py"])
-def test_help_opens_with_examples_and_needs_no_torch(program):
-    """Every entry point answers --help without importing torch (seconds, not ten), its examples first."""
-    p = subprocess.run([sys.executable, "-X", "importtime", os.path.join(HERE, program), "--help"],
-                       capture_output=True, text=True, cwd=HERE)
-    assert p.returncode == 0 and " torch\n" not in p.stderr and "| torch" not in p.stderr, p.stderr[-500:]
-    assert ("examples:\n  python " + program) in p.stdout
-
-
+@pytest.mark.slow
 def test_help_and_imports():
     text = evaluate.get_args_parser().format_help()
     assert "--eval-batch-size" in text and "--batch-size " not in text and "(default: 256)" in text
@@ -1470,466 +2277,25 @@ def test_help_and_imports():
                         "PIL", "ltaux", "pipeline", "recipes", "runtime", "train"}  # train: the checkpoints' schema
 
 
-# ----------------------------------------------------------------------------------------------
-# bad input: one clear line, exit status 2, nothing written
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["train.py", "evaluate.py", "bench.py", "cifar_lt.py"])
+def test_help_opens_with_examples_and_needs_no_torch(program):
+    """Every entry point answers --help without importing torch (seconds, not ten), its examples first."""
+    p = subprocess.run([sys.executable, "-X", "importtime", os.path.join(HERE, program), "--help"],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 0 and " torch\n" not in p.stderr and "| torch" not in p.stderr, p.stderr[-500:]
+    assert ("examples:\n  python " + program) in p.stdout
 
 
-def bad_run(tiny, tmp_path, capsys, *extra, lists=None, out="o"):
-    root, base = tiny
-    rc = train.main(base_args((root, {**base, **(lists or {})}), tmp_path / out, *extra))
-    cap = capsys.readouterr()
-    assert rc == 2, cap.out + cap.err
-    err = [line for line in cap.err.splitlines() if line.startswith("error: ")]
-    assert len(err) == 1 and "Traceback" not in cap.err, cap.err
-    return err[0]
-
-
-@pytest.mark.parametrize("rows, expect", [
-    (["train/c0/0.png 0\n", "train/c0/1.png zero\n"], "bad_train.txt:2: label 'zero' is not an integer"),
-    (["train/c0/0.png 0\n", "train/c0/1.png\n"], "bad_train.txt:2: expected 'relative/path label'"),
-    (["train/c0/0.png 0\n", "train/c0/1.png -3\n"], "bad_train.txt:2: label -3 is negative"),
-    ([], "bad_train.txt: split list is empty"),
-    (["train/c0/%d.png 0\n" % i for i in range(10)] + ["train/c2/%d.png 2\n" % i for i in range(10)],
-     "bad_train.txt: classes [1] have no training image"),
-])
-def test_bad_train_list(tiny, tmp_path, capsys, rows, expect):
-    bad = write_list(tmp_path / "bad_train.txt", rows)
-    assert expect in bad_run(tiny, tmp_path, capsys, "--per-class", "1", lists={"train": bad})
-    assert not os.path.exists(tmp_path / "o")  # a run that fails on its inputs creates nothing
-
-
-def test_val_label_unknown_to_train(tiny, tmp_path, capsys):
-    bad = write_list(tmp_path / "v.txt", ["val/c0/0.png 0\n", "val/c0/1.png 6\n"])
-    assert "v.txt:2: label 6 is not a class of the training list" in bad_run(tiny, tmp_path, capsys, lists={"val": bad})
-
-
-def test_missing_list_and_wrong_root_say_what_to_do(tiny, tmp_path, capsys):
-    msg = bad_run(tiny, tmp_path, capsys, lists={"train": str(tmp_path / "t_trian.txt")})
-    assert "t_trian.txt: split list not found" in msg and "data_lists/README.md" in msg and "SHA256SUMS" in msg
-    root, lists = tiny
-    rc = train.main(base_args((tmp_path, lists), tmp_path / "o"))
-    err = capsys.readouterr().err
-    assert rc == 2 and "the root is probably wrong" in err and str(tmp_path / "train/c0/0.png") in err
-
-
-def test_duplicate_paths_warn(tiny, tmp_path, capsys):
-    root, lists = tiny
-    rows = open(lists["train"]).readlines()
-    dup = write_list(tmp_path / "dup_train.txt", rows + rows[:1])
-    with pytest.warns(UserWarning, match=f"dup_train.txt:{len(rows) + 1}: duplicate path"):
-        assert train.main(base_args((root, {**lists, "train": dup}), tmp_path / "o", "--epochs", "1")) == 0
-
-
-@pytest.mark.parametrize("workers", [0, 1])
-def test_bad_image_during_training_names_path_and_line(tiny, tmp_path, capsys, workers):
-    root, lists = tiny
-    rows = open(lists["train"]).readlines()
-    rows[7] = "train/c0/missing.png 0\n"
-    bad = write_list(tmp_path / "img_train.txt", rows)
-    msg = bad_run(tiny, tmp_path, capsys, "--workers", str(workers), lists={"train": bad})
-    assert "img_train.txt:8: cannot read image" in msg and "missing.png (file not found)" in msg
-    assert not os.path.exists(tmp_path / "o")  # nothing written: the folder it made is gone again
-
-
-def test_check_files_lists_every_failure(tiny, tmp_path, capsys):
-    root, lists = tiny
-    (tmp_path / "zero.png").write_bytes(b"")
-    rows = open(lists["train"]).readlines()
-    rows[3], rows[9] = "train/c0/gone.png 0\n", f"../{tmp_path.name}/zero.png 0\n"
-    bad = write_list(tmp_path / "cf_train.txt", rows)
-    rc = train.main(base_args((root, {**lists, "train": bad}), tmp_path / "o", "--check-files", "--allow-unsafe-paths"))
-    cap = capsys.readouterr()
-    assert rc == 2 and "error: 2 unreadable images" in cap.err
-    assert "cf_train.txt:4:" in cap.err and "cf_train.txt:10:" in cap.err and "UnidentifiedImageError" in cap.err
-    assert "check-files: 134/134 images, 2 unreadable" in cap.out
-    rows += [f"train/c0/gone{i}.png 0\n" for i in range(30)]
-    many = write_list(tmp_path / "many_train.txt", rows)
-    rc = train.main(base_args((root, {**lists, "train": many}), tmp_path / "o2", "--check-files", "--allow-unsafe-paths"))
-    err = capsys.readouterr().err
-    assert rc == 2 and "error: 32 unreadable images" in err and "and 12 more" in err
-    assert len((tmp_path / "o2" / "unreadable.txt").read_text().splitlines()) == 32
-
-
-@pytest.mark.parametrize("extra, expect", [
-    (["--batch-size", "9", "--per-class", "2"], "not divisible by per-class Z=2"),
-    (["--batch-size", "16", "--per-class", "2"], "k = S/Z = 8 classes per batch, but only 6 classes"),
-    (["--method", "cbs_rrs_ss", "--rotation-aug"], "--rotation-aug is the augmentation baseline"),
-    (["--lr", "-1"], "--lr -1.0: must be a finite number in [0, 1e+30]"),
-    (["--lr", "inf"], "--lr inf: must be a finite number"),
-    (["--lr", "nan"], "--lr nan: must be a finite number"),
-    (["--momentum", "-0.1"], "--momentum -0.1: must be a finite number in [0, 1]"),
-    (["--momentum", "1.5"], "--momentum 1.5: must be a finite number in [0, 1]"),
-    (["--weight-decay", "-1"], "--weight-decay -1.0: must be a finite number in [0, 1e+30]"),
-    (["--warmup-epochs", "inf"], "--warmup-epochs inf: must be a finite number in [0, 2]"),
-    (["--warmup-epochs", "3"], "--warmup-epochs 3.0: must be a finite number in [0, 2]"),
-    (["--print-freq", "0"], "--print-freq 0: must be in 1.."),
-    (["--eval-freq", "0"], "--eval-freq 0: must be in 1.."),
-    (["--workers", "-1"], "--workers -1: must be in 0..1024"),
-    (["--image-size", "0"], "--image-size 0: must be in 8..4096"),
-    (["--image-size", "1000000"], "--image-size 1000000: must be in 8..4096"),
-    (["--epochs", "0"], "--epochs 0: must be in 1..100000"),
-    (["--epochs", "1000000000000000"], "--epochs 1000000000000000: must be in 1..100000"),
-    (["--seed", "100000000000000000000"], "--seed 100000000000000000000: must be in 0..9223372036854775807"),
-    (["--lambdas", "0.5", "-1", "1"], "weights must be finite and >= 0"),
-    (["--lambdas", "0", "0", "0"], "leaves h untrained"),
-    (["--embed-dim", "-2"], "--embed-dim -2: must be in 0..65536"),
-    (["--embed-dim", "1000000000000"], "--embed-dim 1000000000000: must be in 0..65536"),
-    (["--many", "-5"], "--many -5 --few 20: need whole numbers with 0 <= --few < --many"),
-    (["--many", "10", "--few", "10"], "--many 10 --few 10: need whole numbers with 0 <= --few < --many"),
-    (["--in-memory", "on", "--image-size", "64"], "--in-memory on is for the CIFAR recipe's small images"),
-    (["--lr", "1e300"], "--lr 1e+300: must be a finite number in [0, 1e+30]"),  # past fp32: SGD would overflow
-    (["--lr", "1e29"], "non-finite"),  # finite, absurd: the run stops at the first non-finite loss or weight
-])
-def test_bad_arguments(tiny, tmp_path, capsys, extra, expect):
-    assert expect in bad_run(tiny, tmp_path, capsys, *extra)
-    assert not os.path.exists(tmp_path / "o")
-
-
-def test_device_and_out_mistakes(tiny, tmp_path, capsys):
-    if not torch.cuda.is_available():
-        assert "no CUDA device is available" in bad_run(tiny, tmp_path, capsys, "--device", "cuda")
-    (tmp_path / "afile").write_text("x")
-    assert "is a file, not a folder" in bad_run(tiny, tmp_path, capsys, out="afile")
-    if os.geteuid() != 0:  # root writes anywhere
-        (tmp_path / "ro").mkdir(mode=0o500)
-        assert "is not writable" in bad_run(tiny, tmp_path, capsys, out="ro/run")
-
-
-def test_non_finite_loss_stops_before_anything_is_saved(tiny, tmp_path, capsys):
-    msg = bad_run(tiny, tmp_path, capsys, "--lr", "1e30")
-    assert "non-finite loss at step" in msg and "cbs" in msg and "last good checkpoint: none yet" in msg
-    assert not os.path.exists(tmp_path / "o")
-
-
-def test_weights_are_checked_after_the_update_and_before_any_save(tiny, tmp_path, capsys):
-    """One step per epoch: the loss of that step is finite, the update is not. Nothing is saved (a version that
-    checks only the loss writes best.pt / last.pt with inf weights here), and evaluate / resume refuse a
-    checkpoint with non-finite weights in one line."""
-    msg = bad_run(tiny, tmp_path, capsys, "--batch-size", "92", "--per-class", "46", "--method", "rrs",
-                  "--lr", "1e30", "--weight-decay", "1e10", "--epochs", "1")
-    assert "non-finite weights (" in msg and "at the end of epoch 0" in msg and "none yet" in msg
-    assert not os.path.exists(tmp_path / "o")
-    ok = tmp_path / "ok"
-    assert run_train(tiny, ok, "--epochs", "1", capsys=capsys)[0] == 0
-    ckpt = torch.load(ok / "last.pt", weights_only=True)
-    ckpt["model"]["fc.bias"][1] = float("nan")
-    torch.save(ckpt, ok / "nan.pt")
-    assert evaluate.main(["--checkpoint", str(ok / "nan.pt")]) == 2
-    assert train.main(["--resume", str(ok / "nan.pt")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("nan.pt: holds non-finite weights (fc.bias): not a usable checkpoint") == 2
-
+# ==============================================================================================
+# cifar_lt.py
+# ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# outputs: a finished run is never lost to a new command
+# the CIFAR-10-LT protocol's table
 
 
-def test_another_run_in_out_is_refused_until_every_input_is_valid(runs, tiny, tmp_path, capsys):
-    out = tmp_path / "o"
-    shutil.copytree(runs["cbs_rrs_ss"][0], out)
-    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    msg = bad_run(tiny, tmp_path, capsys, "--epochs", "1")
-    assert "holds another run" in msg and "--resume" in msg and "--overwrite" in msg
-    msg = bad_run(tiny, tmp_path, capsys, "--overwrite", lists={"train": str(tmp_path / "t_trian.txt")})
-    assert "split list not found" in msg  # a typo with --overwrite: the finished run is still there
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
-    other = tmp_path / "other"
-    shutil.copytree(runs["rrs"][0], other)
-    rc = train.main(["--resume", str(other / "last.pt"), "--out", str(out), "--epochs", "3"])
-    assert rc == 2 and "holds another run" in capsys.readouterr().err  # resume into a third run's folder
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
-    assert run_train(tiny, out, "--epochs", "1", "--overwrite", capsys=capsys)[0] == 0
-    assert len(read_log(out)) == 1
-
-
-def test_a_running_training_owns_its_folder(tiny, tmp_path, capsys):
-    """The run holds an OS lock on --out itself (not on a file in it): a second run on the folder is refused
-    at once, --overwrite or not; a file named .lock (here a link to a user's notes) is never written through
-    or trusted; the lock ends with its process, leaving nothing stale."""
-    out = tmp_path / "o"
-    out.mkdir()
-    (tmp_path / "notes.txt").write_text("mine")
-    os.symlink(tmp_path / "notes.txt", out / ".lock")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); import runtime\n"
-                               "lock = runtime.FolderLock(sys.argv[1])\nprint('locked', flush=True)\nsys.stdin.read()",
-                               str(out), HERE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "locked\n"
-        msg = bad_run(tiny, tmp_path, capsys, "--epochs", "1", "--overwrite")
-        assert f"{out}: in use by another training that is still running" in msg
-    finally:
-        holder.communicate("")  # the holder exits: the OS drops its lock
-    assert run_train(tiny, out, "--epochs", "1", capsys=capsys)[0] == 0
-    assert (tmp_path / "notes.txt").read_text() == "mine" and os.path.islink(out / ".lock")
-
-
-def test_best_pt_is_written_before_last_pt(runs, tiny, tmp_path, capsys, monkeypatch):
-    """A crash between the two writes must not leave a last.pt whose best accuracy best.pt lacks."""
-    order = []
-    real = runtime.atomic_save
-    monkeypatch.setattr(runtime, "atomic_save", lambda obj, path, write=None: (order.append(os.path.basename(path)),
-                                                                                real(obj, path, write)))
-    assert run_train(tiny, tmp_path / "o", "--epochs", "2", capsys=capsys)[0] == 0
-    for i, name in enumerate(order):
-        if name == "last.pt":  # every last.pt's best accuracy is already in a best.pt
-            assert "best.pt" in order[:i]
-    best, last = (runtime.load_checkpoint(str(tmp_path / "o" / f)) for f in ("best.pt", "last.pt"))
-    assert best["best_acc"] == last["best_acc"]
-
-
-def test_resume_refuses_changed_method_and_applies_optimisation_flags(runs, tmp_path, capsys):
-    out = tmp_path / "o"
-    shutil.copytree(runs["cbs_rrs_ss"][0], out)
-    for flag in (["--batch-size", "16"], ["--method", "cbs"], ["--arch", "resnet18"]):
-        rc = train.main(["--resume", str(out / "last.pt"), *flag, "--epochs", "3"])
-        err = capsys.readouterr().err
-        assert rc == 2 and "the resumed run has" in err and "--init" in err, err
-    rc = train.main(["--resume", str(out / "last.pt"), "--epochs", "3", "--momentum", "0.5", "--weight-decay", "0"])
-    cap = capsys.readouterr()
-    assert rc == 0 and "--momentum 0.5 (the checkpoint's run had 0.9)" in cap.out and "--epochs 3" in cap.out
-    ckpt = runtime.load_checkpoint(str(out / "last.pt"))
-    assert all(g["momentum"] == 0.5 and g["weight_decay"] == 0 for g in ckpt["optimizer"]["param_groups"])
-    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
-
-
-def test_saved_unsafe_paths_flag_is_not_honoured_on_resume(runs, tmp_path, capsys):
-    ckpt = runtime.load_checkpoint(str(runs["rrs"][0] / "last.pt"))
-    ckpt["args"]["allow_unsafe_paths"] = True
-    ckpt["args"]["split"] = write_list(tmp_path / "u_train.txt", ["../../etc/x.png 0\n"] + open(
-        ckpt["args"]["split"]).readlines())
-    runtime.atomic_save(ckpt, str(tmp_path / "last.pt"))
-    rc = train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "3"])
-    assert rc == 2 and "is absolute or contains '..'" in capsys.readouterr().err
-
-
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-def test_checkpoints_that_are_not_ours_are_refused_in_one_line(runs, tmp_path, capsys):
-    torch.save({"format": runtime.CKPT_FORMAT, "payload": Evil()}, tmp_path / "evil.pt")
-    rc = train.main(["--resume", str(tmp_path / "evil.pt")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "evil.pt: refused: it holds pickled Python objects" in err and "pwned" not in err
-    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
-    assert train.main(["--resume", str(tmp_path / "junk.pt")]) == 2
-    assert "junk.pt: not a readable checkpoint" in capsys.readouterr().err
-    good = runtime.load_checkpoint(str(runs["rrs"][0] / "last.pt"))
-    for name, damage in (("nokeys", lambda c: c.pop("optimizer")), ("arch", lambda c: c["args"].update(arch="vgg")),
-                         ("types", lambda c: c.update(epoch="one")), ("rng", lambda c: c.update(rng_cpu=torch.zeros(3)))):
-        c = {**good, "args": dict(good["args"])}
-        damage(c)
-        torch.save(c, tmp_path / f"{name}.pt")
-        rc = train.main(["--resume", str(tmp_path / f"{name}.pt"), "--epochs", "3", "--out", str(tmp_path / name)])
-        err = capsys.readouterr().err
-        assert rc == 2 and f"{name}.pt: " in err and "Traceback" not in err, err
-    torch.save({**good, "format": "ltaux-checkpoint-v1"}, tmp_path / "v1.pt")
-    assert train.main(["--resume", str(tmp_path / "v1.pt")]) == 2
-    assert "written by an older ltaux" in capsys.readouterr().err
-
-
-# ----------------------------------------------------------------------------------------------
-# processes: pre-emption, a kill during a save, torchrun
-
-
-def start(args, **kw):
-    return subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "train.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=HERE, start_new_session=True, **kw)
-
-
-def signal_when(p, prefix, signum):
-    """Read p's output until a line starts with `prefix`, then signal p's whole process group."""
-    lines = []
-    for line in p.stdout:
-        lines.append(line)
-        if line.startswith(prefix):
-            os.killpg(p.pid, signum)  # as Slurm's scancel, systemd and kill -TERM -PGID do: workers too
-            break
-    return "".join(lines) + p.stdout.read()
-
-
-def test_sigterm_to_the_process_group_saves_and_resume_matches_an_uninterrupted_run(runs, tiny, tmp_path):
-    """Cut with 2 workers (they must not die first), resumed with none: the same weights as the run
-    straight through (made with none), bit for bit."""
-    straight = runs["cbs_rrs_ss"][0]
-    p = start(base_args(tiny, tmp_path / "cut", "--print-freq", "1", "--workers", "2"))
-    out = signal_when(p, "epoch 1 [ 4/", signal.SIGTERM)
-    assert p.wait(timeout=120) == 0, out
-    assert "stopped at epoch 1 step" in out and "--resume" in out and "Traceback" not in out
-    cut = runtime.load_checkpoint(str(tmp_path / "cut" / "last.pt"))
-    assert cut["epoch"] == 1 and 4 <= cut["step_in_epoch"] < 12
-    assert cut["global_step"] == 12 + cut["step_in_epoch"]
-    assert not [f for f in os.listdir(tmp_path / "cut") if ".tmp" in f]
-    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--resume", str(tmp_path / "cut" / "last.pt"),
-                        "--workers", "0"], capture_output=True, text=True, cwd=HERE, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
-    a, b = weights(straight), weights(tmp_path / "cut")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit, BN buffers too
-    log_a, log_b = read_log(straight), read_log(tmp_path / "cut")
-    assert [r["epoch"] for r in log_b] == [0, 1]
-    assert log_b[1]["loss"] == pytest.approx(log_a[1]["loss"], rel=1e-5)  # the whole epoch, not the resumed part
-
-
-def test_a_second_signal_exits_at_once(monkeypatch):
-    exits = []
-    monkeypatch.setattr(os, "_exit", exits.append)
-    stop = train.StopFlag(torch.device("cpu"), 1)
-    try:
-        stop.handle(signal.SIGINT, None)
-        assert stop.agreed() and exits == []
-        stop.handle(signal.SIGTERM, None)  # the same request delivered twice (Slurm + torchrun): no exit
-        assert exits == []
-        stop.last -= 2.0
-        stop.handle(signal.SIGINT, None)  # a second Ctrl-C a while later: out, now
-        assert exits == [128 + signal.SIGINT]
-    finally:
-        stop.restore()
-
-
-KILLER = r"""
-import os, signal, sys, torch
-sys.path.insert(0, sys.argv[1])
-import runtime
-path = sys.argv[2]
-runtime.atomic_save({"v": torch.zeros(3)}, path)   # the good, old checkpoint
-class Bomb:
-    def __reduce__(self):                          # runs while torch.save is writing the new one
-        os.kill(os.getpid(), signal.SIGKILL)
-if sys.argv[3] == "during-write":
-    runtime.atomic_save({"v": torch.ones(1 << 20), "x": Bomb()}, path)
-else:                                              # after the bytes are written, before the rename
-    os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
-    runtime.atomic_save({"v": torch.ones(1 << 20)}, path)
-"""
-
-
-@pytest.mark.parametrize("when", ["during-write", "before-rename"])
-def test_kill_during_save_leaves_the_old_checkpoint(tmp_path, when):
-    path = tmp_path / "last.pt"
-    p = subprocess.run([sys.executable, "-c", KILLER, HERE, str(path), when], capture_output=True)
-    assert p.returncode == -signal.SIGKILL
-    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.zeros(3))
-
-
-def test_torchrun_two_processes_on_cpu(tiny, tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py"), *base_args(tiny, out, "--epochs", "1")],
-                       capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.count("epoch 0 done") == 1  # rank 0 alone logs
-    assert "device: cpu, 2 processes" in p.stdout
-    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "log.jsonl", "test_metrics.json"]  # rank 0 alone writes
-    ckpt = runtime.load_checkpoint(str(out / "last.pt"))
-    assert ckpt["global_step"] == 12 and ckpt["args"]["batch_size"] == 8
-    model, _, counts = runtime.model_from_checkpoint(str(out / "best.pt"), torch.device("cpu"))
-    ds = ltaux.SplitDataset(tiny[0], tiny[1]["test"], pipeline.build_transform(16, train=False),
-                            read=pipeline.read_image)
-    pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, batch_size=7), torch.device("cpu"))
-    single = ltaux.shot_accuracy(pred, target, counts)
-    ddp = json.load(open(out / "test_metrics.json"))
-    assert ddp["overall"] == pytest.approx(single["overall"])  # gathered: no test image lost or counted twice
-
-
-def test_sigterm_under_torchrun_every_rank_stops_after_the_same_step(tiny, tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(HERE, "train.py"), *base_args(tiny, out, "--epochs", "50", "--print-freq", "1")],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE, env=env,
-                         start_new_session=True)
-    text = signal_when(p, "epoch 0 [ 3/", signal.SIGTERM)
-    p.wait(timeout=120)
-    assert "stopped at epoch 0 step" in text, text
-    ckpt = runtime.load_checkpoint(str(out / "last.pt"))
-    assert ckpt["epoch"] == 0 and 3 <= ckpt["step_in_epoch"] <= 6  # agreed within a few steps, then saved
-
-
-def test_bad_image_under_torchrun_prints_one_error_line(tiny, tmp_path):
-    root, lists = tiny
-    rows = open(lists["train"]).readlines()
-    rows[50] = "train/c0/missing.png 0\n"
-    bad = write_list(tmp_path / "bad_train.txt", rows)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py"), *base_args((root, {**lists, "train": bad}), tmp_path / "o")],
-                       capture_output=True, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    ours = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error: ")]
-    assert p.returncode != 0 and len(ours) == 1 and "bad_train.txt:51: cannot read image" in ours[0]
-    assert "Connection closed by peer" not in p.stderr and "ProcessGroupGloo" not in p.stderr  # no collective traceback
-
-
-# ----------------------------------------------------------------------------------------------
-# the demo and bench.py
-
-
-def test_demo_data_is_long_tailed_and_never_written_into_a_users_folder(tmp_path):
-    (tmp_path / "mine").mkdir()
-    with pytest.raises(ltaux.LTauxError, match="exists but holds no demo lists"):
-        train.make_demo_data(str(tmp_path / "mine"))
-    lists = train.make_demo_data(str(tmp_path / "demo"), classes=12, head=150, tail=5, val=2, test=3, size=8)
-    _, labels = ltaux.read_split(lists["train"])
-    groups = ltaux.shot_groups(ltaux.class_counts(labels, 12))
-    assert set(groups.tolist()) == {0, 1, 2}  # the demo spans many, medium and few
-    assert ltaux.class_counts(ltaux.read_split(lists["test"])[1], 12).tolist() == [3] * 12
-    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
-
-
-def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
-    """Every figure of bench.py on tiny settings, and the arithmetic that ties them together (a rate that
-    is not the ratio it claims, or a worker count off by one, fails)."""
-    import bench
-    (tmp_path / "photos").mkdir()
-    for i in range(4):  # one name with a space: the end-to-end figure must not care
-        Image.effect_noise((120 + 20 * i, 90), 50).convert("RGB").save(tmp_path / "photos" / f"p {i}.jpg", quality=90)
-    res = bench.main(["--image-size", "16", "--batch-size", "4", "--num-classes", "5", "--steps", "2", "--warmup", "1",
-                      "--loader-images", "8", "--loader-size", "64", "--images", str(tmp_path / "photos"),
-                      "--target-rate", "1000", "--loader-workers", "1", "--loader-batches", "2", "--cifar-steps", "1",
-                      "--cifar-images", "300", "--cifar-workers", "1"])
-    out = capsys.readouterr().out
-    assert json.loads(out[: out.index("\n}\n") + 2])["step"]["images_per_step"] == 16
-    s, st, c, ld = res["sampler"], res["step"], res["cifar"], res["loader"]
-    assert s["S"] == 4 and s["indices_per_s"] == pytest.approx(s["batches_per_s"] * 8)
-    assert s["fraction_of_step"] == pytest.approx(s["ms_per_batch"] / st["method_ms_per_step"])
-    assert st["ratio"] == pytest.approx(st["method_images_per_s"] / st["plain_images_per_s"])
-    assert c["fast_speedup"] == pytest.approx(c["fast_images_per_s"] / c["before_images_per_s"])
-    assert c["memory_vs_synthetic"] == pytest.approx(c["memory_images_per_s"] / c["fast_images_per_s"])
-    assert c["amp"] == runtime.amp_dtype(None, torch.device("cpu"))[0] and c["epoch"]["steps"] == 3  # ceil(300 / 120)
-    assert c["epoch"]["speedup"] == pytest.approx(c["epoch"]["before_epoch_s"] / c["epoch"]["memory_epoch_s"])
-    assert ld["source"].startswith("4 JPEGs in")
-    assert ld["workers_ltaux"] == math.ceil(1000 / ld["ltaux_images_per_s_per_worker"])
-    assert ld["speedup"] == pytest.approx(ld["ltaux_images_per_s_per_worker"] / ld["oltr_images_per_s_per_worker"])
-    assert ld["gpu_worker_cost_ratio"] > 1  # a worker that only reads bytes beats one that decodes
-    assert list(ld["end_to_end_images_per_s"]) == ["cpu"]
-    for row in ("| ratio method / plain |", "| ltaux --decode cpu: decode_jpeg", "--decode gpu's decode",
-                "| CIFAR recipe: resnet32 cbs_rrs_ss step", "fed by the in-memory pipeline", "| CIFAR-recipe epoch, 300 JPEGs",
-                "| train.py's loader, 1 workers, --decode cpu"):
-        assert row in out, row
-    assert "PIL decode, crop, flip, uint8 out" not in out  # a pipeline ltaux no longer has
-
-
-@pytest.mark.parametrize("argv, words", [
-    (["--steps", "0"], "--steps must be in 1..2^20"),
-    (["--loader-size", "32"], "--loader-size must be in 64..4096"),
-    (["--device", "foo"], "invalid choice: 'foo'"),
-    (["--target-rate", "nan"], "--target-rate must be a positive number"),
-    (["--target-rate", "-5"], "--target-rate must be a positive number"),
-])
-def test_bench_refuses_bad_arguments_in_one_line(argv, words):
-    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *argv], capture_output=True, text=True, cwd=HERE)
-    assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr
-
-
-def test_bench_names_a_bad_jpeg(tmp_path):
-    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--images", str(tmp_path), "--steps", "5",
-                        "--warmup", "2", "--cifar-steps", "1", "--cifar-images", "300", "--image-size", "16",
-                        "--batch-size", "4", "--num-classes", "5"], capture_output=True, text=True, cwd=HERE)
-    assert p.returncode == 2 and f"error: {tmp_path / 'bad.jpg'}: cannot read image" in p.stderr
-    assert "Traceback" not in p.stderr
-
-
+@pytest.mark.slow
 def test_protocol_table_is_computed_from_the_runs_metrics(tiny, tmp_path, capsys):
     """cifar_lt.py on two tiny runs (one method, two seeds, run side by side): each cell of the table is the mean
     +- sample std of the runs' own test_metrics.json; the same command again trains nothing more."""
@@ -1952,6 +2318,7 @@ def test_protocol_table_is_computed_from_the_runs_metrics(tiny, tmp_path, capsys
     assert cifar_lt.main(cmd) == 0 and "started" not in capsys.readouterr().out  # finished runs are kept
 
 
+@pytest.mark.slow
 def test_protocol_table_mean_and_std_by_hand(tmp_path, capsys):
     import cifar_lt
     for i, (m, s, acc) in enumerate([("cbs", 0, 70.0), ("cbs", 1, 72.0), ("cbs", 2, 74.0), ("rrs", 0, 50.0)]):
@@ -1965,22 +2332,118 @@ def test_protocol_table_mean_and_std_by_hand(tmp_path, capsys):
     assert "| RRS-Only (`rrs`) | 50.0 | - | 1.0 | 49.0 | 1/3 |" in out
 
 
-def test_readme_snippet_runs_as_written(tmp_path, capsys):
-    """The "own training loop" snippet of README.md, on a small demo dataset, one epoch."""
-    text = open(os.path.join(HERE, "README.md")).read()
-    section = text[text.index("## Using the method in your own training loop"):]
-    code = section[section.index("```python\n") + 10: section.index("\n```", section.index("```python"))]
-    root = tmp_path / "demo"
-    train.make_demo_data(str(root), classes=12, head=60, tail=5, val=2, test=3, size=32)
-    assert 'os.path.expanduser("~/.cache/ltaux/demo")' in code and "EPOCHS, S, Z = 4, 32, 4" in code
-    code = code.replace('os.path.expanduser("~/.cache/ltaux/demo")', repr(str(root)))
-    exec(compile(code.replace("EPOCHS, S, Z = 4, 32, 4", "EPOCHS, S, Z = 1, 32, 4"), "README.md", "exec"), {})
+# ==============================================================================================
+# bench.py
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# every figure, and its arguments
+
+
+@pytest.mark.slow
+def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
+    """Every figure of bench.py on tiny settings, and the arithmetic that ties them together (a rate that
+    is not the ratio it claims, or a worker count off by one, fails)."""
+    import bench
+    (tmp_path / "photos").mkdir()
+    for i in range(4):  # one name with a space: the end-to-end figure must not care
+        Image.effect_noise((120 + 20 * i, 90), 50).convert("RGB").save(tmp_path / "photos" / f"p {i}.jpg", quality=90)
+    res = bench.main(["--image-size", "16", "--batch-size", "4", "--num-classes", "5", "--steps", "2", "--warmup", "1",
+                      "--loader-images", "8", "--loader-size", "64", "--images", str(tmp_path / "photos"),
+                      "--target-rate", "1000", "--loader-workers", "1", "--loader-batches", "2", "--cifar-steps", "1",
+                      "--cifar-images", "120", "--cifar-batch-size", "24", "--cifar-workers", "1"])
     out = capsys.readouterr().out
-    assert "epoch 0: cbs " in out and "'overall':" in out and "'few':" in out
+    assert json.loads(out[: out.index("\n}\n") + 2])["step"]["images_per_step"] == 16
+    s, st, c, ld = res["sampler"], res["step"], res["cifar"], res["loader"]
+    assert s["S"] == 4 and s["indices_per_s"] == pytest.approx(s["batches_per_s"] * 8)
+    assert s["fraction_of_step"] == pytest.approx(s["ms_per_batch"] / st["method_ms_per_step"])
+    assert st["ratio"] == pytest.approx(st["method_images_per_s"] / st["plain_images_per_s"])
+    assert c["fast_speedup"] == pytest.approx(c["fast_images_per_s"] / c["before_images_per_s"])
+    assert c["memory_vs_synthetic"] == pytest.approx(c["memory_images_per_s"] / c["fast_images_per_s"])
+    assert c["amp"] == runtime.amp_dtype(None, torch.device("cpu"))[0] and c["epoch"]["steps"] == 5  # ceil(120 / 24)
+    assert c["epoch"]["speedup"] == pytest.approx(c["epoch"]["before_epoch_s"] / c["epoch"]["memory_epoch_s"])
+    assert ld["source"].startswith("4 JPEGs in")
+    assert ld["workers_ltaux"] == math.ceil(1000 / ld["ltaux_images_per_s_per_worker"])
+    assert ld["speedup"] == pytest.approx(ld["ltaux_images_per_s_per_worker"] / ld["oltr_images_per_s_per_worker"])
+    assert ld["gpu_worker_cost_ratio"] > 1  # a worker that only reads bytes beats one that decodes
+    assert list(ld["end_to_end_images_per_s"]) == ["cpu"]
+    for row in ("| ratio method / plain |", "| ltaux --decode cpu: decode_jpeg", "--decode gpu's decode",
+                "| CIFAR recipe: resnet32 cbs_rrs_ss step", "fed by the in-memory pipeline", "| CIFAR-recipe epoch, 120 JPEGs",
+                "| train.py's loader, 1 workers, --decode cpu"):
+        assert row in out, row
+    assert "PIL decode, crop, flip, uint8 out" not in out  # a pipeline ltaux no longer has
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, words", [
+    (["--steps", "0"], "--steps must be in 1..2^20"),
+    (["--cifar-batch-size", "50"], "--cifar-batch-size a multiple of Z = 12"),
+    (["--loader-size", "32"], "--loader-size must be in 64..4096"),
+    (["--device", "foo"], "invalid choice: 'foo'"),
+    (["--target-rate", "nan"], "--target-rate must be a positive number"),
+    (["--target-rate", "-5"], "--target-rate must be a positive number"),
+])
+def test_bench_refuses_bad_arguments_in_one_line(argv, words, capsys):
+    import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_names_a_bad_jpeg_before_timing_anything(tmp_path, capsys):
+    import bench
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--images", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {tmp_path / 'bad.jpg'}: cannot read image") and err.count("\n") == 1
+
+
+# ==============================================================================================
+# data_lists/
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# the official lists and their checksums
+
+
+@pytest.mark.slow
+def test_places_lt_train_figures():
+    paths, labels = ltaux.read_split(need("Places_LT_train.txt"))
+    counts = ltaux.class_counts(labels, max(labels) + 1)
+    assert len(paths) == 62500 and len(counts) == 365
+    assert int(counts.min()) == 5 and int(counts.max()) == 4980
+    assert torch.bincount(ltaux.shot_groups(counts)).tolist() == [132, 156, 77]  # the paper's groups (README)
+    assert torch.bincount(ltaux.shot_groups(counts, 101, 19)).tolist() == [131, 163, 71]  # Decoupling's code
+
+
+@pytest.mark.slow
+def test_imagenet_lt_test_is_balanced():
+    _, labels = ltaux.read_split(need("ImageNet_LT_test.txt"))
+    counts = ltaux.class_counts(labels, 1000)
+    assert len(labels) == 50000 and counts.min() == counts.max() == 50
+
+
+@pytest.mark.slow
+def test_shipped_checksums_match_the_official_lists_and_train_py_says_so(tmp_path):
+    with open(os.path.join(HERE, "data_lists", "SHA256SUMS")) as f:
+        sums = dict(line.split() for line in f if line.strip() and not line.startswith("#"))
+    assert len(sums) == 11 and "ImageNet_LT_train.txt" in sums.values()
+    for digest, name in sums.items():
+        path = os.path.join(SHARED_LISTS, name)
+        if os.path.exists(path):
+            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest, name
+    official = need("Places_LT_val.txt")
+    assert train.describe_lists([official]) == [f"{official}: official Places_LT_val.txt (sha256 ok)"]
+    mine = write_list(tmp_path / "Places_LT_val.txt", ["a.jpg 0\n"])
+    with pytest.warns(UserWarning, match="named like an official list, but its sha256 differs"):
+        assert train.describe_lists([mine, write_list(tmp_path / "own.txt", ["a.jpg 0\n"])]) == []
 
 
 # ----------------------------------------------------------------------------------------------
-# data_lists/make_lt_split.py: your own long-tailed splits
+# make_lt_split.py: your own long-tailed splits
+
 
 SCRIPT = os.path.join(HERE, "data_lists", "make_lt_split.py")
 
@@ -2040,6 +2503,7 @@ def one_error_line(res):
 SIZES = {"ant": 130, "bee": 115, "cat": 120, "dog": 112, "eel": 110, "fox": 140}  # >= 20 + 50 + 40 each
 
 
+@pytest.mark.slow
 def test_default_run_holds_out_balanced_disjoint_val_and_test(tmp_path, capsys):
     tree = make_tree(tmp_path / "tree", SIZES)
     prefix = str(tmp_path / "My_LT")
@@ -2061,6 +2525,7 @@ def test_default_run_holds_out_balanced_disjoint_val_and_test(tmp_path, capsys):
     assert f"{prefix}_val.txt: 120 images" in out and f"{prefix}_test.txt: 300 images" in out
 
 
+@pytest.mark.slow
 def test_seeded_and_zero_skips_a_list(tmp_path):
     tree = make_tree(tmp_path / "tree", SIZES)
     mod = load_module()
@@ -2075,6 +2540,7 @@ def test_seeded_and_zero_skips_a_list(tmp_path):
     assert per_class(read_split_maker_list(tmp_path / "d_test.txt")) == {k: 3 for k in range(len(SIZES))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, flag", [
     (["--max", "0"], "--max"),
     (["--min", "0"], "--min"),
@@ -2084,6 +2550,7 @@ def test_seeded_and_zero_skips_a_list(tmp_path):
     (["--imbalance", "1000", "--max", "500"], "--imbalance"),
     (["--imbalance", "10", "--min", "3"], "--imbalance"),
     (["--alpha", "0", "--profile", "pareto"], "--alpha"),
+    (["--alpha", "0.001", "--profile", "pareto"], "--alpha 0.001: must be in [0.1, 1000]"),  # overflowed a float
     (["--val-per-class", "-1"], "--val-per-class"),
     (["--test-per-class", "-5"], "--test-per-class"),
     (["--max", "ten"], "--max"),
@@ -2096,6 +2563,7 @@ def test_bad_argument_exits_2_with_one_line(tmp_path, args, flag):
     assert not [f for f in os.listdir(tmp_path) if f.startswith("X")]  # nothing written
 
 
+@pytest.mark.slow
 def test_missing_or_unusable_input_exits_2_naming_it(tmp_path):
     missing = tmp_path / "no_such_tree"
     assert str(missing) in one_error_line(cli("--root", missing, "--prefix", tmp_path / "X"))
@@ -2110,6 +2578,7 @@ def test_missing_or_unusable_input_exits_2_naming_it(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith("X")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_short", [3, 8])
 def test_shortfall_message_count_matches_the_names_listed(tmp_path, n_short):
     sizes = {f"c{i}": 8 for i in range(n_short)}  # 2 + 2 held out, 4 left: short of any target above 4
@@ -2135,6 +2604,7 @@ def test_shortfall_message_count_matches_the_names_listed(tmp_path, n_short):
     assert all(train[i] == 4 for i, c in enumerate(sorted(sizes)) if c.startswith("c"))  # keeps what it has
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_without_force_and_writes_atomically(tmp_path, monkeypatch):
     tree = make_tree(tmp_path / "tree", SIZES)
     prefix = tmp_path / "O"
@@ -2170,19 +2640,23 @@ def current_umask():
 
 
 # ----------------------------------------------------------------------------------------------
-# data_lists/make_cifar_lt.py: CIFAR-10/100-LT from torchvision's download
+# make_cifar_lt.py: CIFAR-10/100-LT from the python pickles, without numpy
+
 
 CONVERTER = os.path.join(HERE, "data_lists", "make_cifar_lt.py")
+
+
 _spec = importlib.util.spec_from_file_location("make_cifar_lt", CONVERTER)
+
+
 mcl = importlib.util.module_from_spec(_spec)
+
+
 _spec.loader.exec_module(mcl)
+
 
 C10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-
-# ----------------------------------------------------------------------------------------------
-# fake numpy arrays: pickled under our names, which are then swapped for numpy's in the bytes (protocol 2 names a
-# global as the text line "c<module>\n<name>\n"), so the files look like the real download without numpy
 
 def _reconstruct(*args):  # only pickled by name
     raise AssertionError
@@ -2260,8 +2734,6 @@ def fake_cifar100(folder, C=12, n_train=20, n_test=5, seed=1):
     return truth
 
 
-# ----------------------------------------------------------------------------------------------
-
 def planar_to_rgb(row):
     """The expected decoded pixels, written independently of the converter: R, G, B planes -> RGB triples."""
     return bytes(v for px in zip(row[:1024], row[1024:2048], row[2048:]) for v in px)
@@ -2297,14 +2769,14 @@ def run(args):
     return r.returncode, r.stdout, r.stderr
 
 
-# ----------------------------------------------------------------------------------------------
-
+@pytest.mark.slow
 def test_ldam_counts_cifar10_r100():
     assert mcl.ldam_counts(10, 5000, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     assert sum(mcl.ldam_counts(100, 500, 100)) == 10847  # CIFAR-100-LT r100 as in LDAM's paper
     assert mcl.ldam_counts(100, 500, 100)[-1] == 5
 
 
+@pytest.mark.slow
 def test_cifar10_tree_lists_pixels_and_counts(tmp_path, capsys):
     truth = fake_cifar10(tmp_path / "dl")
     out = tmp_path / "c10"
@@ -2325,6 +2797,7 @@ def test_cifar10_tree_lists_pixels_and_counts(tmp_path, capsys):
             f"--test-split {out}/CIFAR10_test.txt") in text
 
 
+@pytest.mark.slow
 def test_cifar100_fine_labels_and_detection(tmp_path):
     folder = tmp_path / "cifar-100-python"
     truth = fake_cifar100(folder)
@@ -2340,6 +2813,7 @@ def test_cifar100_fine_labels_and_detection(tmp_path):
     assert "--recipe cifar100_lt" in stdout
 
 
+@pytest.mark.slow
 def test_seed_decides_the_selection(tmp_path):
     fake_cifar10(tmp_path / "dl")
     common = ["--src", str(tmp_path / "dl"), "--imbalance", "10", "--max-per-class", "30"]
@@ -2352,6 +2826,7 @@ def test_seed_decides_the_selection(tmp_path):
     assert sorted(y for _, y in lists[0]) == sorted(y for _, y in lists[2])  # same counts, other images
 
 
+@pytest.mark.slow
 def test_jpg_format(tmp_path):
     fake_cifar10(tmp_path / "dl", n_train=3, n_test=1)
     out = tmp_path / "j"
@@ -2363,6 +2838,7 @@ def test_jpg_format(tmp_path):
         assert (im.format, im.size) == ("JPEG", (32, 32))
 
 
+@pytest.mark.slow
 def test_refuses_non_empty_out(tmp_path):
     fake_cifar10(tmp_path / "dl", n_train=3, n_test=1)
     out = tmp_path / "out"
@@ -2375,6 +2851,7 @@ def test_refuses_non_empty_out(tmp_path):
     assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["dl", "out"]
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     fake_cifar10(tmp_path / "dl", n_train=3, n_test=1)
     calls = []
@@ -2407,8 +2884,10 @@ def _cifar100_file(dl):  # CIFAR-100's layout under CIFAR-10's name: no b"labels
     numpy_style_dump(d, dl / "cifar-10-batches-py" / "test_batch")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, args, blame", [
     ("missing src", ["--src", "{tmp}/nowhere"], "{tmp}/nowhere"),
+    ("src is a file", ["--src", "{tmp}/dl/cifar-10-batches-py/test_batch"], "{tmp}/dl/cifar-10-batches-py/test_batch"),
     ("src without cifar", ["--src", "{tmp}"], "{tmp}"),
     ("wrong --dataset", ["--dataset", "cifar100"], "{tmp}/dl"),
     ("ratio < 1", ["--imbalance", "0.5"], "--imbalance"),
@@ -2430,11 +2909,27 @@ def test_user_errors_are_one_line(tmp_path, case, args, blame):
     assert not (tmp_path / "out").exists() and not (tmp_path / "dl" / "pwned").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [b"air plane", b"air\nplane", b"air\x00plane", b"air\xffplane"])
+def test_class_names_unusable_in_a_list_are_refused_in_one_line(tmp_path, name):
+    """A class name becomes a folder in every listed path: whitespace, a control character or non-UTF-8 bytes
+    would write lists that train.py rejects (or a traceback): refused up front, naming the meta file."""
+    fake_cifar10(tmp_path / "dl")
+    meta = tmp_path / "dl" / "cifar-10-batches-py" / "batches.meta"
+    numpy_style_dump({b"label_names": [name] + [n.encode() for n in C10_NAMES[1:]], b"num_vis": 3072}, str(meta))
+    rc, stdout, err = run(["--src", str(tmp_path / "dl"), "--out", str(tmp_path / "out"), "--max-per-class", "30"])
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: {meta}: ") and "Traceback" not in err
+    assert ("not UTF-8" in err) if name == b"air\xffplane" else ("whitespace or a control character" in err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_bad_option_is_one_line():
     rc, stdout, err = run(["--src", "x", "--out", "y", "--imbalance", "lots"])
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--imbalance" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_reads_real_numpy_pickles_without_numpy(tmp_path, protocol):
     np = pytest.importorskip("numpy")  # only to write them; the converter never imports it
@@ -2442,3 +2937,26 @@ def test_reads_real_numpy_pickles_without_numpy(tmp_path, protocol):
     (tmp_path / "b").write_bytes(pickle.dumps({b"data": data, b"labels": [2, 0, 1]}, protocol=protocol))
     assert mcl.read_batch(str(tmp_path / "b"), b"labels") == (data.tobytes(), [2, 0, 1])
     assert "numpy" not in vars(mcl)
+
+
+# ==============================================================================================
+# README.md
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# the copy-paste snippet runs as written
+
+
+@pytest.mark.slow
+def test_readme_snippet_runs_as_written(tmp_path, capsys):
+    """The "own training loop" snippet of README.md, on a small demo dataset, one epoch."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    section = text[text.index("## Using the method in your own training loop"):]
+    code = section[section.index("```python\n") + 10: section.index("\n```", section.index("```python"))]
+    root = tmp_path / "demo"
+    train.make_demo_data(str(root), classes=12, head=60, tail=5, val=2, test=3, size=32)
+    assert 'os.path.expanduser("~/.cache/ltaux/demo")' in code and "EPOCHS, S, Z = 4, 32, 4" in code
+    code = code.replace('os.path.expanduser("~/.cache/ltaux/demo")', repr(str(root)))
+    exec(compile(code.replace("EPOCHS, S, Z = 4, 32, 4", "EPOCHS, S, Z = 1, 32, 4"), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "epoch 0: cbs " in out and "'overall':" in out and "'few':" in out

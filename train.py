@@ -482,17 +482,21 @@ class Folder:
     def close(self, failed):
         """At the end of the run: put a replaced run back if this one failed before its first checkpoint,
         remove a folder this run made and left empty, release the lock."""
-        if failed and self.aside:
-            print(f"note: the run that --overwrite was replacing is back in {self.path}", file=sys.stderr, flush=True)
-            for f in RUN_FILES:
-                if os.path.exists(os.path.join(self.path, f)):
-                    os.remove(os.path.join(self.path, f))
-            for f in os.listdir(self.aside):
-                os.replace(os.path.join(self.aside, f), os.path.join(self.path, f))
-            os.rmdir(self.aside)
-        self.lock.release()
-        if self.created and not os.listdir(self.path):
-            os.rmdir(self.path)
+        try:
+            if failed and self.aside and os.path.isdir(self.aside):
+                for f in RUN_FILES:
+                    if os.path.exists(os.path.join(self.path, f)):
+                        os.remove(os.path.join(self.path, f))
+                for f in os.listdir(self.aside):
+                    os.replace(os.path.join(self.aside, f), os.path.join(self.path, f))
+                os.rmdir(self.aside)
+                print(f"note: the run that --overwrite was replacing is back in {self.path}", file=sys.stderr, flush=True)
+            if self.created and os.path.isdir(self.path) and not os.listdir(self.path):
+                os.rmdir(self.path)
+        except OSError:  # the folder was deleted, renamed or made read-only under the run: leave it as it is
+            pass
+        finally:
+            self.lock.release()
 
 
 def claim_out(args, ckpt):
@@ -599,8 +603,8 @@ def save_checkpoint(run, name, epoch, step_in_epoch, best_acc, partial=None):
     bad = runtime.first_non_finite(run.model.state_dict())
     if bad:
         where = f"at the end of epoch {epoch - 1}" if step_in_epoch == 0 else f"after step {step_in_epoch} of epoch {epoch}"
-        raise RunError(f"non-finite weights ({bad}) {where} (the update diverged); lower --lr or check the data, "
-                       "then --resume the last good checkpoint")
+        raise RunError(f"non-finite weights ({bad}) {where} (the update diverged): nothing saved; lower --lr or "
+                       "check the data, then --resume the last good checkpoint")
     steps = run.batches.batch_sampler.num_batches
     ckpt = dict(format=runtime.CKPT_FORMAT, args=plain_args(run.args), model=run.model.state_dict(),
                 optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), train_counts=run.counts,
@@ -719,7 +723,7 @@ def train_one_epoch(run, epoch, first_step, partial):
     sums = {k: torch.tensor(v, device=run.device) for k, v in partial.get("sums", {}).items()}
     done, seen, t0, step_in_epoch = partial.get("steps", 0), 0, time.time(), first_step
     gen = torch.Generator(device=run.device)
-    for batch in worker_errors(run.batches):
+    for batch in run.batches:
         images, labels = run.batches.dataset.decode(batch, run.device) if run.args.decode == "gpu" else batch
         for k, v in train_step(run, images, labels, epoch * steps + step_in_epoch, gen).items():
             sums[k] = sums.get(k, 0.0) + v.float()  # running sums stay on the device: no sync
@@ -741,17 +745,6 @@ def train_one_epoch(run, epoch, first_step, partial):
     return out, dict(sums={k: float(v) for k, v in sums.items()}, steps=done, time=elapsed)
 
 
-def worker_errors(batches):
-    """Iterate the training batches; a DataLoader worker that died (killed, out of memory) becomes a RunError."""
-    try:
-        yield from batches
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
-            raise
-        raise RunError(f"a data-loader worker died ({str(e).splitlines()[0]}); lower --workers if memory is "
-                       "short, then --resume the last good checkpoint") from None
-
-
 class RunError(LTauxError):
     """An error during training (non-finite loss or weights, a failed write, a dead worker); train() adds
     the last good checkpoint to its message."""
@@ -767,8 +760,8 @@ def check_finite(sums, n, epoch, step_in_epoch):
     means = {k: float(v) / max(n, 1) for k, v in sums.items()}
     if not all(math.isfinite(v) for v in means.values()):
         parts = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
-        raise RunError(f"non-finite loss at step {step_in_epoch} of epoch {epoch} or before it ({parts}); "
-                       "lower --lr or check the data, then --resume the last good checkpoint")
+        raise RunError(f"non-finite loss at step {step_in_epoch} of epoch {epoch} or before it ({parts}): nothing "
+                       "saved; lower --lr or check the data, then --resume the last good checkpoint")
     return means
 
 
@@ -823,8 +816,11 @@ class StopFlag:
         return previous is not None and bool(previous > 0)
 
     def restore(self):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
+        """The handlers from before the run; after a stop request ours stay until the process ends, so that a
+        repeated request (a supervisor sending SIGTERM every second) does not kill it while it exits."""
+        if self.signum is None:
+            for s, h in self.previous.items():
+                signal.signal(s, h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1007,9 +1003,21 @@ def run_epochs(run, ckpt, has_val):
                     f"{args.out}/last.pt")
                 return epoch
         return test_at_the_end(run, force_best, best_acc)
+    except RuntimeError as e:  # a DataLoader worker that died (killed, out of memory), noticed anywhere
+        if "DataLoader worker" not in str(e):
+            raise
+        raise LTauxError(f"a data-loader worker died ({str(e).splitlines()[0]}); lower --workers if memory is short; "
+                         + last_good(args.out)) from None
     except RunError as e:
-        last = os.path.join(args.out, "last.pt")
-        raise LTauxError(f"{e}: {last if os.path.exists(last) else 'none yet'}") from None
+        raise LTauxError(f"{e}; {last_good(args.out)}") from None
+
+
+def last_good(out):
+    """Where a failed run can be resumed from, for its error line."""
+    last = os.path.join(out, "last.pt")
+    if os.path.exists(last):
+        return f"the last good checkpoint is {last} (intact)"
+    return "no checkpoint yet" if os.path.isdir(out) else f"{out} is gone (deleted or renamed)"
 
 
 def test_at_the_end(run, force_best, best_acc):
@@ -1057,4 +1065,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    for s in (signal.SIGTERM, signal.SIGINT):  # the run is over: a repeated stop request must not turn the
+        signal.signal(s, signal.SIG_IGN)  # interpreter's exit (it resets Python's handlers) into a kill
+    sys.exit(status)

@@ -165,7 +165,13 @@ def read_names(folder, spec):
     names = meta.get(spec["names"]) if isinstance(meta, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
         raise UserError(path, f"no {spec['names'].decode()!r} class names")
-    names = [n.decode() if isinstance(n, bytes) else n for n in names]
+    try:
+        names = [n.decode() if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError:
+        raise UserError(path, "a class name is not UTF-8 text") from None
+    bad = [n for n in names if not n.isprintable() or any(ch.isspace() for ch in n)]
+    if bad:  # the list format is 'path label' split on whitespace: a name must be one printable word
+        raise UserError(path, f"class name {bad[0]!r} holds whitespace or a control character: not usable in a split list")
     if len(set(names)) != len(names) or any(not n or n in (".", "..") or "/" in n or "\\" in n for n in names):
         raise UserError(path, "class names are not distinct folder names")
     return names
@@ -174,7 +180,8 @@ def read_names(folder, spec):
 def find_source(src, dataset):
     """(dataset, folder of its pickles) from --src: the download folder itself or the folder holding it."""
     if not os.path.isdir(src):
-        raise UserError(src, "no such folder")
+        raise UserError(src, "is a file, not the folder holding CIFAR's download (cifar-10-batches-py / "
+                        "cifar-100-python)" if os.path.isfile(src) else "no such folder")
     found = []
     for name, spec in DATASETS.items():
         for d in (src, os.path.join(src, spec["folder"])):

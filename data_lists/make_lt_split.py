@@ -53,7 +53,7 @@ def get_args_parser():
     p.add_argument("--profile", default="exp", choices=["exp", "pareto"], help="shape of the class-size curve")
     p.add_argument("--imbalance", type=float, default=None,
                    help="max / min training images (>= 1); sets the smallest class instead of --min")
-    p.add_argument("--alpha", type=float, default=6.0, help="pareto: shape parameter (> 0)")
+    p.add_argument("--alpha", type=float, default=6.0, help="pareto: shape parameter, 0.1 to 1000")
     p.add_argument("--max", type=int, default=500, help="training images of the largest class")
     p.add_argument("--min", type=int, default=None,
                    help=f"training images of the smallest class (default {DEFAULT_MIN}, or max / --imbalance)")
@@ -89,8 +89,8 @@ def check_args(args):
         args.min = min(DEFAULT_MIN, args.max)
     if args.min > args.max:
         raise UserError(f"--min {args.min} > --max {args.max}")
-    if not args.alpha > 0:
-        raise UserError(f"--alpha {args.alpha:g}: must be > 0")
+    if not 0.1 <= args.alpha <= 1000:  # below 0.1 Pareto draws overflow a float
+        raise UserError(f"--alpha {args.alpha:g}: must be in [0.1, 1000] (OLTR's lists use 6)")
     for name in ("val_per_class", "test_per_class"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0 (0: no list)")
