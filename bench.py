@@ -127,7 +127,7 @@ def make_steps(args, device):
         x = pipeline.to_device(x2, device)
         y = y2.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = ltaux.aux_loss(fwd, x[:S], y[:S], x[S:], y[S:], generator=gen)
+            loss, _ = ltaux.aux_loss(fwd, (x[:S], y[:S]), (x[S:], y[S:]), generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -185,7 +185,7 @@ def cifar_model(device, fast, amp_name):
     def step(x, y):  # x: normalised (2S, 3, 32, 32) [B_cbs; B_rrs]
         S = len(x) // 2
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = ltaux.aux_loss(model, x[:S], y[:S], x[S:], y[S:], generator=gen)
+            loss, _ = ltaux.aux_loss(model, (x[:S], y[:S]), (x[S:], y[S:]), generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -246,8 +246,8 @@ def bench_cifar_epoch(args, device):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     amp_name = runtime.amp_dtype(None, device)[0]
     n = args.cifar_images
-    labels = [c for c, k in enumerate(CIFAR_COUNTS) for _ in range(k)]
-    labels = [labels[i * len(labels) // n] for i in range(n)]  # the profile, thinned to n images
+    counts = [max(1, round(k * n / sum(CIFAR_COUNTS))) for k in CIFAR_COUNTS]  # the profile, about n images
+    labels = [c for c, k in enumerate(counts) for _ in range(k)]
     g = torch.Generator().manual_seed(0)
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,7 +281,7 @@ def bench_cifar_epoch(args, device):
                 sync()
                 times[f"{path}_epoch_s"] = time.perf_counter() - t0
             del batches
-    return dict(times, images=n, steps=sampler.num_batches, workers=args.cifar_workers,
+    return dict(times, images=len(labels), steps=sampler.num_batches, workers=args.cifar_workers,
                 speedup=times["before_epoch_s"] / times["memory_epoch_s"])
 
 

@@ -28,7 +28,7 @@ from recipes import METHODS
 HERE = os.path.dirname(os.path.abspath(__file__))
 CELLS = ("many", "medium", "few", "overall")
 PUBLISHED = (  # ResNet-32, CIFAR-10-LT imbalance ratio 100, overall top-1 (%)
-    ("cross-entropy (Cao et al. 2019, LDAM, Table 2)", 70.4),
+    ("cross-entropy (Cao et al. 2019, the LDAM paper)", 70.4),
     ("LDAM-DRW (Cao et al. 2019)", 77.0),
     ("BBN (Zhou et al. 2020)", 79.8),
 )
@@ -80,6 +80,8 @@ def run_all(args, extra):
     at a SIGTERM / SIGINT of this script. Returns {run name: (exit status or None if stopped, wall seconds)}."""
     todo = [(m, s) for s in args.seeds for m in args.methods
             if not os.path.exists(os.path.join(args.out, run_name(m, s), "test_metrics.json"))]
+    cost = lambda ms: (2 if METHODS[ms[0]].sampler == "cbs_rrs" else 1) * (2 if METHODS[ms[0]].rotation else 1)  # noqa
+    todo.sort(key=cost, reverse=True)  # the longest runs first: fewer idle slots at the end
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     running, done, t0, stopping, signalled = {}, {}, time.time(), False, []
     os.makedirs(args.out, exist_ok=True)

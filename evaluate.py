@@ -367,7 +367,7 @@ class Chart:
         self.d, self.f, self.fs = ImageDraw.Draw(self.img), font(16), font(13)
         self.n, self.lo, self.hi, self.groups, self.legend = len(counts), ylim[0], ylim[1], groups, []
         self.d.text((SIZE[0] / 2, 8), title, fill="black", font=self.f, anchor="ma")
-        self.d.text((self.L, self.T - 44), ylabel, fill="black", font=self.fs, anchor="ls")
+        self.d.text((self.L, self.T - 28), ylabel, fill="black", font=self.fs, anchor="ls")
         for t in ticks(self.lo, self.hi):
             self.d.line([(self.L, self.y(t)), (SIZE[0] - self.R, self.y(t))], fill=(228, 228, 228))
             self.d.text((self.L - 6, self.y(t)), f"{t:g}", fill="black", font=self.fs, anchor="rm")
@@ -391,7 +391,7 @@ class Chart:
         for c in (m * 10 ** e for e in range(0, 8) for m in (1, 2, 5)):
             if lo <= math.log10(c) <= hi:
                 self.d.text((SIZE[0] - self.R + 6, cy(c)), f"{c:g}", fill=(200, 100, 0), font=self.fs, anchor="lm")
-        self.d.text((SIZE[0] - self.R, self.T - 44), "training images per class (log)", fill=(200, 100, 0),
+        self.d.text((SIZE[0] - self.R, self.T - 28), "training images per class (log)", fill=(200, 100, 0),
                     font=self.fs, anchor="rs")
         self.legend.append(("training images per class (right axis)", FREQ_COLOR))
 

@@ -266,7 +266,7 @@ class LTResNet(nn.Module):
             (default: resnet10).
         num_classes: C, width of h and h_a (default: 1000).
         embed_dim: width of the Linear + ReLU after pooling, 0 for none (default: None = 512 for the
-            ImageNet ResNets, as OLTR; 0 for resnet32, measured better on CIFAR-10-LT, see README).
+            ImageNet ResNets, as OLTR; 0 for resnet32, measured better on CIFAR-10-LT: docs/implementation.md).
         pretrained: path to a torchvision-format state dict for the backbone, e.g. the file
             torchvision's ResNet152_Weights.IMAGENET1K_V1 downloads; its fc.* keys are ignored
             (default: None, random initialisation).
@@ -380,18 +380,18 @@ def rotate_batch(x, mode="random", generator=None):
     return x_rot, y_rot
 
 
-def aux_loss(model, x_cbs, y_cbs, x_rrs, y_rrs, lambdas=(0.5, 1.0, 1.0), rotation=None, generator=None):
+def aux_loss(model, cbs, rrs, lambdas=(0.5, 1.0, 1.0), rotation=None, generator=None):
     """Eq. 2, L = l1 * CE(h(phi(B_cbs)), y_cbs) + l2 * CE(h_a(phi(B_rrs)), y_rrs) + l3 * CE(h_s(phi(B_rot)), y_rot),
     with one backbone pass over [B_cbs; B_rrs; B_rot], so BatchNorm sees the joint batch (Section 3.4).
     h reads only the B_cbs rows, h_a only the B_rrs rows: the RRS loss reaches phi but not h (Section 3.2).
 
-    Baselines (Section 4.3): with x_rrs None (CBS-Only) or x_cbs None (RRS-Only) the one batch trains
-    h alone with weight 1, and there is no rotation term unless `rotation` asks for one.
+    Baselines (Section 4.3): with rrs None (CBS-Only) or cbs None (RRS-Only) the one batch trains h alone
+    with weight 1, and there is no rotation term unless `rotation` asks for one.
 
     Args:
         model: an LTResNet, or anything with its head protocol (LTResNet.forward), possibly wrapped
             by DistributedDataParallel or torch.compile.
-        x_cbs, x_rrs: images (S, 3, H, W) or None; y_cbs, y_rrs: labels (S,) long or None.
+        cbs, rrs: B_cbs and B_rrs as (images (S, 3, H, W), labels (S,) long), or None.
         lambdas: (l1, l2, l3), the weights of the CBS, RRS and rotation losses (default: (0.5, 1.0, 1.0),
             the paper's 0.5 : 1 : 1).
         rotation: "random" (one angle per image), "all" (four per image) or "off" (default: None =
@@ -401,10 +401,10 @@ def aux_loss(model, x_cbs, y_cbs, x_rrs, y_rrs, lambdas=(0.5, 1.0, 1.0), rotatio
         loss: scalar tensor; parts: dict of detached scalar tensors "cbs", "rrs", "ss" (those computed).
     """
     l1, l2, l3 = lambdas
-    if x_cbs is None or x_rrs is None:  # a baseline: h alone on the one batch
-        name, x, y = ("rrs", x_rrs, y_rrs) if x_cbs is None else ("cbs", x_cbs, y_cbs)
-        if x is None:
-            raise ValueError("aux_loss needs at least one of x_cbs, x_rrs")
+    if cbs is None or rrs is None:  # a baseline: h alone on the one batch
+        if cbs is None and rrs is None:
+            raise ValueError("aux_loss needs at least one of cbs, rrs")
+        name, (x, y) = ("rrs", rrs) if cbs is None else ("cbs", cbs)
         if rotation in (None, "off"):
             l_cls = F.cross_entropy(model(x), y)  # h(phi(B)): (S, C) logits
             return l_cls, {name: l_cls.detach()}
@@ -412,6 +412,7 @@ def aux_loss(model, x_cbs, y_cbs, x_rrs, y_rrs, lambdas=(0.5, 1.0, 1.0), rotatio
         z, z_rot = model(torch.cat([x, x_rot]), [("fc", len(x)), ("rot_fc", len(x_rot))])
         l_cls, l_ss = F.cross_entropy(z, y), F.cross_entropy(z_rot, y_rot)
         return l_cls + l3 * l_ss, {name: l_cls.detach(), "ss": l_ss.detach()}
+    (x_cbs, y_cbs), (x_rrs, y_rrs) = cbs, rrs
     x = torch.cat([x_cbs, x_rrs])  # [B_cbs; B_rrs]: (2S, 3, H, W)
     heads = [("fc", len(x_cbs)), ("aux_fc", len(x_rrs))]
     if rotation != "off":

@@ -77,7 +77,7 @@ def build_transform(size, train):
     """uint8 image tensor (3, H, W) -> uint8 (3, size, size), as DataLoader workers run it. What needs no
     worker runs later, batched, on the device (to_device): float conversion, the ImageNet-LT recipe's
     ColorJitter (color_jitter), normalisation. Resizing is torchvision's antialiased bilinear on tensors
-    (within one grey level of PIL's, and faster: README "Input pipeline").
+    (within one grey level of PIL's, and faster: docs/implementation.md).
     Below 64 px (the CIFAR recipe) the transform is the fixed resize + centre crop alone, for training
     too: the random pad-4 crop and flip come from each sample's seed (cifar_augment), batched."""
     if size >= 64:  # the ImageNet-LT recipe of OLTR: RandomResizedCrop, flip (+ ColorJitter 0.4 on the device)

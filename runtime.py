@@ -247,10 +247,11 @@ class Interrupted(Exception):
 
 
 @torch.inference_mode()
-def predict(model, loader, device, amp=None, world_size=1, features=False, stop=None):
-    """Predictions and labels of a (sharded) evaluation loader, gathered in list order: (N,), (N,).
-    With features=True also returns phi's features (N, D) (single process only). stop(): a callable
-    asked after every batch (all ranks together); a true answer raises Interrupted."""
+def predict(model, loader, device, amp=None, features=False, stop=None):
+    """Predictions and labels of an evaluation loader, gathered in list order: (N,), (N,); under torchrun
+    each rank holds its shard (items rank::W) and all ranks get the whole list. With features=True also
+    returns phi's features (N, D) (single process only). stop(): a callable asked after every batch (all
+    ranks together); a true answer raises Interrupted."""
     model.eval()
     preds, targets, feats = [], [], []
     for images, labels in loader:
@@ -264,8 +265,8 @@ def predict(model, loader, device, amp=None, world_size=1, features=False, stop=
         if stop is not None and stop():
             raise Interrupted()
     pred, target = torch.cat(preds), torch.cat(targets)
-    if world_size > 1:
-        pred, target = gather_interleaved(pred, target, world_size)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        pred, target = gather_interleaved(pred, target, dist.get_world_size())
     return (pred.cpu(), target.cpu()) + ((torch.cat(feats),) if features else ())
 
 

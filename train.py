@@ -62,8 +62,8 @@ def get_args_parser():
     g = p.add_argument_group("method")
     g.add_argument("--method", default="cbs_rrs_ss", choices=list(METHODS), help="rrs: RRS-Only, cbs: CBS-Only, "
                    "cbs_rrs: CBS+RRS (auxiliary head h_a), cbs_rrs_ss: CBS+RRS+SS (plus rotation head h_s)")
-    g.add_argument("--recipe", default=None, choices=[r for r in RECIPES if r != "demo"],
-                   help="preset of the paper's settings (docs/recipes.md); explicit flags override it")
+    g.add_argument("--recipe", default=None, choices=list(RECIPES), help="preset of the paper's settings "
+                   "(docs/recipes.md; demo: the one without --data); explicit flags override it")
     g.add_argument("--lambdas", type=float, nargs=3, default=[0.5, 1.0, 1.0], metavar=("L1", "L2", "L3"),
                    help="weights of the CBS, RRS and rotation losses (Eq. 2)")
     g.add_argument("--batch-size", type=int, default=256, help="S: images per sampler part of the global "
@@ -150,9 +150,7 @@ def parse_args(argv=None):
     first = parser.parse_known_args(argv)[0]
     ckpt = runtime.load_checkpoint(first.resume) if first.resume else None
     saved = ckpt["args"] if ckpt else {}
-    runtime.check_saved_args({k: v for k, v in saved.items() if k != "recipe"}, parser, first.resume)
-    if saved.get("recipe") not in (None, *RECIPES):
-        raise LTauxError(f"{first.resume}: its saved recipe {saved['recipe']!r} is unknown (an edited checkpoint)")
+    runtime.check_saved_args(saved, parser, first.resume)
     recipe = first.recipe or saved.get("recipe") or ("demo" if first.data is None and not ckpt else None)
     parser.set_defaults(**RECIPES.get(recipe, {}))
     parser.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED and k != "recipe"})
@@ -214,16 +212,18 @@ def plain_args(args):
 # data: the demo's, the lists and their images
 
 
-def make_demo_data(root, seed=0, classes=30, head=500, tail=5, val=10, test=40, size=32):
+def make_demo_data(root, classes=30, train=(500, 5), val=10, test=40, size=32):
     """Write a small synthetic long-tailed image dataset (PNG files + split lists) under root.
 
     Class c is a low-frequency colour pattern P_c = base + 0.6 * own_c; an image is P_c under a
     random shift, brightness change and strong low-frequency noise, so classes overlap and a
     classifier needs many images to separate them: tail classes (5 training images) are
-    learnable but hard. Train counts decay exponentially from `head` to `tail` (many/medium/few
-    groups 11/10/9 with thresholds 100/20); val and test are balanced. Written to a temporary
-    folder and renamed, so an interrupted run never leaves half a dataset. Returns the list paths.
+    learnable but hard. Train counts decay exponentially from train[0] (head) to train[1] (tail)
+    (many/medium/few groups 11/10/9 with thresholds 100/20); val and test are balanced (images per
+    class). Written to a temporary folder and renamed, so an interrupted run never leaves half a
+    dataset. Always the same data (seed 0). Returns the list paths.
     """
+    (head, tail), seed = train, 0
     lists = {s: os.path.join(root, f"demo_{s}.txt") for s in ("train", "val", "test")}
     if all(os.path.exists(p) for p in lists.values()):
         return lists
@@ -678,20 +678,20 @@ def images_per_step(args):
 
 
 def step_inputs(images, labels, run, gen):
-    """A batch of the sampler's parts (uint8, this rank's S/W rows per part) -> aux_loss's four inputs,
-    None for a part the method has not."""
+    """A batch of the sampler's parts (uint8, this rank's S/W rows per part) -> aux_loss's B_cbs and B_rrs,
+    each (images, labels) or None for a part the method has not."""
     args = run.args
     jitter = gen if pipeline.jitter_on_device(args.image_size, train=True) else None
     x, y = pipeline.to_device(images, run.device, jitter), labels.to(run.device, non_blocking=True)
     mode = METHODS[args.method].sampler
     if mode != "cbs_rrs":
-        return (x, y, None, None) if mode == "cbs" else (None, None, x, y)
+        return ((x, y), None) if mode == "cbs" else (None, (x, y))
     s = args.batch_size // args.world_size
     x_cbs, y_cbs, x_rrs, y_rrs = x[:s], y[:s], x[s:], y[s:]
     if args.rotation_aug:  # Table 5: the same images through phi as CBS+RRS+SS, all as classification
         x_cbs, y_cbs = ltaux.rotation_augment(x_cbs, y_cbs, args.rotation, gen)
         x_rrs, y_rrs = ltaux.rotation_augment(x_rrs, y_rrs, args.rotation, gen)
-    return x_cbs, y_cbs, x_rrs, y_rrs
+    return (x_cbs, y_cbs), (x_rrs, y_rrs)
 
 
 def train_step(run, images, labels, step, gen):
@@ -829,7 +829,7 @@ class StopFlag:
 
 def validate(run, batches, stop=None):
     """Overall / many / medium / few top-1 (percent) of phi + h on evaluation batches."""
-    pred, target = runtime.predict(run.model, batches, run.device, run.amp, run.args.world_size, stop=stop)
+    pred, target = runtime.predict(run.model, batches, run.device, run.amp, stop=stop)
     return ltaux.shot_accuracy(pred, target, run.counts, run.args.many, run.args.few)
 
 
@@ -899,6 +899,9 @@ def run_header(run, has_val):
     run.log(f"device: {run.device}, {args.world_size} process{'es' if args.world_size > 1 else ''}, amp "
             f"{runtime.amp_dtype(args.amp, run.device)[0]}; {n} train images, {len(run.counts)} classes, "
             f"{run.batches.batch_sampler.num_batches} steps/epoch of {images_per_step(args)} images; writing to {args.out}")
+    groups = torch.bincount(ltaux.shot_groups(run.counts, args.many, args.few), minlength=3).tolist()
+    run.log(f"shot groups: {groups[0]} many-shot (>= {args.many} training images), {groups[1]} medium, {groups[2]} "
+            f"few-shot (<= {args.few}) classes")
     if not has_val:
         run.log("no validation list: best.pt is the last epoch's weights (--val-split selects by validation accuracy)")
 
@@ -926,14 +929,14 @@ def train(args, ckpt):
                                 os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
         if args.check_files and args.rank == 0:
             check_files([train_set] + list(evals.values()), stop, log, args.out)
+        batches, eval_batches = make_batches(train_set, evals, sampler, args, device, log)  # --in-memory: decoded now
         stop.before_training()
 
-        # the output folder, claimed only now; then the training batches (decoded into memory here)
+        # the output folder, claimed only now
         folder = claim_out(args, ckpt) if args.rank == 0 else None
         failed = True
         try:
             args.out = share_out(args, folder)
-            batches, eval_batches = make_batches(train_set, evals, sampler, args, device, log)
             net = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
             run = Run(args, device, amp, model, torch.compile(net) if args.compile else net, optimizer, scaler,
                       batches, eval_batches, counts, fingerprint, folder, stop, log)

@@ -41,7 +41,7 @@ DATASETS = {
                      labels=b"fine_labels", names=b"fine_label_names", n_max=500, tag="CIFAR100"),
 }
 ROW = 3 * 32 * 32  # one image: the R, G and B planes of 32 x 32, one after another
-MANY, FEW = 100, 20  # OLTR's shot groups: many > 100 training images, few < 20, medium the rest
+MANY, FEW = 100, 20  # the paper's shot groups (Section 4.2): many >= 100 training images, few <= 20
 SAVE = {"png": {}, "jpg": dict(quality=95, subsampling=0)}  # Pillow save options per --format
 
 
@@ -231,8 +231,10 @@ def to_image(raw, i):
     return Image.frombytes("RGB", (32, 32), bytes(hwc))
 
 
-def write_split(root, split, raw, labels, rows, names, fmt):
-    """Save rows as <split>/<class>/NNNNN.<fmt> under root; returns the list lines, by label then row."""
+def write_split(root, split, data, rows, names, fmt):
+    """Save rows of data = (raw bytes, labels) as <split>/<class>/NNNNN.<fmt> under root; returns the list
+    lines, by label then row."""
+    raw, labels = data
     for name in names:
         os.makedirs(os.path.join(root, split, name), exist_ok=True)
     lines = []
@@ -289,24 +291,26 @@ def convert(args):
     train_list = f"{spec['tag']}_LT_r{args.imbalance:g}_train.txt"
     test_list = f"{spec['tag']}_test.txt"
     write_tree(out, lambda tmp: {
-        train_list: write_split(tmp, "train", train_raw, train_y, keep, names, args.format),
-        test_list: write_split(tmp, "test", test_raw, test_y, range(len(test_y)), names, args.format)})
+        train_list: write_split(tmp, "train", (train_raw, train_y), keep, names, args.format),
+        test_list: write_split(tmp, "test", (test_raw, test_y), range(len(test_y)), names, args.format)})
     lists = [os.path.join(out, train_list), os.path.join(out, test_list)]
-    return summary(spec, name, args.imbalance, counts, len(test_y), out, lists)
+    return summary(spec, args, counts, len(test_y), lists)
 
 
-def summary(spec, name, imbalance, counts, n_test, out, lists):
-    many = sum(n > MANY for n in counts)
-    few = sum(n < FEW for n in counts)
+def summary(spec, args, counts, n_test, lists):
+    """What was written, with the shot groups and the command to train on it."""
+    many = sum(n >= MANY for n in counts)
+    few = sum(n <= FEW for n in counts)
     q = shlex.quote
     return "\n".join([
-        f"{spec['tag']}-LT, imbalance {imbalance:g}: {len(counts)} classes, {sum(counts)} train images "
+        f"{spec['tag']}-LT, imbalance {args.imbalance:g}: {len(counts)} classes, {sum(counts)} train images "
         f"({min(counts)} ... {max(counts)} per class), {n_test} test images",
-        f"  many-shot (> {MANY}): {many} classes, medium: {len(counts) - many - few}, few-shot (< {FEW}): {few}",
+        f"  many-shot (>= {MANY}): {many} classes, medium: {len(counts) - many - few}, few-shot (<= {FEW}): {few}",
         f"  train list: {lists[0]}",
         f"  test list:  {lists[1]}",
         "train with:",
-        f"  python train.py --recipe {name}_lt --data {q(out)} --split {q(lists[0])} --test-split {q(lists[1])}"])
+        f"  python train.py --recipe {spec['tag'].lower()}_lt --data {q(os.path.abspath(args.out))} --split "
+        f"{q(lists[0])} --test-split {q(lists[1])}"])
 
 
 def main(argv=None):

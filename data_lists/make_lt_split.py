@@ -101,14 +101,16 @@ def check_args(args):
         raise UserError(f"{out_dir}: output folder does not exist (from --prefix {args.prefix})")
 
 
-def target_counts(C, profile, max_n, min_n, imbalance=None, alpha=6.0, rng=None):
-    """Training images per class rank (largest first): list of C ints in [min_n, max_n], first max_n."""
+def target_counts(C, args, rng):
+    """Training images per class rank (largest first) for --profile / --max / --min / --imbalance / --alpha:
+    list of C ints in [min, max], first max."""
+    max_n, min_n = args.max, args.min
     if C == 1:
         return [max_n]
-    if profile == "exp":
-        ratio = imbalance or max_n / min_n
+    if args.profile == "exp":
+        ratio = args.imbalance or max_n / min_n
         return [max(1, min_n, round(max_n * ratio ** (-i / (C - 1)))) for i in range(C)]
-    draws = sorted((rng.paretovariate(alpha) for _ in range(C)), reverse=True)
+    draws = sorted((rng.paretovariate(args.alpha) for _ in range(C)), reverse=True)
     lo, hi = draws[-1], draws[0]
     return [round(min_n + (d - lo) / ((hi - lo) or 1) * (max_n - min_n)) for d in draws]
 
@@ -156,7 +158,7 @@ def make_rows(args, classes, images):
         raise UserError(f"{args.root}: {len(few)} of {len(classes)} classes have fewer than {held + 1} images "
                         f"({args.val_per_class} val + {args.test_per_class} test + 1 training; lower "
                         f"--val-per-class / --test-per-class): {names(few)}")
-    targets = target_counts(len(classes), args.profile, args.max, args.min, args.imbalance, args.alpha, rng)
+    targets = target_counts(len(classes), args, rng)
     ranks = list(range(len(classes)))
     rng.shuffle(ranks)  # ranks[label] = position of the class on the curve
     rows = {"train": [], "val": [], "test": []}
