@@ -48,7 +48,8 @@ def get_args_parser():
     p.add_argument("--num-classes", type=int, default=1000, help="width of the classifier heads")
     p.add_argument("--steps", type=int, default=8, help="timed steps of each kind")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
-    p.add_argument("--amp", default=None, choices=["bf16", "off"], help="autocast (None: bf16 on CUDA)")
+    p.add_argument("--amp", default=None, choices=["bf16", "off"], help="autocast (None: bf16 on CUDA and on CPUs that run bf16 "
+                   "natively, off elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--loader-images", type=int, default=400, help="images decoded per pipeline for the loader figure")
     p.add_argument("--images", default=None, help="folder of JPEG photographs for the loader figures (None: "

@@ -92,7 +92,7 @@ def choose_device(name=None, local_rank=0):
 
 def cpu_runs_bf16():
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX, as torch's oneDNN reports it). Where
-    it does not, oneDNN emulates bf16 and a ResNet step runs about 10x slower than in fp32."""
+    it does not, oneDNN emulates bf16 and a ResNet step runs more than 10x slower than in fp32."""
     try:
         return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without the query

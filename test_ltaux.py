@@ -600,6 +600,7 @@ def test_dataset_bad_image_names_path_and_line(tmp_path, content, reason, read):
         ds[1]
     msg = str(e.value)
     assert "s.txt:3" in msg and str(root / "bad.jpg") in msg and reason in msg
+    assert "BytesIO" not in msg  # the file is named, not the buffer it was read into
 
 
 @pytest.mark.parametrize("read", ["load_rgb", "read_image"])
@@ -670,7 +671,12 @@ def test_paper_row_names_the_protocol_differences():
     assert recipes.paper_row(dict(run, method="rrs"), defaults)["overall"] == 32.4
     assert recipes.paper_row(dict(run, method="cbs_rrs", lambdas=[1.0, 0.5, 0.0]), defaults)["name"].startswith(
         "paper: CBS:RRS 1:0.5, Table 4")
-    assert recipes.paper_row(dict(run, method="cbs", init="rrs.pt"), defaults)["overall"] == 37.6  # ftRRS+CBS
+    ft = recipes.paper_row(dict(run, method="cbs", init="rrs.pt", epochs=30, backbone_lr_scale=0.1), defaults)
+    assert (ft["overall"], ft["differs"]) == (37.6, [])  # ftRRS+CBS: its stage-2 settings are not the paper's
+    ft = recipes.paper_row(dict(run, method="cbs", init="rrs.pt", epochs=30, lr=0.2), defaults)
+    assert ft["differs"] == ["--lr 0.2"]
+    aug = recipes.paper_row(dict(run, method="cbs_rrs", rotation_aug=True, rotation="all"), defaults)
+    assert aug["differs"] == [] and recipes.paper_row(dict(run, rotation="all"), defaults)["differs"] == ["--rotation all"]
     assert recipes.paper_row(dict(run, method="cbs_rrs", rotation_aug=True), defaults)["overall"] == 41.0
     assert recipes.paper_row(dict(run, method="cbs_rrs", lambdas=[2.0, 1.0, 0.0]), defaults) is None  # not in the paper
     assert recipes.paper_row(dict(run, recipe=None), defaults) is None
@@ -1413,7 +1419,8 @@ def test_pretrained_recipes_refuse_to_start_without_weights(tiny, tmp_path, caps
     --pretrained (or --init / --resume) they would train from scratch and learn nothing. Exit 2, one line."""
     msg = bad_run(tiny, tmp_path, capsys, "--recipe", recipe)
     assert msg.startswith(f"error: --recipe {recipe} fine-tunes ImageNet-pretrained ResNet-152 weights: pass "
-                          "--pretrained resnet152-394f9c45.pth (torchvision's ResNet152_Weights.IMAGENET1K_V1")
+                          "--pretrained ~/.cache/torch/hub/checkpoints/resnet152-394f9c45.pth (torchvision's "
+                          "ResNet152_Weights.IMAGENET1K_V1 state dict")
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -1583,7 +1590,9 @@ def test_check_files_lists_every_failure(tiny, tmp_path, capsys):
     rc = train.main(base_args((root, {**lists, "train": many}), tmp_path / "o2", "--check-files", "--allow-unsafe-paths"))
     err = capsys.readouterr().err
     assert rc == 2 and "error: 32 unreadable images" in err and "and 12 more" in err
-    assert len((tmp_path / "o2" / "unreadable.txt").read_text().splitlines()) == 32
+    listed = err.rsplit("all are listed in ", 1)[1].strip()
+    assert len(open(listed).read().splitlines()) == 32 and not (tmp_path / "o2").exists()  # --out untouched
+    os.remove(listed)
 
 
 @pytest.mark.slow
@@ -2975,15 +2984,14 @@ def test_reads_real_numpy_pickles_without_numpy(tmp_path, protocol):
 
 
 @pytest.mark.slow
-def test_readme_snippet_runs_as_written(tmp_path, capsys):
-    """The "own training loop" snippet of README.md, on a small demo dataset, one epoch."""
+def test_readme_snippet_runs_as_written(tmp_path, capsys, monkeypatch):
+    """The "own training loop" snippet of README.md, on a small demo dataset where it looks, one epoch."""
     text = open(os.path.join(HERE, "README.md")).read()
     section = text[text.index("## Using the method in your own training loop"):]
     code = section[section.index("```python\n") + 10: section.index("\n```", section.index("```python"))]
-    root = tmp_path / "demo"
-    train.make_demo_data(str(root), classes=12, train=(60, 5), val=2, test=3, size=32)
-    assert 'os.path.expanduser("~/.cache/ltaux/demo")' in code and "EPOCHS, S, Z = 4, 32, 4" in code
-    code = code.replace('os.path.expanduser("~/.cache/ltaux/demo")', repr(str(root)))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the snippet reads the demo's folder as train.py does
+    train.make_demo_data(str(tmp_path / "ltaux" / "demo"), classes=12, train=(60, 5), val=2, test=3, size=32)
+    assert "EPOCHS, S, Z = 4, 32, 4" in code
     exec(compile(code.replace("EPOCHS, S, Z = 4, 32, 4", "EPOCHS, S, Z = 1, 32, 4"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "epoch 0: cbs " in out and "'overall':" in out and "'few':" in out

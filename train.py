@@ -28,7 +28,7 @@ FLOAT_RANGE = dict(lr=(0, 1e30), momentum=(0, 1), weight_decay=(0, 1e30), backbo
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet32")  # LTResNet.ARCHS
 DECODE_DEVICES = ("cuda",)  # where --decode gpu may run
 MEMORY_BUDGET = 2 * 2**30  # --in-memory auto: decoded training + evaluation images up to 2 GiB
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "test_metrics.json", "unreadable.txt")  # what a run writes in --out
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "test_metrics.json")  # what a run writes in --out
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -126,6 +126,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -176,9 +177,9 @@ def check_args(args, saved):
         raise LTauxError(f"--lambdas {l1:g} {l2:g} {l3:g}: weights must be finite and >= 0")
     if args.recipe in PRETRAINED and not (args.pretrained or args.init or args.resume):
         raise LTauxError(f"--recipe {args.recipe} fine-tunes ImageNet-pretrained ResNet-152 weights: pass --pretrained "
-                         "resnet152-394f9c45.pth (torchvision's ResNet152_Weights.IMAGENET1K_V1 state dict; python -c "
-                         "\"import torchvision; torchvision.models.resnet152(weights='IMAGENET1K_V1')\" downloads it to "
-                         "~/.cache/torch/hub/checkpoints/)")
+                         "~/.cache/torch/hub/checkpoints/resnet152-394f9c45.pth (torchvision's "
+                         "ResNet152_Weights.IMAGENET1K_V1 state dict, which python -c \"import torchvision; "
+                         "torchvision.models.resnet152(weights='IMAGENET1K_V1')\" downloads there)")
     if args.in_memory == "on" and args.image_size >= 64:
         raise LTauxError(f"--in-memory on is for the CIFAR recipe's small images (--image-size < 64, here "
                          f"{args.image_size}): use --in-memory off or auto")
@@ -376,9 +377,10 @@ def check_same_data(ckpt, path, ds, counts, now):
                              "a resume continues on the same data (start a new run with --init)")
 
 
-def check_files(datasets, stop, log, out_dir, shown=20):
-    """Open every listed image (rank 0 only); report all failures at once (the first `shown` inline,
-    every one in <out>/unreadable.txt when there are more). A stop signal ends it (runtime.Interrupted)."""
+def check_files(datasets, stop, log, shown=20):
+    """Open every listed image (rank 0 only); report all failures at once (the first `shown` inline, every
+    one in a file of the system's temporary folder when there are more: --out is not touched before the
+    inputs are known good). A stop signal ends it (runtime.Interrupted)."""
     failures, done = [], 0
     total = sum(len(d) for d in datasets)
     for ds in datasets:
@@ -395,10 +397,10 @@ def check_files(datasets, stop, log, out_dir, shown=20):
         return
     more = ""
     if len(failures) > shown:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "unreadable.txt"), "w") as f:
+        fd, path = tempfile.mkstemp(prefix="ltaux-unreadable-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
             f.write("\n".join(failures) + "\n")
-        more = f"\n  ... and {len(failures) - shown} more: all are listed in {out_dir}/unreadable.txt"
+        more = f"\n  ... and {len(failures) - shown} more: all are listed in {path}"
     raise LTauxError(f"{len(failures)} unreadable images:\n  " + "\n  ".join(failures[:shown]) + more)
 
 
@@ -928,7 +930,7 @@ def train(args, ckpt):
         args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
                                 os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
         if args.check_files and args.rank == 0:
-            check_files([train_set] + list(evals.values()), stop, log, args.out)
+            check_files([train_set] + list(evals.values()), stop, log)
         batches, eval_batches = make_batches(train_set, evals, sampler, args, device, log)  # --in-memory: decoded now
         stop.before_training()
 

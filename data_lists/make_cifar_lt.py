@@ -7,8 +7,8 @@
 --src holds the "python version" pickle batches that torchvision.datasets.CIFAR10 / CIFAR100(root, download=True)
 leave in root/cifar-10-batches-py or root/cifar-100-python (either that folder or root itself). Written under --out:
 
-    train/<class>/NNNNN.png       only the training images kept for the long-tailed split
-    test/<class>/NNNNN.png        the whole balanced test set
+    train/<class>/NNNNN.<format>  only the training images kept for the long-tailed split
+    test/<class>/NNNNN.<format>   the whole balanced test set
     CIFAR10_LT_r100_train.txt     `train/<class>/NNNNN.png label` per line (CIFAR100_LT_r<ratio>_train.txt)
     CIFAR10_test.txt              `test/<class>/NNNNN.png label` per line (CIFAR100_test.txt)
 
