@@ -630,6 +630,19 @@ def test_wide_greyscale_is_rescaled_and_extreme_aspect_ratios_refused(tmp_path, 
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
+# the paper's methods
+
+
+def test_methods_are_the_papers_four():
+    """Section 4.3: RRS-Only and CBS-Only train phi + h on one batch; CBS+RRS adds h_a on B_RRS; CBS+RRS+SS adds
+    h_s. A method given another sampler part, a head it does not train or the rotation task fails here."""
+    got = {k: (m.name, m.sampler, tuple(m.heads), m.rotation) for k, m in recipes.METHODS.items()}
+    assert got == {"rrs": ("RRS-Only", "rrs", ("fc",), False), "cbs": ("CBS-Only", "cbs", ("fc",), False),
+                   "cbs_rrs": ("CBS+RRS", "cbs_rrs", ("fc", "aux_fc"), False),
+                   "cbs_rrs_ss": ("CBS+RRS+SS", "cbs_rrs", ("fc", "aux_fc", "rot_fc"), True)}
+
+
+# ----------------------------------------------------------------------------------------------
 # the paper's rows and the recipes' protocol
 
 
@@ -1010,6 +1023,23 @@ def test_a_second_signal_during_a_save_waits_for_the_file_to_be_whole(monkeypatc
         stop.restore()
 
 
+def test_predict_is_the_deployed_model_phi_and_h():
+    """runtime.predict (validation, the final test, evaluate.py) classifies with phi and h (fc) alone: with
+    h_a and h_s made to disagree with h on every image, its predictions are the model's forward's."""
+    torch.manual_seed(0)
+    model = ltaux.LTResNet("resnet10", num_classes=6, embed_dim=8).eval()
+    with torch.no_grad():
+        model.aux_fc.weight.copy_(-model.fc.weight)
+        model.aux_fc.bias.copy_(-model.fc.bias)
+    images, labels = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8), torch.arange(10) % 6
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    pred, target = runtime.predict(model, loader, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(pipeline.to_device(images, torch.device("cpu")))
+    assert torch.equal(target, labels) and torch.equal(pred, logits.argmax(1))
+    assert not torch.equal(pred, model.aux_fc(model.features(pipeline.to_device(images, torch.device("cpu")))).argmax(1))
+
+
 # ==============================================================================================
 # train.py
 # ==============================================================================================
@@ -1114,6 +1144,28 @@ def signal_when(p, prefix, signum):
 
 # ----------------------------------------------------------------------------------------------
 # the method end to end: what each --method trains, and how
+
+
+@pytest.mark.parametrize("method", list(recipes.METHODS))
+def test_step_inputs_take_b_cbs_first_as_the_sampler_lays_it_out(method):
+    """AuxBatchSampler yields [B_cbs; B_rrs]: train.step_inputs gives aux_loss the first S rows as B_cbs and
+    the rest as B_rrs (a one-part method: all rows, as its part). Swapped halves fail here."""
+    import types
+    args = types.SimpleNamespace(method=method, image_size=16, batch_size=4, world_size=1, rotation_aug=False,
+                                 rotation="random")
+    run = types.SimpleNamespace(args=args, device=torch.device("cpu"))
+    mode = recipes.METHODS[method].sampler
+    n = 8 if mode == "cbs_rrs" else 4
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 16, 16).contiguous()
+    cbs, rrs = train.step_inputs(images, torch.arange(n) + 10, run, torch.Generator().manual_seed(0))
+    want = {"cbs_rrs": ([10, 11, 12, 13], [14, 15, 16, 17]), "cbs": ([10, 11, 12, 13], None),
+            "rrs": (None, [10, 11, 12, 13])}[mode]
+    for part, rows in zip((cbs, rrs), want):
+        assert (part is None) == (rows is None)
+        if part is not None:
+            x, y = part
+            assert y.tolist() == rows
+            assert torch.equal(x, pipeline.to_device(images[[r - 10 for r in rows]], torch.device("cpu")))
 
 
 @pytest.mark.slow
