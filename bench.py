@@ -34,15 +34,13 @@ import sys
 import tempfile
 import time
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every default shown, and the description kept as written."""
+import recipes
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=recipes.HelpFormatter)
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
-    p.add_argument("--arch", default="resnet10", choices=("resnet10", "resnet18", "resnet34", "resnet50", "resnet101",
-                                                          "resnet152", "resnet32"), help="backbone")
+    p.add_argument("--arch", default="resnet10", choices=recipes.ARCHS, help="backbone")
     p.add_argument("--image-size", type=int, default=112, help="square input size")
     p.add_argument("--batch-size", type=int, default=32, help="S: a method step forwards 4S images")
     p.add_argument("--num-classes", type=int, default=1000, help="width of the classifier heads")

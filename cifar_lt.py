@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+import recipes
 from recipes import METHODS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,12 +35,8 @@ PUBLISHED = (  # ResNet-32, CIFAR-10-LT imbalance ratio 100, overall top-1 (%)
 )
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every default shown, and the examples at the top kept as written."""
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=recipes.HelpFormatter)
     p.add_argument("--data", required=True, help="CIFAR-10-LT root (images and the two lists)")
     p.add_argument("--split", default=None, help="training list (None: <data>/CIFAR10_LT_r100_train.txt)")
     p.add_argument("--test-split", default=None, help="test list (None: <data>/CIFAR10_test.txt)")

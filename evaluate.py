@@ -18,13 +18,11 @@ import argparse
 import os
 import sys
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every default shown, and the examples at the top kept as written."""
+import recipes
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=recipes.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="an ltaux checkpoint (best.pt or last.pt)")
     p.add_argument("--data", default=None, help="dataset root (None: the one the checkpoint was trained on)")
     p.add_argument("--split", default=None, help="evaluation list (None: the run's --test-split, else --val-split)")
@@ -62,9 +60,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import ltaux  # noqa: E402
 import pipeline  # noqa: E402
-import recipes  # noqa: E402
 import runtime  # noqa: E402
-import train  # noqa: E402 - its parser is the schema of a checkpoint's saved arguments
 from ltaux import LTauxError  # noqa: E402
 
 GROUPS = ("many", "medium", "few")
@@ -97,7 +93,7 @@ def load_run(path, reference=None):
     if path.endswith(".json"):
         raise LTauxError(f"{path}: --compare takes the checkpoints (best.pt) of the baseline runs, not metrics")
     ckpt = runtime.load_checkpoint(path)
-    runtime.check_saved_args(ckpt["args"], train.get_args_parser(), path)
+    runtime.check_saved_args(ckpt["args"], recipes.training_parser(), path)
     model = ltaux.LTResNet(ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0], ckpt["args"].get("embed_dim"))
     runtime.load_weights(model, ckpt, path)
     run = Run(path, model.eval(), ckpt["args"], ckpt["train_counts"].long(), "shot_rule" not in ckpt)
@@ -603,7 +599,7 @@ def run(args):
             r.tsne_labels = [ds.labels[i] for i in subset]  # (n,) the class of each t-SNE point
         lists = [(ds.paths, ds.labels)] + [training_list(main.args, args.allow_unsafe_paths)]
         rows = per_class_rows(main, class_names([x for x in lists if x], len(main.counts)), args.many, args.few)
-        paper = recipes.paper_row(dict(main.args, many=args.many, few=args.few), vars(train.get_args_parser().parse_args(
+        paper = recipes.paper_row(dict(main.args, many=args.many, few=args.few), vars(recipes.training_parser().parse_args(
             [])), args.split)
         write_tables(args, main, baselines, rows, files, paper)
         for name, image in draw_figures(main, baselines, rows, args.split, picked).items():

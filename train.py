@@ -16,7 +16,8 @@ import math
 import os
 import sys
 
-from recipes import METHODS, PRETRAINED, RECIPES
+import recipes
+from recipes import ARCHS, METHODS, PRETRAINED, RECIPES  # noqa: F401 - ARCHS: train.ARCHS
 
 NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files", "decode",
                "in_memory", "demo_dir")  # this machine's or this command's: never taken from a checkpoint
@@ -25,94 +26,13 @@ FIXED_ON_RESUME = ("method", "arch", "embed_dim", "batch_size", "per_class", "se
 INT_RANGE = dict(epochs=(1, 10**5), batch_size=(1, 2**20), per_class=(1, 2**20), image_size=(8, 4096), workers=(0, 1024),
                  print_freq=(1, 2**31), eval_freq=(1, 2**31), seed=(0, 2**63 - 1), embed_dim=(0, 2**16))
 FLOAT_RANGE = dict(lr=(0, 1e30), momentum=(0, 1), weight_decay=(0, 1e30), backbone_lr_scale=(0, 1e6))  # SGD: fp32
-ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet32")  # LTResNet.ARCHS
 DECODE_DEVICES = ("cuda",)  # where --decode gpu may run
 MEMORY_BUDGET = 2 * 2**30  # --in-memory auto: decoded training + evaluation images up to 2 GiB
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "test_metrics.json")  # what a run writes in --out
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every default shown, and the examples at the top kept as written."""
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="dataset root; split paths are relative to it "
-                   "(unset: run the demo on synthetic data written to --demo-dir)")
-    g.add_argument("--split", default=None, help="training split list, 'relative/path label' per line")
-    g.add_argument("--val-split", default=None, help="validation list (None: the sibling *_val.txt of --split)")
-    g.add_argument("--test-split", default=None, help="test list, evaluated with best.pt after training "
-                   "(None: the sibling *_test.txt of --split)")
-    g.add_argument("--demo-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
-        "~/.cache")), "ltaux", "demo"), help="where the demo writes its synthetic dataset (20 MB, once)")
-    g.add_argument("--check-files", action="store_true", help="open every listed image before training "
-                   "and report all unreadable ones at once")
-    g.add_argument("--allow-unsafe-paths", action="store_true", help="accept absolute paths and '..' in lists")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader worker processes per GPU")
-    g.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="where training JPEGs are "
-                   "decoded: cpu (in the workers) or gpu (workers send the file bytes; decode_jpeg, crop, "
-                   "flip and jitter on the CUDA device; ImageNet-LT recipe only)")
-    g.add_argument("--in-memory", default="auto", choices=["auto", "on", "off"], help="decode every image "
-                   "once into one uint8 tensor on the training device and augment batches there, no worker "
-                   "processes (auto: below 64 px when the images fit 2 GiB; the CIFAR recipe's augmentation)")
-    g.add_argument("--image-size", type=int, default=224, help="training crop; >= 64 uses the ImageNet-LT "
-                   "augmentation, smaller the CIFAR one (pad 4 + random crop)")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="cbs_rrs_ss", choices=list(METHODS), help="rrs: RRS-Only, cbs: CBS-Only, "
-                   "cbs_rrs: CBS+RRS (auxiliary head h_a), cbs_rrs_ss: CBS+RRS+SS (plus rotation head h_s)")
-    g.add_argument("--recipe", default=None, choices=list(RECIPES), help="preset of the paper's settings "
-                   "(docs/recipes.md; demo: the one without --data); explicit flags override it")
-    g.add_argument("--lambdas", type=float, nargs=3, default=[0.5, 1.0, 1.0], metavar=("L1", "L2", "L3"),
-                   help="weights of the CBS, RRS and rotation losses (Eq. 2)")
-    g.add_argument("--batch-size", type=int, default=256, help="S: images per sampler part of the global "
-                   "batch (B_cbs and B_rrs each hold S), so a cbs_rrs_ss step forwards 4S images")
-    g.add_argument("--per-class", type=int, default=4, help="Z: images per class in B_cbs (k = S/Z classes)")
-    g.add_argument("--rotation", default="random", choices=["random", "all"],
-                   help="rotation task h_s: one random angle per image, or all four (Table 5)")
-    g.add_argument("--rotation-aug", action="store_true", help="Table 5's baseline with cbs_rrs: the "
-                   "rotated copies (as --rotation) as plain augmentation, no h_s")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet10", choices=ARCHS, help="backbone of phi")
-    g.add_argument("--embed-dim", type=int, default=None, help="Linear + ReLU after pooling, 0 for none "
-                   "(None: 512 for the ImageNet ResNets as OLTR, 0 for resnet32)")
-    g.add_argument("--pretrained", default=None, help="torchvision-format backbone weights (local .pth)")
-    g.add_argument("--freeze-backbone", action="store_true", help="train only phi's 512-d layer and the heads: "
-                   "the backbone's weights stay fixed, its BatchNorm statistics keep updating (OLTR's Places-LT "
-                   "stage 1 before 2020-02-11)")
-    g.add_argument("--init", default=None, help="initialise phi (backbone + embed) from an ltaux "
-                   "checkpoint, heads fresh: ftRRS+CBS of Table 3")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=90, help="one epoch = M = ceil(N / S) steps")
-    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (the recipes use 0.1 for "
-                   "S = 256; if you change S, scale --lr yourself: lr = 0.1 * S / 256)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay, on every parameter as OLTR")
-    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine decay")
-    g.add_argument("--backbone-lr-scale", type=float, default=1.0, help="lr of phi (backbone and embed) = "
-                   "scale * lr, e.g. 0.01 to fine-tune pretrained weights")
-    g.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast precision (None: bf16 "
-                   "on CUDA and on CPUs that run bf16 natively, else off = fp32); fp16 adds a gradient scaler")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs: one all-reduce "
-                   "per BN layer per step; matters when per-GPU batches are small")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder (None: runs/<date>-<time>-<method>; with --resume "
-                   "the checkpoint's folder)")
-    g.add_argument("--resume", default=None, help="continue from a last.pt (model, optimiser, "
-                   "schedule, sampler position, RNG); its settings are the defaults")
-    g.add_argument("--overwrite", action="store_true", help="replace the run held in --out (kept aside until "
-                   "the new run's first checkpoint)")
-    g.add_argument("--seed", type=int, default=0, help="seed of sampling, augmentation and init")
-    g.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
-    g.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
-    g.add_argument("--eval-freq", type=int, default=1, help="epochs between validations")
-    g.add_argument("--many", type=int, default=100, help="many-shot classes: at least this many training images "
-                   "(the paper's >= 100; Decoupling's code counts > 100 and < 20: --many 101 --few 19)")
-    g.add_argument("--few", type=int, default=20, help="few-shot classes: at most this many training images "
-                   "(the paper's <= 20)")
-    return p
+    return recipes.training_parser(__doc__)
 
 
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
@@ -135,7 +55,6 @@ import torch.distributed as dist  # noqa: E402
 
 import ltaux  # noqa: E402
 import pipeline  # noqa: E402
-import recipes  # noqa: E402
 import runtime  # noqa: E402
 from ltaux import LTauxError  # noqa: E402
 
