@@ -37,6 +37,8 @@ RECIPES = {
     "demo": dict(arch="resnet10", epochs=8, batch_size=64, lr=0.1, weight_decay=5e-4, image_size=32, workers=1,
                  print_freq=20),
 }
+SMALL_IMAGES = 64  # --image-size below this: the CIFAR recipe's augmentation (pad + crop) and --in-memory;
+# from it on: the ImageNet-LT recipe's (random resized crop, flip, colour jitter) and --decode gpu
 PRETRAINED = ("places_lt_r152", "places_lt_r152_2019")  # fine-tune ImageNet weights: refused without them
 
 # The paper's rows: many, medium, few, overall top-1 (%) on the official test list, thresholds 100 / 20.
