@@ -58,6 +58,7 @@ import math  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+import bookkeeping  # noqa: E402
 import ltaux  # noqa: E402
 import pipeline  # noqa: E402
 import runtime  # noqa: E402
@@ -92,10 +93,10 @@ def load_run(path, reference=None):
     """A checkpoint as a Run; a --compare one must share the reference's classes and training counts."""
     if path.endswith(".json"):
         raise LTauxError(f"{path}: --compare takes the checkpoints (best.pt) of the baseline runs, not metrics")
-    ckpt = runtime.load_checkpoint(path)
-    runtime.check_saved_args(ckpt["args"], recipes.training_parser(), path)
+    ckpt = bookkeeping.load_checkpoint(path)
+    bookkeeping.check_saved_args(ckpt["args"], recipes.training_parser(), path)
     model = ltaux.LTResNet(ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0], ckpt["args"].get("embed_dim"))
-    runtime.load_weights(model, ckpt, path)
+    bookkeeping.load_weights(model, ckpt, path)
     run = Run(path, model.eval(), ckpt["args"], ckpt["train_counts"].long(), "shot_rule" not in ckpt)
     if reference is not None:
         C, ref = len(run.counts), reference.counts
@@ -251,30 +252,17 @@ def summary(run):
 
 
 def claim_out(args, files):
-    """Create and lock --out for this evaluation. Its own earlier outputs (metrics.json names the same
-    checkpoint and list) are replaced; files of another evaluation, or named like its outputs but not
-    written by it, only with --overwrite. Files of an earlier own evaluation that this one does not write
-    (e.g. gain.png without --compare) are removed; nothing else is touched. Returns the lock."""
-    os.makedirs(args.out, exist_ok=True)
-    lock = runtime.FolderLock(args.out, "evaluation")
-    present = [f for f in OUTPUTS if os.path.lexists(os.path.join(args.out, f))]
-    earlier = {}
-    try:
-        with open(os.path.join(args.out, "metrics.json")) as f:
-            earlier = json.load(f)
-    except (OSError, ValueError):
-        pass
+    """Create and lock --out for this evaluation (bookkeeping.OutputFolder). Its own earlier outputs (metrics.json
+    names the same checkpoint and list) are replaced, and those this one does not write (e.g. gain.png without
+    --compare) removed; another evaluation's files, or files named like its outputs, only with --overwrite."""
+    earlier = bookkeeping.read_json(os.path.join(args.out, "metrics.json"))
     own = isinstance(earlier, dict) and earlier.get("checkpoint") == os.path.abspath(args.checkpoint) and \
         earlier.get("split") == os.path.abspath(args.split)
-    if present and not own and not args.overwrite:
-        lock.release()
-        raise LTauxError(f"{args.out}: holds {', '.join(present)} of another evaluation (or not written by evaluate.py): "
-                         "pass --overwrite to replace them, or another --out")
-    listed = earlier.get("files", []) if isinstance(earlier, dict) and (own or args.overwrite) else []
-    for f in set(listed) & set(OUTPUTS) - set(files):  # stale outputs of an earlier evaluation here
+    folder = bookkeeping.OutputFolder(args.out, OUTPUTS, "evaluation", args.overwrite, own)
+    for f in set(earlier.get("files", []) if own else []) & set(OUTPUTS) - set(files):
         if os.path.isfile(os.path.join(args.out, f)):
             os.remove(os.path.join(args.out, f))
-    return lock
+    return folder
 
 
 def save(out, name, data):
@@ -283,7 +271,7 @@ def save(out, name, data):
         buffer = io.BytesIO()
         data.save(buffer, "PNG")
         data = buffer.getvalue()
-    runtime.atomic_save(data, os.path.join(out, name), write=lambda d, f: f.write(d))
+    bookkeeping.atomic_write(os.path.join(out, name), data)
 
 
 def write_tables(args, main, baselines, rows, files, paper):
@@ -588,10 +576,10 @@ def run(args):
               f"inclusively (>= --many, <= --few: the paper's rule); evaluated with that rule now (the run's own table "
               f"used > / <: --many {args.many + 1} --few {args.few - 1} gives those groups)")
     ds = ltaux.SplitDataset(args.data, args.split, None, allow_unsafe_paths=args.allow_unsafe_paths)
-    runtime.check_label_range(ds, len(main.counts), f"the checkpoint {args.checkpoint}")
+    pipeline.check_label_range(ds, len(main.counts), f"the checkpoint {args.checkpoint}")
     subset, picked = tsne_indices(ds.labels, main.counts, args.many, args.few) if baselines else ([], [])
     files = list(OUTPUTS if baselines else OUTPUTS[:4])
-    lock = claim_out(args, files)
+    folder, failed = claim_out(args, files), True
     try:
         loaders = make_loaders(args, device, subset)
         for r in [main] + baselines:
@@ -604,8 +592,10 @@ def run(args):
         write_tables(args, main, baselines, rows, files, paper)
         for name, image in draw_figures(main, baselines, rows, args.split, picked).items():
             save(args.out, name, image)
+        folder.commit()
+        failed = False
     finally:
-        lock.release()
+        folder.close(failed)
     balanced = len(set(main.metrics["counts"]) - {0}) == 1
     print(f"{args.checkpoint} on {args.split} ({len(ds)} images{'' if balanced else ', unbalanced'}; "
           f"amp {args.amp_name}; many >= {args.many}, few <= {args.few} train images):")

@@ -10,10 +10,14 @@ Used by train.py, evaluate.py and bench.py; the method itself is ltaux.py.
 """
 
 import functools
+import hashlib
 import io
 import os
 import signal
+import tempfile
 import threading
+import time
+import warnings
 
 import torch
 import torchvision.transforms as T
@@ -26,8 +30,11 @@ try:  # deprecated in torchvision 0.29 for TorchCodec; without it, Pillow decode
 except ImportError:
     ImageReadMode = decode_jpeg = None
 
+import bookkeeping
 import ltaux
+import recipes
 
+MEMORY_BUDGET = 2 * 2**30  # --in-memory auto: decoded training + evaluation images up to 2 GiB
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, applied on the device
 
 
@@ -380,3 +387,188 @@ class MemoryEval:
 
     def __len__(self):
         return -(-len(self.images) // self.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# a run's inputs: the demo's data, the lists and their images, checked before anything is written
+
+
+def make_demo_data(root, classes=30, train=(500, 5), val=10, test=40, size=32):
+    """Write a small synthetic long-tailed image dataset (PNG files + split lists) under root.
+
+    Class c is a low-frequency colour pattern P_c = base + 0.6 * own_c; an image is P_c under a
+    random shift, brightness change and strong low-frequency noise, so classes overlap and a
+    classifier needs many images to separate them: tail classes (5 training images) are
+    learnable but hard. Train counts decay exponentially from train[0] (head) to train[1] (tail)
+    (many/medium/few groups 11/10/9 with thresholds 100/20); val and test are balanced (images per
+    class). Written whole or not at all (bookkeeping.atomic_folder). Always the same data (seed 0).
+    Returns the list paths.
+    """
+    (head, tail), g = train, torch.Generator().manual_seed(0)
+    lists = {s: os.path.join(root, f"demo_{s}.txt") for s in ("train", "val", "test")}
+    if all(os.path.exists(p) for p in lists.values()):
+        return lists
+    if os.path.exists(root):  # never write into (or delete) a folder we did not make
+        raise ltaux.LTauxError(f"{root}: exists but holds no demo lists; remove it or pass another --demo-dir")
+    base = upsample(torch.randn(1, 3, 4, 4, generator=g), size)
+    protos = base + 0.6 * upsample(torch.randn(classes, 3, 4, 4, generator=g), size)
+    counts = [round(head * (tail / head) ** (c / (classes - 1))) for c in range(classes)]
+    with bookkeeping.atomic_folder(root) as tmp:
+        for split, per_class in (("train", counts), ("val", [val] * classes), ("test", [test] * classes)):
+            rows = []
+            for c, n in enumerate(per_class):
+                noise = upsample(torch.randn(n, 3, 8, 8, generator=g), size) * 0.9
+                noise += torch.randn(n, 3, size, size, generator=g) * 0.2
+                x = protos[c] * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)) + noise
+                shifts = torch.randint(-4, 5, (n, 2), generator=g).tolist()
+                imgs = ((x.tanh() + 1) * 127.5).round().to(torch.uint8)
+                os.makedirs(os.path.join(tmp, split, f"class{c:02d}"), exist_ok=True)
+                for i in range(n):
+                    rel = f"{split}/class{c:02d}/{i:04d}.png"
+                    save_png(torch.roll(imgs[i], shifts[i], dims=(1, 2)), os.path.join(tmp, rel))
+                    rows.append(f"{rel} {c}\n")
+            with open(os.path.join(tmp, f"demo_{split}.txt"), "w") as f:
+                f.writelines(rows)
+    return lists
+
+
+def upsample(x, size):
+    """(B, 3, h, w) -> (B, 3, size, size), bilinear: smooth, low-frequency patterns for the demo."""
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def save_png(x, path):
+    """uint8 tensor (3, H, W) -> PNG file, with Pillow alone."""
+    Image.frombytes("RGB", (x.shape[2], x.shape[1]), bytes(x.permute(1, 2, 0).flatten().tolist())).save(path)
+
+
+def open_inputs(args, log, barrier=None):
+    """Every list of a train.py run, the image root and the labels, checked: (train set, {"val"/"test": set},
+    counts (C,)). The demo's data is written first (by rank 0: `barrier` waits for it); the sibling
+    *_val.txt / *_test.txt of a *_train.txt fill --val-split / --test-split when those are not given; paths
+    become absolute, as checkpoints keep them."""
+    if args.data is None:
+        if args.rank == 0 and not os.path.exists(os.path.join(args.demo_dir, "demo_test.txt")):
+            log(f"demo: writing its synthetic dataset (30 classes, 4,876 PNGs, about 20 MB) to {args.demo_dir} "
+                "(--demo-dir), once")
+            make_demo_data(args.demo_dir)
+        if barrier:
+            barrier()
+        lists = make_demo_data(args.demo_dir)
+        args.data, args.split = args.demo_dir, lists["train"]
+        args.val_split, args.test_split = args.val_split or lists["val"], args.test_split or lists["test"]
+    if args.split is None:
+        raise ltaux.LTauxError("--split is required with --data (e.g. data_lists/ImageNet_LT_train.txt)")
+    for name in ("val", "test"):
+        sibling = args.split[: -len("_train.txt")] + f"_{name}.txt"
+        if getattr(args, f"{name}_split") is None and args.split.endswith("_train.txt") and os.path.exists(sibling):
+            setattr(args, f"{name}_split", sibling)
+    for k in ("data", "split", "val_split", "test_split"):
+        setattr(args, k, getattr(args, k) and os.path.abspath(getattr(args, k)))
+    train_set = open_list(args, args.split, train=True)
+    evals = {k: open_list(args, f, train=False) for k, f in (("val", args.val_split), ("test", args.test_split)) if f}
+    check_root(train_set)
+    counts = ltaux.class_counts(train_set.labels, train_set.num_classes)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        above = [(line, y) for y, line in zip(train_set.labels, train_set.lines) if y > empty[0]][:3]
+        raise ltaux.LTauxError(
+            f"{args.split}: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no training image (labels "
+            "must be 0..C-1 without gaps); the labels above the first gap are on line" + "s" * (len(above) > 1)
+            + " " + ", ".join(f"{line} (label {y})" for line, y in above) + ("..." if len(above) == 3 else ""))
+    for ds in evals.values():
+        check_label_range(ds, train_set.num_classes, f"the training list {args.split}")
+    for line in describe_lists([args.split] + [d.split_file for d in evals.values()]):
+        log(line)
+    return train_set, evals, counts
+
+
+def check_label_range(ds, num_classes, what):
+    """Every label of an evaluation list must be a class 0..C-1 of `what`. Raises LTauxError."""
+    for y, line in zip(ds.labels, ds.lines):
+        if y >= num_classes:
+            raise ltaux.LTauxError(f"{ds.split_file}:{line}: label {y} is not a class of {what} (0..{num_classes - 1})")
+
+
+def open_list(args, path, train):
+    """A SplitDataset with the run's transform; a missing list says where the official ones come from."""
+    if not os.path.exists(path):
+        raise ltaux.LTauxError(f"{path}: split list not found (the official lists: see data_lists/README.md, "
+                               "then check them with: cd data_lists && sha256sum -c SHA256SUMS --ignore-missing)")
+    return ltaux.SplitDataset(args.data, path, build_transform(args.image_size, train),
+                              allow_unsafe_paths=args.allow_unsafe_paths, read=read_image)
+
+
+def check_root(ds, probe=8):
+    """Fail early on a wrong --data: the root must exist and hold at least one of the first listed images."""
+    if not os.path.isdir(ds.root):
+        raise ltaux.LTauxError(f"--data {ds.root}: no such folder")
+    shown = [os.path.join(ds.root, p) for p in ds.paths[:probe]]
+    if not any(os.path.exists(p) for p in shown):
+        raise ltaux.LTauxError(f"--data {ds.root}: none of the first {len(shown)} images of {ds.split_file} exist "
+                               f"under it (e.g. {shown[0]}): the root is probably wrong")
+
+
+def describe_lists(paths):
+    """One line per official list (its sha256 is in data_lists/SHA256SUMS); a warning for a list named
+    like an official one whose checksum differs; nothing for the user's own lists."""
+    known, lines = {}, []
+    sums = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists", "SHA256SUMS")
+    if os.path.exists(sums):
+        with open(sums) as f:
+            known = dict(line.split(None, 1) for line in f if line.strip() and not line.startswith("#"))
+    known = {d: n.strip() for d, n in known.items()}
+    for path in paths:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest in known:
+            lines.append(f"{path}: official {known[digest]} (sha256 ok)")
+        elif os.path.basename(path) in {os.path.basename(n) for n in known.values()}:
+            warnings.warn(f"{path}: named like an official list, but its sha256 differs from data_lists/SHA256SUMS")
+    return lines
+
+
+def check_files(datasets, stop, log, shown=20):
+    """Open every listed image (rank 0 only); report all failures at once (the first `shown` inline, every
+    one in a file of the system's temporary folder when there are more: --out is not touched before the
+    inputs are known good). stop() is called as it goes (it raises to end the check)."""
+    failures, done = [], 0
+    total = sum(len(d) for d in datasets)
+    for ds in datasets:
+        for i in range(len(ds)):
+            try:
+                ds.load(i)
+            except ltaux.LTauxError as e:
+                failures.append(str(e))
+            done += 1
+            if done % 5000 == 0 or done == total:
+                log(f"check-files: {done}/{total} images, {len(failures)} unreadable")
+            stop()
+    if not failures:
+        return
+    more = ""
+    if len(failures) > shown:
+        fd, path = tempfile.mkstemp(prefix="ltaux-unreadable-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(failures) + "\n")
+        more = f"\n  ... and {len(failures) - shown} more: all are listed in {path}"
+    raise ltaux.LTauxError(f"{len(failures)} unreadable images:\n  " + "\n  ".join(failures[:shown]) + more)
+
+
+def make_batches(train_set, evals, sampler, args, device, log):
+    """A run's training batches and {name: evaluation batches}: in memory (MemoryBatches, decoded once here;
+    see --in-memory) or DataLoader workers."""
+    size = sum(len(d) for d in [train_set, *evals.values()]) * 3 * args.image_size ** 2
+    if args.in_memory == "off" or args.image_size >= recipes.SMALL_IMAGES or (
+            args.in_memory == "auto" and size > MEMORY_BUDGET):
+        per_rank = max(1, args.batch_size // args.world_size)
+        return (training_loader(train_set, sampler, device, args.workers, args.decode, args.image_size),
+                {k: eval_loader(d, per_rank, device, args.workers, args.rank, args.world_size)
+                 for k, d in evals.items()})
+    t0 = time.time()
+    decoded = {k: decode_all(d, device, args.workers) for k, d in dict(evals, train=train_set).items()}
+    log(f"in memory: {len(train_set) + sum(len(d) for d in evals.values())} images decoded once ({size / 2**20:.0f} "
+        f"MiB on {device}, {time.time() - t0:.1f}s); batches gathered and augmented on {device}, no loader workers")
+    evals = {k: MemoryEval(*d, max(1, args.batch_size // args.world_size), args.rank, args.world_size)
+             for k, d in decoded.items() if k != "train"}
+    return MemoryBatches(*decoded["train"], sampler), evals

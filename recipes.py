@@ -208,3 +208,61 @@ def training_parser(description=None):
     g.add_argument("--few", type=int, default=20, help="few-shot classes: at most this many training images "
                    "(the paper's <= 20)")
     return p
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py's arguments, checked
+
+NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files", "decode",
+               "in_memory", "demo_dir")  # this machine's or this command's: never taken from a checkpoint
+FIXED_ON_RESUME = ("method", "arch", "embed_dim", "batch_size", "per_class", "seed", "image_size", "rotation",
+                   "rotation_aug", "freeze_backbone")  # a resume continues the same run
+INT_RANGE = dict(epochs=(1, 10**5), batch_size=(1, 2**20), per_class=(1, 2**20), image_size=(8, 4096),
+                 workers=(0, 1024), print_freq=(1, 2**31), eval_freq=(1, 2**31), seed=(0, 2**63 - 1),
+                 embed_dim=(0, 2**16))
+FLOAT_RANGE = dict(lr=(0, 1e30), momentum=(0, 1), weight_decay=(0, 1e30), backbone_lr_scale=(0, 1e6))  # SGD: fp32
+
+
+def check_args(args, saved):
+    """Every mistake in train.py's arguments that needs no data, as one ValueError line (saved: the resumed
+    checkpoint's arguments, {} for a new run)."""
+    for name, (lo, hi) in INT_RANGE.items():
+        v = getattr(args, name)
+        if v is not None and not lo <= v <= hi:
+            raise ValueError(f"--{name.replace('_', '-')} {v}: must be in {lo}..{hi}")
+    for name, (lo, hi) in dict(FLOAT_RANGE, warmup_epochs=(0, args.epochs)).items():
+        v = getattr(args, name)
+        if not (v == v and abs(v) != float("inf") and lo <= v <= hi):
+            raise ValueError(f"--{name.replace('_', '-')} {v}: must be a finite number in [{lo}, {hi:g}]")
+    method, (l1, l2, l3) = METHODS[args.method], args.lambdas
+    if not all(v >= 0 and abs(v) != float("inf") for v in args.lambdas):
+        raise ValueError(f"--lambdas {l1:g} {l2:g} {l3:g}: weights must be finite and >= 0")
+    if args.init and args.resume:
+        raise ValueError(f"--init {args.init} with --resume {args.resume}: a resume continues its own weights; "
+                         "--init starts a new run from another run's phi (pass one of them)")
+    if args.recipe in PRETRAINED and not (args.pretrained or args.init or args.resume):
+        raise ValueError(f"--recipe {args.recipe} fine-tunes ImageNet-pretrained ResNet-152 weights: pass "
+                         "--pretrained ~/.cache/torch/hub/checkpoints/resnet152-394f9c45.pth (torchvision's "
+                         "ResNet152_Weights.IMAGENET1K_V1 state dict, which python -c \"import torchvision; "
+                         "torchvision.models.resnet152(weights='IMAGENET1K_V1')\" downloads there)")
+    small = args.image_size < SMALL_IMAGES
+    if args.in_memory == "on" and not small:
+        raise ValueError(f"--in-memory on is for the CIFAR recipe's small images (--image-size < {SMALL_IMAGES}, "
+                         f"here {args.image_size}): use --in-memory off or auto")
+    if args.decode == "gpu" and small:
+        raise ValueError(f"--decode gpu is for the ImageNet-LT recipe (--image-size >= {SMALL_IMAGES}, here "
+                         f"{args.image_size}): use --decode cpu")
+    if args.rotation_aug and args.method != "cbs_rrs":
+        raise ValueError("--rotation-aug is the augmentation baseline of Table 5: use it with --method cbs_rrs")
+    if len(method.heads) > 1:  # Table 4's endpoints are the baselines: run those, not a head that never learns
+        if l1 == 0 or l2 == 0:
+            head, base = ("h", "0:1 is RRS-Only") if l1 == 0 else ("h_a", "1:0 is CBS-Only")
+            raise ValueError(f"--lambdas {l1:g} {l2:g} {l3:g} leaves {head} untrained: CBS:RRS = {base} (Table 4), "
+                             f"run it with --method {'rrs' if l1 == 0 else 'cbs'}")
+        if method.rotation and l3 == 0:
+            raise ValueError(f"--lambdas {l1:g} {l2:g} 0 turns the rotation task off: use --method cbs_rrs")
+    changed = [k for k in FIXED_ON_RESUME if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)}: the resumed run has {saved[k]}; a resume "
+                         "continues the same run (start a new one with --init to change it)")

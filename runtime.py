@@ -1,16 +1,11 @@
-"""What train.py, evaluate.py and bench.py share at run time, besides the method (ltaux.py) and the
-input pipeline (pipeline.py), in four sections:
+"""What train.py, evaluate.py and bench.py share at run time, besides the method (ltaux.py), the input
+pipeline (pipeline.py) and the run's files (bookkeeping.py), in three sections:
 
-    user errors          report, check_thresholds, check_label_range, check_saved_args
+    user errors          report, check_thresholds
     device, precision    choose_device, cpu_runs_bf16, amp_dtype
-    files                atomic_save, FolderLock, and checkpoints: first_non_finite, load_checkpoint,
-                         load_weights, model_from_checkpoint
     evaluation           predict, format_table, paper_lines
 """
 
-import errno
-import math
-import os
 import sys
 
 import torch
@@ -20,8 +15,6 @@ import ltaux
 import pipeline
 from ltaux import LTauxError
 
-CKPT_FORMAT = "ltaux-checkpoint-v2"  # v2: phi ends in Linear + ReLU (embed.0.*); v1 files do not fit
-SHOT_RULE = "many >= --many, few <= --few"  # in checkpoints since the groups follow the paper (Section 4.2)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
@@ -43,37 +36,6 @@ def check_thresholds(many, few):
     if not (isinstance(many, int) and isinstance(few, int) and 0 <= few < many):
         raise LTauxError(f"--many {many} --few {few}: need whole numbers with 0 <= --few < --many (many-shot: at "
                          "least --many training images, few-shot: at most --few)")
-
-
-def check_label_range(ds, num_classes, what):
-    """Every label of an evaluation list must be a class 0..C-1 of `what`. Raises LTauxError."""
-    for y, line in zip(ds.labels, ds.lines):
-        if y >= num_classes:
-            raise LTauxError(f"{ds.split_file}:{line}: label {y} is not a class of {what} (0..{num_classes - 1})")
-
-
-def check_saved_args(saved, parser, path):
-    """A checkpoint's saved arguments, re-checked as the command line would be (type, choices, length of
-    lists): an edited or damaged checkpoint is refused in one line. Unknown keys are ignored."""
-    for action in parser._actions:
-        k = action.dest
-        if k not in saved or k == "help":
-            continue
-        v, ok = saved[k], True
-        if action.nargs is not None and action.nargs != 0 and not isinstance(action.nargs, str):
-            ok = isinstance(v, list) and len(v) == action.nargs and all(_number(x) for x in v)
-        elif action.const is True:  # store_true
-            ok = isinstance(v, bool)
-        elif v is not None:
-            ok = {int: isinstance(v, int) and not isinstance(v, bool), float: _number(v)}.get(action.type, isinstance(
-                v, str)) and (action.choices is None or v in action.choices)
-        if not ok:
-            raise LTauxError(f"{path}: its saved argument {k} = {v!r} is not a valid --{k.replace('_', '-')} (an "
-                             "edited or damaged checkpoint)")
-
-
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,151 +69,15 @@ def amp_dtype(amp, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# files: atomic writes, folder locks, checkpoints
-
-
-def atomic_save(obj, path, write=None):
-    """Write a file atomically: to a temporary file in the same folder, fsync, rename. A kill at any
-    moment leaves the old file or the new one, never a truncated one, and no temporary file unless the
-    process is killed outright. write(obj, f) (default: torch.save) fills the file. A write that fails
-    (disk full, folder gone or read-only) raises LTauxError naming the path; the old file is untouched."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            (write or torch.save)(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # make the rename itself durable
-        finally:
-            os.close(fd)
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, OSError):
-            reason = e.strerror or str(e)
-        elif "unexpected pos" in str(e) or "StreamWriter" in str(e):  # how torch.save reports a short write
-            reason = "written short: the disk is full or a file-size limit was reached"
-        else:
-            raise
-        raise LTauxError(f"{path}: cannot write it ({reason})") from None
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-
-
-class FolderLock:
-    """An exclusive OS lock (flock) on a folder itself, held until release() or the process's end: a second
-    run or evaluation on the same folder is refused at once. Being no file, it cannot be deleted, replaced by
-    a link or left stale. On a file system without flock (some network mounts) it warns and locks nothing."""
-
-    def __init__(self, folder, what="run"):
-        import fcntl
-        self.fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                os.close(self.fd)
-                raise LTauxError(f"{folder}: in use by another {what} that is still running (it holds the "
-                                 "folder's lock); wait for it or choose another --out") from None
-            import warnings
-            warnings.warn(f"{folder}: this file system cannot lock folders ({e.strerror}): nothing stops a "
-                          f"second {what} from writing here")
-
-    def release(self):
-        os.close(self.fd)
-
-
-def first_non_finite(state):
-    """The name of the first floating tensor of a state dict holding nan or inf, or None (one host sync)."""
-    names = [k for k, v in state.items() if isinstance(v, torch.Tensor) and torch.is_floating_point(v)]
-    if not names:
-        return None
-    ok = torch.stack([state[k].isfinite().all() for k in names]).cpu()
-    return None if bool(ok.all()) else names[int((~ok).nonzero()[0])]
-
-
-CKPT_KEYS = {"args": dict, "model": dict, "optimizer": dict, "scaler": dict, "train_counts": torch.Tensor,
-             "epoch": int, "step_in_epoch": int, "global_step": int, "best_acc": float, "rng_cpu": torch.Tensor}
-
-
-def load_checkpoint(path):
-    """Load an ltaux checkpoint safely (weights_only=True: a file carrying pickled code is refused)
-    and check that it holds what train.py writes, with finite weights. Raises LTauxError naming the file."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise LTauxError(f"{path}: not a regular file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LTauxError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # noqa: BLE001 - pickled objects, truncated or foreign files
-        what = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]  # the unpickler's refusal
-        if what:
-            raise LTauxError(f"{path}: refused: it holds pickled Python objects, not only tensors and plain "
-                             f"types ({what[0]}); nothing in it was run (weights_only=True)") from None
-        raise LTauxError(f"{path}: not a readable checkpoint (corrupt, truncated or not written by "
-                         f"torch.save; {type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        old = isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("ltaux-checkpoint")
-        raise LTauxError(f"{path}: " + (f"written by an older ltaux ({ckpt['format']}, this is {CKPT_FORMAT})"
-                                        if old else f"not an ltaux checkpoint (no '{CKPT_FORMAT}' marker)"))
-    bad = [k for k, t in CKPT_KEYS.items() if not isinstance(ckpt.get(k), t) or isinstance(ckpt.get(k), bool)]
-    bad += [k for k in ("epoch", "step_in_epoch", "global_step") if k not in bad and ckpt[k] < 0]
-    run = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    if not bad and (run.get("arch") not in ltaux.LTResNet.ARCHS or not isinstance(ckpt["model"].get("fc.weight"),
-                                                                                    torch.Tensor)):
-        bad = ["args.arch" if run.get("arch") not in ltaux.LTResNet.ARCHS else "model.fc.weight"]
-    if bad:
-        raise LTauxError(f"{path}: damaged ltaux checkpoint ({bad[0]} missing, negative or of the wrong type)")
-    bad = first_non_finite(ckpt["model"])
-    if bad:
-        raise LTauxError(f"{path}: holds non-finite weights ({bad}): not a usable checkpoint")
-    return ckpt
-
-
-def load_weights(model, ckpt, path, prefixes=None):
-    """Copy a checkpoint's weights (those starting with `prefixes`, default all) into model, after
-    checking that arch, class count and every shape match. Raises LTauxError."""
-    c_arch, c_classes = ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0]
-    if c_arch != model.arch or c_classes != model.num_classes:
-        raise LTauxError(f"{path}: checkpoint is {c_arch} with {c_classes} classes, this run is "
-                         f"{model.arch} with {model.num_classes} classes")
-    own = model.state_dict()
-    state = {k: v for k, v in ckpt["model"].items() if prefixes is None or k.startswith(prefixes)}
-    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    missing = [k for k in own if k not in state and (prefixes is None or k.startswith(prefixes))]
-    if bad or missing:
-        raise LTauxError(f"{path}: weights do not fit this model (e.g. {(bad or missing)[0]}; "
-                         f"check --embed-dim and --arch)")
-    model.load_state_dict(state, strict=prefixes is None)
-
-
-def model_from_checkpoint(path, device):
-    """The deployed classifier (phi + h) of a checkpoint, in eval mode, with its run arguments and
-    training-class counts: (model, run_args, train_counts (C,))."""
-    ckpt = load_checkpoint(path)
-    run = ckpt["args"]
-    model = ltaux.LTResNet(run["arch"], ckpt["model"]["fc.weight"].shape[0], run.get("embed_dim"))
-    load_weights(model, ckpt, path)
-    return model.to(device).eval(), run, ckpt["train_counts"]
-
-
-# ----------------------------------------------------------------------------------------------
 # evaluation
-
-
-class Interrupted(Exception):
-    """A stop signal arrived (args[0]: the signal number) where the work cannot be saved half done."""
 
 
 @torch.inference_mode()
 def predict(model, loader, device, amp=None, features=False, stop=None):
     """Predictions and labels of an evaluation loader, gathered in list order: (N,), (N,); under torchrun
     each rank holds its shard (items rank::W) and all ranks get the whole list. With features=True also
-    returns phi's features (N, D) (single process only). stop(): a callable asked after every batch (all
-    ranks together); a true answer raises Interrupted."""
+    returns phi's features (N, D) (single process only). stop(): a callable run after every batch (all
+    ranks together), which raises to end the evaluation (StopFlag.raise_if_agreed)."""
     model.eval()
     preds, targets, feats = [], [], []
     for images, labels in loader:
@@ -262,8 +88,8 @@ def predict(model, loader, device, amp=None, features=False, stop=None):
         targets.append(labels.to(device))
         if features:
             feats.append(f.float().cpu())
-        if stop is not None and stop():
-            raise Interrupted()
+        if stop is not None:
+            stop()
     pred, target = torch.cat(preds), torch.cat(targets)
     if dist.is_initialized() and dist.get_world_size() > 1:
         pred, target = gather_interleaved(pred, target, dist.get_world_size())
