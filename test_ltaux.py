@@ -2420,6 +2420,151 @@ def test_protocol_table_mean_and_std_by_hand(tmp_path, capsys):
     assert "| RRS-Only (`rrs`) | 50.0 | - | 1.0 | 49.0 | 1/3 |" in out
 
 
+# ----------------------------------------------------------------------------------------------
+# the command: mistakes refused before any run starts, failed runs named, damaged run files read around
+
+
+def protocol_main(tmp_path, monkeypatch, *argv):
+    """cifar_lt.main on two one-line lists in tmp_path, runs in tmp_path/p, with starting a run failing the
+    test; returns its exit status."""
+    import cifar_lt
+    monkeypatch.setattr(cifar_lt, "run_all", lambda *a: pytest.fail("a run was started"))
+    monkeypatch.setattr(cifar_lt, "_cuda_available", lambda: False)
+    lists = [write_list(tmp_path / n, ["a.png 0\n"]) for n in ("tr.txt", "te.txt")]
+    return cifar_lt.main(["--data", str(tmp_path), "--split", lists[0], "--test-split", lists[1],
+                          "--out", str(tmp_path / "p"), *argv])
+
+
+def refused(tmp_path, monkeypatch, capsys, *argv):
+    """The one `error: ` line of a command that must be refused: exit status 2, nothing started or written."""
+    rc = protocol_main(tmp_path, monkeypatch, *argv)
+    cap = capsys.readouterr()
+    assert rc == 2 and cap.out == "" and "Traceback" not in cap.err, (rc, cap.out, cap.err)
+    lines = cap.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
+    assert not (tmp_path / "p").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("after, typed, flag, instead", [
+    (["--method", "rrs"], "--method", "--method", "use cifar_lt.py's own --methods"),
+    (["--seed=3"], "--seed", "--seed", "use cifar_lt.py's own --seeds"),
+    (["--out", "X"], "--out", "--out", "use cifar_lt.py's own --out"),
+    (["--meth", "rrs"], "--meth", "--method", "--methods"),  # argparse's abbreviation: train.py reads --method
+    (["--lr", "0.05", "--test-split=t.txt"], "--test-split", "--test-split", "own --test-split"),
+    (["--epochs", "3"], "--epochs", "--epochs", "own --epochs"),
+    (["--resume", "last.pt"], "--resume", "--resume", "run the same cifar_lt.py command again"),
+])
+def test_protocol_refuses_the_flags_it_sets_after_dashdash(tmp_path, monkeypatch, capsys, after, typed, flag,
+                                                           instead):
+    """A flag after `--` that cifar_lt.py sets for each run would mislabel the runs (an RRS run in the CBS-Only
+    row) or make each run replace the last: refused in one line naming it and cifar_lt.py's own option."""
+    line = refused(tmp_path, monkeypatch, capsys, "--methods", "cbs", "--", *after)
+    assert line.startswith(f"error: `-- {typed}") and f"train.py's {flag} " in line and instead in line, line
+    # train.py's other flags still go to every run, after the script's own
+    assert protocol_main(tmp_path, monkeypatch, "--table-only", "--", "--lr", "0.05", "--many=30") == 0
+    import cifar_lt
+    args, extra = cifar_lt.parse(["--data", str(tmp_path), "--split", str(tmp_path / "tr.txt"), "--test-split",
+                                  str(tmp_path / "te.txt"), "--", "--lr", "0.05", "--many=30"])
+    assert cifar_lt.train_command(args, "rrs", 0, extra)[-3:] == ["--lr", "0.05", "--many=30"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seeds", "0", "0"], "--seeds 0 0: 0 is given twice"),
+    (["--seeds", "1", "2", "01"], "--seeds 1 2 1: 1 is given twice"),
+    (["--methods", "rrs", "cbs", "rrs"], "--methods rrs cbs rrs: rrs is given twice"),
+])
+def test_protocol_refuses_a_repeated_seed_or_method(tmp_path, monkeypatch, capsys, argv, words):
+    """One run twice would be reported as two (`25.0 ± 0.0`, `2/2`)."""
+    assert words in refused(tmp_path, monkeypatch, capsys, *argv)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--epochs", "0"], "--epochs 0: must be >= 1"),
+    (["--time-limit", "-5"], "--time-limit -5: must be >= 0"),
+    (["--time-limit", "nan"], "--time-limit nan: must be >= 0"),
+    (["--parallel", "-3"], "--parallel -3: must be >= 1"),
+    (["--parallel", "0"], "--parallel 0: must be >= 1"),
+    (["--threads", "-2"], "--threads -2: must be >= 1"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),  # argparse's own, on one line too
+])
+def test_protocol_refuses_numbers_out_of_range(tmp_path, monkeypatch, capsys, argv, words):
+    assert words in refused(tmp_path, monkeypatch, capsys, *argv)
+
+
+def test_protocol_refuses_an_unknown_recipe_up_front(tmp_path, monkeypatch, capsys):
+    line = refused(tmp_path, monkeypatch, capsys, "--recipe", "cifar10-lt")
+    assert line.startswith("error: --recipe cifar10-lt: not a train.py recipe") and "cifar10_lt" in line
+    assert protocol_main(tmp_path, monkeypatch, "--recipe", "none", "--table-only") == 0  # no recipe
+
+
+@pytest.mark.slow
+def test_protocol_names_failed_runs_after_the_table_and_exits_1(tmp_path, monkeypatch, capsys):
+    """Each run a tiny python program: rrs writes its metrics and exits 0, cbs fails; the table still comes,
+    then the failed run and its .log, exit status 1; this process's signal handlers are its own again."""
+    import cifar_lt
+    script = ("import json, os, sys; out, method = sys.argv[1:]; os.makedirs(out)\n"
+              "if method == 'cbs': sys.exit(print('cbs went wrong') or 3)\n"
+              "json.dump(dict(many=61.0, medium=42.0, few=None, overall=57.0), "
+              "open(os.path.join(out, 'test_metrics.json'), 'w'))")
+    monkeypatch.setattr(cifar_lt, "train_command", lambda args, m, s, extra: [
+        sys.executable, "-c", script, os.path.join(args.out, cifar_lt.run_name(m, s)), m])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    lists = [write_list(tmp_path / n, ["a.png 0\n"]) for n in ("tr.txt", "te.txt")]
+    out = tmp_path / "p"
+    rc = cifar_lt.main(["--data", str(tmp_path), "--split", lists[0], "--test-split", lists[1], "--out", str(out),
+                        "--methods", "rrs", "cbs", "--seeds", "0", "--device", "cpu", "--parallel", "2"])
+    cap = capsys.readouterr()
+    assert rc == 1, (cap.out, cap.err)
+    assert "| RRS-Only (`rrs`) | 61.0 | 42.0 | - | 57.0 | 1/1 |" in cap.out
+    assert "| CBS-Only (`cbs`) | - | - | - | - | 0/1 |" in cap.out
+    assert cap.err.splitlines()[-1] == f"error: 1 run(s) failed: cbs_s0 ({out / 'cbs_s0.log'})", cap.err
+    assert "cbs went wrong" in (out / "cbs_s0.log").read_text()
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def test_protocol_table_reads_around_damaged_run_files(tmp_path, monkeypatch, capsys):
+    """--table-only over run folders a crash, an editor or another program left: each file that is not
+    train.py's is named in one warning line, its cells stay empty ('-'), the good cells are still averaged."""
+    files = {
+        "rrs_s0/test_metrics.json": '{"many": 50.0, "medium": 40.0, "few": null, "overall": 45.0}',  # good
+        "rrs_s1/test_metrics.json": '{"many": 70.0, "medium": 20.0, "few": null, "ove',  # cut short
+        "rrs_s2/test_metrics.json": '[50.0, 40.0]',  # JSON, not an object
+        "cbs_s0/test_metrics.json": '{"many": "61.0", "medium": true, "few": null, "overall": 55.0}',
+        "cbs_s1/test_metrics.json": '{"many": 63.0, "medium": 30.0, "overall": NaN}',  # no few, NaN
+        "cbs_s2/test_metrics.json": b"\xff\xfe\x00garbage",
+        "cbs_rrs_s0/log.jsonl": '{"epoch": 0}\n{"epoch": 1}\n{"epo',  # the last line cut short
+        "cbs_rrs_ss_s0/log.jsonl": '[1]\n{"epoch": true}\n',
+    }
+    for rel, text in files.items():
+        (tmp_path / "p" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "p" / rel).write_bytes(text if isinstance(text, bytes) else text.encode())
+    (tmp_path / "p" / "cbs_rrs_s1" / "test_metrics.json").mkdir(parents=True)  # not even a file
+    assert protocol_main(tmp_path, monkeypatch, "--table-only") == 0
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    warned = [line for line in cap.err.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == len(cap.err.splitlines()) == len(files)  # one line per damaged file, none for the good
+    for rel in list(files)[1:] + ["cbs_rrs_s1/test_metrics.json"]:
+        assert sum(line.startswith(f"warning: {tmp_path / 'p' / rel}: ") for line in warned) == 1, rel
+    assert "many, medium: missing or not a number" in cap.err and "few, overall: missing or not a number" in cap.err
+    assert "| RRS-Only (`rrs`) | 50.0 | 40.0 | - | 45.0 | 1/3 |" in cap.out
+    assert "| CBS-Only (`cbs`) | 63.0 | 30.0 | - | 55.0 | 2/3 |" in cap.out
+    assert "| CBS+RRS (`cbs_rrs`) | - | - | - | - | 0/3 |" in cap.out
+    assert "unfinished (resume with the same command): cbs_rrs_s0 at epoch 2, cbs_rrs_ss_s0 at epoch 0" in cap.out
+
+
+def test_protocol_help_example_for_a_cpu_budget_is_the_run_readme_reports():
+    import cifar_lt
+    readme = open(os.path.join(HERE, "README.md")).read()
+    measured = re.findall(r"`(python cifar_lt\.py [^`]*--epochs [^`]*)`", readme)
+    assert measured == ["python cifar_lt.py --data CIFAR10_LT_ROOT --epochs 7 --seeds 0 --parallel 2"]
+    examples = cifar_lt.get_args_parser().format_help().split("examples:\n")[1].split("\n\n")[0]
+    assert f"  {measured[0]}\n" in examples
+    assert [line.split("#")[0].split() for line in examples.splitlines() if "--epochs" in line] == \
+        [measured[0].split()]  # no other short-budget example beside it
+
+
 # ==============================================================================================
 # bench.py
 # ==============================================================================================
