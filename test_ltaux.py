@@ -2801,14 +2801,29 @@ def test_missing_or_unusable_input_exits_2_naming_it(tmp_path):
     missing = tmp_path / "no_such_tree"
     assert str(missing) in one_error_line(cli("--root", missing, "--prefix", tmp_path / "X"))
     tree = make_tree(tmp_path / "tree", {"a": 80, "b": 80})
-    out_dir = tmp_path / "no_such_dir"
-    assert str(out_dir) in one_error_line(cli("--root", tree, "--prefix", out_dir / "X"))
+    (tmp_path / "a_file").write_text("")
+    assert f"{tmp_path / 'a_file'}: not a folder" in one_error_line(cli("--root", tree, "--prefix",
+                                                                         tmp_path / "a_file" / "X"))
     small = make_tree(tmp_path / "small", {"a": 80, "b": 30, "c": 10})
     line = one_error_line(cli("--root", small, "--prefix", tmp_path / "X"))  # defaults need 71 per class
     assert str(small) in line and "2 of 3 classes" in line and "b (30)" in line and "c (10)" in line
     spaced = make_tree(tmp_path / "spaced", {"a": 80, "b c": 80})
     assert "'b c'" in one_error_line(cli("--root", spaced, "--prefix", tmp_path / "X"))
     assert not [f for f in os.listdir(tmp_path) if f.startswith("X")]
+
+
+def test_missing_output_folder_is_created_once_the_inputs_are_checked(tmp_path, capsys):
+    """--prefix in a folder that does not exist yet: the folder (and its parents) is made and holds the lists;
+    a refused run makes no folder."""
+    tree, small = make_tree(tmp_path / "tree", SIZES), make_tree(tmp_path / "small", {"a": 80, "b": 30})
+    mod = load_module()
+    out = tmp_path / "new" / "lists"
+    assert mod.main(["--root", str(small), "--prefix", str(out / "My_LT")]) == 2  # b: too few images
+    assert "1 of 2 classes have fewer than 71 images" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert mod.main(["--root", str(tree), "--prefix", str(out / "My_LT")]) == 0
+    assert sorted(os.listdir(out)) == ["My_LT_test.txt", "My_LT_train.txt", "My_LT_val.txt"]
+    assert per_class(read_split_maker_list(out / "My_LT_test.txt")) == {k: 50 for k in range(len(SIZES))}
 
 
 @pytest.mark.slow
