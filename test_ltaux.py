@@ -2402,14 +2402,14 @@ def test_help_opens_with_examples_and_needs_no_torch(program):
 
 @pytest.mark.slow
 def test_protocol_table_is_computed_from_the_runs_metrics(tiny, tmp_path, capsys):
-    """cifar_lt.py on two tiny runs (one method, two seeds, run side by side): each cell of the table is the mean
-    +- sample std of the runs' own test_metrics.json; the same command again trains nothing more."""
+    """cifar_lt.py on two tiny runs (one method, two seeds, run side by side): each cell of the table is the
+    mean +- sample std of the runs' own test_metrics.json; the same command again trains nothing more."""
     import cifar_lt
     root, lists = tiny
     cmd = ["--data", str(root), "--split", lists["train"], "--test-split", lists["test"], "--recipe", "none",
            "--methods", "rrs", "--seeds", "0", "1", "--epochs", "1", "--parallel", "2", "--device", "cpu",
-           "--out", str(tmp_path / "p"), "--", "--arch", "resnet10", "--image-size", "16", "--batch-size", "8",
-           "--per-class", "2", "--embed-dim", "8", "--lr", "0.05", "--many", "30", "--few", "5"]
+           "--out", str(tmp_path / "p"), "--", "--arch", "resnet10", "--image-size", "16", "--batch-size",
+           "8", "--per-class", "2", "--embed-dim", "8", "--lr", "0.05", "--many", "30", "--few", "5"]
     assert cifar_lt.main(cmd) == 0
     out = capsys.readouterr().out
     assert out.count("started rrs_s") == 2 and "finished rrs_s0: exit 0" in out and "failed" not in out
@@ -2428,13 +2428,163 @@ def test_protocol_table_mean_and_std_by_hand(tmp_path, capsys):
     import cifar_lt
     for i, (m, s, acc) in enumerate([("cbs", 0, 70.0), ("cbs", 1, 72.0), ("cbs", 2, 74.0), ("rrs", 0, 50.0)]):
         os.makedirs(tmp_path / f"{m}_s{s}")
-        json.dump(dict(many=acc, medium=None, few=1.0, overall=acc - 1), open(tmp_path / f"{m}_s{s}" / "test_metrics.json", "w"))
+        json.dump(dict(many=acc, medium=None, few=1.0, overall=acc - 1),
+                  open(tmp_path / f"{m}_s{s}" / "test_metrics.json", "w"))
     lists = [write_list(tmp_path / n, ["a.png 0\n"]) for n in ("tr.txt", "te.txt")]
-    assert cifar_lt.main(["--data", str(tmp_path), "--split", lists[0], "--test-split", lists[1], "--out", str(tmp_path),
-                          "--methods", "rrs", "cbs", "--table-only"]) == 0
+    assert cifar_lt.main(["--data", str(tmp_path), "--split", lists[0], "--test-split", lists[1],
+                          "--out", str(tmp_path), "--methods", "rrs", "cbs", "--table-only"]) == 0
     out = capsys.readouterr().out
     assert "| CBS-Only (`cbs`) | 72.0 ± 2.0 | - | 1.0 ± 0.0 | 71.0 ± 2.0 | 3/3 |" in out
     assert "| RRS-Only (`rrs`) | 50.0 | - | 1.0 | 49.0 | 1/3 |" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# the command: mistakes refused before any run starts, failed runs named, damaged run files read around
+
+
+def protocol_main(tmp_path, monkeypatch, *argv):
+    """cifar_lt.main on two one-line lists in tmp_path, runs in tmp_path/p, with starting a run failing the
+    test; returns its exit status."""
+    import cifar_lt
+    monkeypatch.setattr(cifar_lt, "run_all", lambda *a: pytest.fail("a run was started"))
+    monkeypatch.setattr(cifar_lt, "_cuda_available", lambda: False)
+    lists = [write_list(tmp_path / n, ["a.png 0\n"]) for n in ("tr.txt", "te.txt")]
+    return cifar_lt.main(["--data", str(tmp_path), "--split", lists[0], "--test-split", lists[1],
+                          "--out", str(tmp_path / "p"), *argv])
+
+
+def refused(tmp_path, monkeypatch, capsys, *argv):
+    """The one `error: ` line of a command that must be refused: exit status 2, nothing started or written."""
+    rc = protocol_main(tmp_path, monkeypatch, *argv)
+    cap = capsys.readouterr()
+    assert rc == 2 and cap.out == "" and "Traceback" not in cap.err, (rc, cap.out, cap.err)
+    lines = cap.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
+    assert not (tmp_path / "p").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("after, typed, flag, instead", [
+    (["--method", "rrs"], "--method", "--method", "use cifar_lt.py's own --methods"),
+    (["--seed=3"], "--seed", "--seed", "use cifar_lt.py's own --seeds"),
+    (["--out", "X"], "--out", "--out", "use cifar_lt.py's own --out"),
+    (["--meth", "rrs"], "--meth", "--method", "--methods"),  # an abbreviation train.py reads as --method
+    (["--lr", "0.05", "--test-split=t.txt"], "--test-split", "--test-split", "own --test-split"),
+    (["--epochs", "3"], "--epochs", "--epochs", "own --epochs"),
+    (["--resume", "last.pt"], "--resume", "--resume", "run the same cifar_lt.py command again"),
+])
+def test_protocol_refuses_the_flags_it_sets_after_dashdash(tmp_path, monkeypatch, capsys, after, typed, flag,
+                                                           instead):
+    """A flag after `--` that cifar_lt.py sets for each run would mislabel the runs (an RRS run in the
+    CBS-Only row) or make each run replace the last: refused in one line naming it and cifar_lt.py's own
+    option."""
+    line = refused(tmp_path, monkeypatch, capsys, "--methods", "cbs", "--", *after)
+    assert line.startswith(f"error: `-- {typed}") and f"train.py's {flag} " in line and instead in line, line
+    # train.py's other flags still go to every run, after the script's own
+    assert protocol_main(tmp_path, monkeypatch, "--table-only", "--", "--lr", "0.05", "--many=30") == 0
+    import cifar_lt
+    lists = ["--split", str(tmp_path / "tr.txt"), "--test-split", str(tmp_path / "te.txt")]
+    args, extra = cifar_lt.parse(["--data", str(tmp_path), *lists, "--", "--lr", "0.05", "--many=30"])
+    assert cifar_lt.train_command(args, "rrs", 0, extra)[-3:] == ["--lr", "0.05", "--many=30"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seeds", "0", "0"], "--seeds 0 0: 0 is given twice"),
+    (["--seeds", "1", "2", "01"], "--seeds 1 2 1: 1 is given twice"),
+    (["--methods", "rrs", "cbs", "rrs"], "--methods rrs cbs rrs: rrs is given twice"),
+])
+def test_protocol_refuses_a_repeated_seed_or_method(tmp_path, monkeypatch, capsys, argv, words):
+    """One run twice would be reported as two (`25.0 ± 0.0`, `2/2`)."""
+    assert words in refused(tmp_path, monkeypatch, capsys, *argv)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--epochs", "0"], "--epochs 0: must be >= 1"),
+    (["--time-limit", "-5"], "--time-limit -5: must be >= 0"),
+    (["--time-limit", "nan"], "--time-limit nan: must be >= 0"),
+    (["--parallel", "-3"], "--parallel -3: must be >= 1"),
+    (["--parallel", "0"], "--parallel 0: must be >= 1"),
+    (["--threads", "-2"], "--threads -2: must be >= 1"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),  # argparse's own, on one line too
+])
+def test_protocol_refuses_numbers_out_of_range(tmp_path, monkeypatch, capsys, argv, words):
+    assert words in refused(tmp_path, monkeypatch, capsys, *argv)
+
+
+def test_protocol_refuses_an_unknown_recipe_up_front(tmp_path, monkeypatch, capsys):
+    line = refused(tmp_path, monkeypatch, capsys, "--recipe", "cifar10-lt")
+    assert line.startswith("error: --recipe cifar10-lt: not a train.py recipe") and "cifar10_lt" in line
+    assert protocol_main(tmp_path, monkeypatch, "--recipe", "none", "--table-only") == 0  # no recipe
+
+
+@pytest.mark.slow
+def test_protocol_names_failed_runs_after_the_table_and_exits_1(tmp_path, monkeypatch, capsys):
+    """Each run a tiny python program: rrs writes its metrics and exits 0, cbs fails; the table still comes,
+    then the failed run and its .log, exit status 1; this process's signal handlers are its own again."""
+    import cifar_lt
+    script = ("import json, os, sys; out, method = sys.argv[1:]; os.makedirs(out)\n"
+              "if method == 'cbs': sys.exit(print('cbs went wrong') or 3)\n"
+              "json.dump(dict(many=61.0, medium=42.0, few=None, overall=57.0), "
+              "open(os.path.join(out, 'test_metrics.json'), 'w'))")
+    monkeypatch.setattr(cifar_lt, "train_command", lambda args, m, s, extra: [
+        sys.executable, "-c", script, os.path.join(args.out, cifar_lt.run_name(m, s)), m])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    lists = [write_list(tmp_path / n, ["a.png 0\n"]) for n in ("tr.txt", "te.txt")]
+    out = tmp_path / "p"
+    rc = cifar_lt.main(["--data", str(tmp_path), "--split", lists[0], "--test-split", lists[1],
+                        "--out", str(out), "--methods", "rrs", "cbs", "--seeds", "0", "--device", "cpu",
+                        "--parallel", "2"])
+    cap = capsys.readouterr()
+    assert rc == 1, (cap.out, cap.err)
+    assert "| RRS-Only (`rrs`) | 61.0 | 42.0 | - | 57.0 | 1/1 |" in cap.out
+    assert "| CBS-Only (`cbs`) | - | - | - | - | 0/1 |" in cap.out
+    assert cap.err.splitlines()[-1] == f"error: 1 run(s) failed: cbs_s0 ({out / 'cbs_s0.log'})", cap.err
+    assert "cbs went wrong" in (out / "cbs_s0.log").read_text()
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def test_protocol_table_reads_around_damaged_run_files(tmp_path, monkeypatch, capsys):
+    """--table-only over run folders a crash, an editor or another program left: each file that is not
+    train.py's is named in one warning line, its cells stay empty ('-'), the good cells are still averaged."""
+    files = {
+        "rrs_s0/test_metrics.json": '{"many": 50.0, "medium": 40.0, "few": null, "overall": 45.0}',  # good
+        "rrs_s1/test_metrics.json": '{"many": 70.0, "medium": 20.0, "few": null, "ove',  # cut short
+        "rrs_s2/test_metrics.json": '[50.0, 40.0]',  # JSON, not an object
+        "cbs_s0/test_metrics.json": '{"many": "61.0", "medium": true, "few": null, "overall": 55.0}',
+        "cbs_s1/test_metrics.json": '{"many": 63.0, "medium": 30.0, "overall": NaN}',  # no few, NaN
+        "cbs_s2/test_metrics.json": b"\xff\xfe\x00garbage",
+        "cbs_rrs_s0/log.jsonl": '{"epoch": 0}\n{"epoch": 1}\n{"epo',  # the last line cut short
+        "cbs_rrs_ss_s0/log.jsonl": '[1]\n{"epoch": true}\n',
+    }
+    for rel, text in files.items():
+        (tmp_path / "p" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "p" / rel).write_bytes(text if isinstance(text, bytes) else text.encode())
+    (tmp_path / "p" / "cbs_rrs_s1" / "test_metrics.json").mkdir(parents=True)  # not even a file
+    assert protocol_main(tmp_path, monkeypatch, "--table-only") == 0
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    warned = [line for line in cap.err.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == len(cap.err.splitlines()) == len(files)  # one per damaged file, none for the good
+    for rel in list(files)[1:] + ["cbs_rrs_s1/test_metrics.json"]:
+        assert sum(line.startswith(f"warning: {tmp_path / 'p' / rel}: ") for line in warned) == 1, rel
+    assert "many, medium: missing or not a number" in cap.err
+    assert "few, overall: missing or not a number" in cap.err
+    assert "| RRS-Only (`rrs`) | 50.0 | 40.0 | - | 45.0 | 1/3 |" in cap.out
+    assert "| CBS-Only (`cbs`) | 63.0 | 30.0 | - | 55.0 | 2/3 |" in cap.out
+    assert "| CBS+RRS (`cbs_rrs`) | - | - | - | - | 0/3 |" in cap.out
+    assert "unfinished (resume with the same command): cbs_rrs_s0 at epoch 2, cbs_rrs_ss_s0 at epoch 0" \
+        in cap.out
+
+
+def test_protocol_help_example_for_a_cpu_budget_is_the_run_readme_reports():
+    import cifar_lt
+    readme = open(os.path.join(HERE, "README.md")).read()
+    measured = re.findall(r"`(python cifar_lt\.py [^`]*--epochs [^`]*)`", readme)
+    assert measured == ["python cifar_lt.py --data CIFAR10_LT_ROOT --epochs 7 --seeds 0 --parallel 2"]
+    examples = cifar_lt.get_args_parser().format_help().split("examples:\n")[1].split("\n\n")[0]
+    assert f"  {measured[0]}\n" in examples
+    assert [line.split("#")[0].split() for line in examples.splitlines() if "--epochs" in line] == \
+        [measured[0].split()]  # no other short-budget example beside it
 
 
 # ==============================================================================================
@@ -2594,7 +2744,8 @@ def per_class(rows):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
+                          timeout=60)
 
 
 def one_error_line(res):
@@ -2655,7 +2806,7 @@ def test_seeded_and_zero_skips_a_list(tmp_path):
     (["--imbalance", "1000", "--max", "500"], "--imbalance"),
     (["--imbalance", "10", "--min", "3"], "--imbalance"),
     (["--alpha", "0", "--profile", "pareto"], "--alpha"),
-    (["--alpha", "0.001", "--profile", "pareto"], "--alpha 0.001: must be in [0.1, 1000]"),  # overflowed a float
+    (["--alpha", "0.001", "--profile", "pareto"], "--alpha 0.001: must be in [0.1, 1000]"),  # overflowed
     (["--val-per-class", "-1"], "--val-per-class"),
     (["--test-per-class", "-5"], "--test-per-class"),
     (["--max", "ten"], "--max"),
@@ -2673,14 +2824,29 @@ def test_missing_or_unusable_input_exits_2_naming_it(tmp_path):
     missing = tmp_path / "no_such_tree"
     assert str(missing) in one_error_line(cli("--root", missing, "--prefix", tmp_path / "X"))
     tree = make_tree(tmp_path / "tree", {"a": 80, "b": 80})
-    out_dir = tmp_path / "no_such_dir"
-    assert str(out_dir) in one_error_line(cli("--root", tree, "--prefix", out_dir / "X"))
+    (tmp_path / "a_file").write_text("")
+    assert f"{tmp_path / 'a_file'}: not a folder" in one_error_line(cli("--root", tree, "--prefix",
+                                                                         tmp_path / "a_file" / "X"))
     small = make_tree(tmp_path / "small", {"a": 80, "b": 30, "c": 10})
     line = one_error_line(cli("--root", small, "--prefix", tmp_path / "X"))  # defaults need 71 per class
     assert str(small) in line and "2 of 3 classes" in line and "b (30)" in line and "c (10)" in line
     spaced = make_tree(tmp_path / "spaced", {"a": 80, "b c": 80})
     assert "'b c'" in one_error_line(cli("--root", spaced, "--prefix", tmp_path / "X"))
     assert not [f for f in os.listdir(tmp_path) if f.startswith("X")]
+
+
+def test_missing_output_folder_is_created_once_the_inputs_are_checked(tmp_path, capsys):
+    """--prefix in a folder that does not exist yet: the folder (and its parents) is made and holds the lists;
+    a refused run makes no folder."""
+    tree, small = make_tree(tmp_path / "tree", SIZES), make_tree(tmp_path / "small", {"a": 80, "b": 30})
+    mod = load_module()
+    out = tmp_path / "new" / "lists"
+    assert mod.main(["--root", str(small), "--prefix", str(out / "My_LT")]) == 2  # b: too few images
+    assert "1 of 2 classes have fewer than 71 images" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert mod.main(["--root", str(tree), "--prefix", str(out / "My_LT")]) == 0
+    assert sorted(os.listdir(out)) == ["My_LT_test.txt", "My_LT_train.txt", "My_LT_val.txt"]
+    assert per_class(read_split_maker_list(out / "My_LT_test.txt")) == {k: 50 for k in range(len(SIZES))}
 
 
 @pytest.mark.slow
@@ -2745,7 +2911,7 @@ def current_umask():
 
 
 # ----------------------------------------------------------------------------------------------
-# make_cifar_lt.py: CIFAR-10/100-LT from the python pickles, without numpy
+# make_cifar_lt.py: CIFAR-10/100-LT from the python pickles, read by torchvision's dataset classes
 
 
 CONVERTER = os.path.join(HERE, "data_lists", "make_cifar_lt.py")
@@ -2763,79 +2929,70 @@ _spec.loader.exec_module(mcl)
 C10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def _reconstruct(*args):  # only pickled by name
-    raise AssertionError
-
-
-class _FakeDtype:
-    def __reduce__(self):
-        return _FakeDtype, ("u1", False, True), (3, "|", None, None, None, -1, -1, 0)
-
-
-class _FakeArray:
-    """Pickles like numpy.uint8 array of shape (N, 3072)."""
-
-    def __init__(self, raw):
-        self.raw = raw
-
-    def __reduce__(self):
-        shape = (len(self.raw) // 3072, 3072)
-        return _reconstruct, (_FakeArray, (0,), b"b"), (1, shape, _FakeDtype(), False, self.raw)
-
-
-def numpy_style_dump(obj, path):
-    blob = pickle.dumps(obj, protocol=2)
-    for ours, numpy_name in (("_reconstruct", "numpy.core.multiarray\n_reconstruct"),
-                             ("_FakeArray", "numpy\nndarray"), ("_FakeDtype", "numpy\ndtype")):
-        blob = blob.replace(f"c{__name__}\n{ours}\n".encode(), f"c{numpy_name}\n".encode())
-    assert __name__.encode() not in blob
+def dump_like_the_download(obj, path):
+    """A CIFAR file as torchvision reads it (pickle.load(f, encoding="latin1") of the Python 2 originals):
+    a dict of str keys holding a uint8 numpy array, lists of ints and str class names."""
     with open(path, "wb") as f:
-        f.write(blob)
+        pickle.dump(obj, f, protocol=2)
 
 
 def make_batch(rng, labels, key, extra=()):
+    import numpy as np  # torchvision's own dependency: its CIFAR classes return numpy arrays
     raw = rng.getrandbits(8 * 3072 * len(labels)).to_bytes(3072 * len(labels), "little")
-    d = {b"batch_label": b"fake", key: labels, b"data": _FakeArray(raw),
-         b"filenames": [b"img_%d.png" % i for i in range(len(labels))]}
+    d = {"batch_label": "fake", key: labels, "filenames": ["img_%d.png" % i for i in range(len(labels))],
+         "data": np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3072).copy()}
     d.update(extra)
-    return d
+    return d, raw
 
 
-def fake_cifar10(root, n_train=30, n_test=10, seed=0):
-    """root/cifar-10-batches-py with 10 classes; returns {split: (raw, labels)} as the converter should see it."""
-    rng, folder = random.Random(seed), os.path.join(root, "cifar-10-batches-py")
+def trust(monkeypatch, folder, name):
+    """torchvision's MD5 table of `name` (CIFAR10 / CIFAR100) set to the fake files in `folder`: the real one
+    names the published files, which these tests do not have (and must not download)."""
+    cls = getattr(torchvision.datasets, name)
+    md5 = lambda f: hashlib.md5(open(os.path.join(folder, f), "rb").read()).hexdigest()  # noqa: E731
+    monkeypatch.setattr(cls, "train_list", [[f, md5(f)] for f, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[f, md5(f)] for f, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=md5(cls.meta["filename"])))
+
+
+def fake_cifar10(root, monkeypatch=None, n_train=30, n_test=10, seed=0, folder="cifar-10-batches-py"):
+    """root/<folder> with 10 classes, trusted by torchvision when monkeypatch is given; returns
+    {split: (raw planar bytes, labels)} as the converter should see it."""
+    rng, folder = random.Random(seed), os.path.join(root, folder)
     os.makedirs(folder)
-    numpy_style_dump({b"label_names": [n.encode() for n in C10_NAMES], b"num_vis": 3072},
-                     os.path.join(folder, "batches.meta"))
+    dump_like_the_download({"label_names": C10_NAMES, "num_vis": 3072}, os.path.join(folder, "batches.meta"))
     train = [c for c in range(10) for _ in range(n_train)]
     rng.shuffle(train)
     truth = {"train": (b"", [])}
     for b in range(5):  # five batches, as in the download
-        d = make_batch(rng, train[b::5], b"labels")
-        numpy_style_dump(d, os.path.join(folder, f"data_batch_{b + 1}"))
-        truth["train"] = (truth["train"][0] + d[b"data"].raw, truth["train"][1] + d[b"labels"])
+        d, raw = make_batch(rng, train[b::5], "labels")
+        dump_like_the_download(d, os.path.join(folder, f"data_batch_{b + 1}"))
+        truth["train"] = (truth["train"][0] + raw, truth["train"][1] + d["labels"])
     test = [c for c in range(10) for _ in range(n_test)]
     rng.shuffle(test)
-    d = make_batch(rng, test, b"labels")
-    numpy_style_dump(d, os.path.join(folder, "test_batch"))
-    truth["test"] = (d[b"data"].raw, test)
+    d, raw = make_batch(rng, test, "labels")
+    dump_like_the_download(d, os.path.join(folder, "test_batch"))
+    truth["test"] = (raw, test)
+    if monkeypatch:
+        trust(monkeypatch, folder, "CIFAR10")
     return truth
 
 
-def fake_cifar100(folder, C=12, n_train=20, n_test=5, seed=1):
-    """cifar-100-python with C classes; coarse labels differ from the fine ones so taking the wrong key fails."""
+def fake_cifar100(folder, monkeypatch, C=12, n_train=20, n_test=5, seed=1):
+    """cifar-100-python with C classes; coarse labels differ from the fine ones so taking the wrong key
+    fails."""
     rng = random.Random(seed)
     os.makedirs(folder)
-    names = [b"class_%02d" % c for c in range(C)]
-    numpy_style_dump({b"fine_label_names": names, b"coarse_label_names": [b"superclass"]},
-                     os.path.join(folder, "meta"))
+    dump_like_the_download({"fine_label_names": ["class_%02d" % c for c in range(C)],
+                            "coarse_label_names": ["superclass"]}, os.path.join(folder, "meta"))
     truth = {}
     for split, n in (("train", n_train), ("test", n_test)):
         fine = [c for c in range(C) for _ in range(n)]
         rng.shuffle(fine)
-        d = make_batch(rng, fine, b"fine_labels", {b"coarse_labels": [(y + 1) % C for y in fine]})
-        numpy_style_dump(d, os.path.join(folder, split))
-        truth[split] = (d[b"data"].raw, fine)
+        d, raw = make_batch(rng, fine, "fine_labels", {"coarse_labels": [(y + 1) % C for y in fine]})
+        dump_like_the_download(d, os.path.join(folder, split))
+        truth[split] = (raw, fine)
+    trust(monkeypatch, folder, "CIFAR100")
     return truth
 
 
@@ -2850,7 +3007,8 @@ def read_cifar_list(path):
 
 
 def check_list(out, list_name, split, truth, names):
-    """Every line names an existing image whose pixels and label are those of its pickle row; returns the rows."""
+    """Every line names an existing image whose pixels and label are those of its pickle row; returns the
+    rows."""
     raw, labels = truth[split]
     rows = []
     for rel, y in read_cifar_list(os.path.join(out, list_name)):
@@ -2874,6 +3032,13 @@ def run(args):
     return r.returncode, r.stdout, r.stderr
 
 
+def convert(capsys, args):
+    """mcl.main in this process (where the fake download is trusted): (exit status, stdout, stderr)."""
+    rc = mcl.main(args)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
 @pytest.mark.slow
 def test_ldam_counts_cifar10_r100():
     assert mcl.ldam_counts(10, 5000, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -2882,8 +3047,8 @@ def test_ldam_counts_cifar10_r100():
 
 
 @pytest.mark.slow
-def test_cifar10_tree_lists_pixels_and_counts(tmp_path, capsys):
-    truth = fake_cifar10(tmp_path / "dl")
+def test_cifar10_tree_lists_pixels_and_counts(tmp_path, capsys, monkeypatch):
+    truth = fake_cifar10(tmp_path / "dl", monkeypatch)
     out = tmp_path / "c10"
     assert mcl.main(["--src", str(tmp_path / "dl"), "--out", str(out), "--imbalance", "10",
                      "--max-per-class", "30"]) == 0
@@ -2892,7 +3057,8 @@ def test_cifar10_tree_lists_pixels_and_counts(tmp_path, capsys):
     per_class = [sum(truth["train"][1][i] == c for i in train) for c in range(10)]
     assert per_class == [int(30 * 0.1 ** (c / 9)) for c in range(10)] == [30, 23, 17, 13, 10, 8, 6, 5, 3, 3]
     assert sorted(test) == list(range(100))  # the whole test set
-    listed = {p for p, _ in read_cifar_list(out / "CIFAR10_LT_r10_train.txt") + read_cifar_list(out / "CIFAR10_test.txt")}
+    listed = {p for p, _ in read_cifar_list(out / "CIFAR10_LT_r10_train.txt")
+              + read_cifar_list(out / "CIFAR10_test.txt")}
     assert files_under(out) == listed | {"CIFAR10_LT_r10_train.txt", "CIFAR10_test.txt"}  # kept images only
     assert sorted(os.listdir(tmp_path)) == ["c10", "dl"]  # no temporary folder left
     text = capsys.readouterr().out
@@ -2903,13 +3069,14 @@ def test_cifar10_tree_lists_pixels_and_counts(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cifar100_fine_labels_and_detection(tmp_path):
+def test_cifar100_fine_labels_and_detection(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "cifar-100-python"
-    truth = fake_cifar100(folder)
+    truth = fake_cifar100(folder, monkeypatch)
     names = ["class_%02d" % c for c in range(12)]
     out = tmp_path / "out"
     out.mkdir()  # an empty --out is fine
-    rc, stdout, err = run(["--src", str(folder), "--out", str(out), "--imbalance", "5", "--max-per-class", "20"])
+    rc, stdout, err = convert(capsys, ["--src", str(folder), "--out", str(out), "--imbalance", "5",
+                                       "--max-per-class", "20"])
     assert (rc, err) == (0, ""), err
     train = check_list(out, "CIFAR100_LT_r5_train.txt", "train", truth, names)
     assert [sum(truth["train"][1][i] == c for i in train) for c in range(12)] == \
@@ -2919,8 +3086,8 @@ def test_cifar100_fine_labels_and_detection(tmp_path):
 
 
 @pytest.mark.slow
-def test_seed_decides_the_selection(tmp_path):
-    fake_cifar10(tmp_path / "dl")
+def test_seed_decides_the_selection(tmp_path, monkeypatch):
+    fake_cifar10(tmp_path / "dl", monkeypatch)
     common = ["--src", str(tmp_path / "dl"), "--imbalance", "10", "--max-per-class", "30"]
     lists = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -2932,11 +3099,11 @@ def test_seed_decides_the_selection(tmp_path):
 
 
 @pytest.mark.slow
-def test_jpg_format(tmp_path):
-    fake_cifar10(tmp_path / "dl", n_train=3, n_test=1)
+def test_jpg_format(tmp_path, monkeypatch):
+    fake_cifar10(tmp_path / "dl", monkeypatch, n_train=3, n_test=1)
     out = tmp_path / "j"
-    assert mcl.main(["--src", str(tmp_path / "dl"), "--out", str(out), "--imbalance", "1", "--max-per-class", "2",
-                     "--format", "jpg"]) == 0
+    assert mcl.main(["--src", str(tmp_path / "dl"), "--out", str(out), "--imbalance", "1",
+                     "--max-per-class", "2", "--format", "jpg"]) == 0
     paths = [p for p, _ in read_cifar_list(out / "CIFAR10_LT_r1_train.txt")]
     assert len(paths) == 20 and all(p.endswith(".jpg") for p in paths)
     with Image.open(out / paths[0]) as im:
@@ -2958,10 +3125,10 @@ def test_refuses_non_empty_out(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
-    fake_cifar10(tmp_path / "dl", n_train=3, n_test=1)
+    fake_cifar10(tmp_path / "dl", monkeypatch, n_train=3, n_test=1)
     calls = []
 
-    def flaky(raw, i):
+    def flaky(images, i):
         calls.append(i)
         if len(calls) == 5:
             raise KeyboardInterrupt
@@ -2977,22 +3144,32 @@ def _corrupt(dl):  # a batch of random bytes
     (dl / "cifar-10-batches-py" / "test_batch").write_bytes(random.Random(0).randbytes(500))
 
 
-def _evil(dl):  # a pickle that would run a command: the restricted unpickler must refuse it
+def _evil(dl):  # a pickle that would run a command: refused by its MD5 before anything unpickles it
     class Evil:
         def __reduce__(self):
             return os.system, (f"touch {dl / 'pwned'}",)
     (dl / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(Evil(), protocol=2))
 
 
-def _cifar100_file(dl):  # CIFAR-100's layout under CIFAR-10's name: no b"labels"
-    d = make_batch(random.Random(0), [0, 1], b"fine_labels")
-    numpy_style_dump(d, dl / "cifar-10-batches-py" / "test_batch")
+def _cifar100_file(dl):  # CIFAR-100's layout under CIFAR-10's name: no "labels"
+    dump_like_the_download(make_batch(random.Random(0), [0, 1], "fine_labels")[0],
+                           dl / "cifar-10-batches-py" / "test_batch")
+
+
+def _missing(dl):  # a batch lost on the way
+    (dl / "cifar-10-batches-py" / "data_batch_4").unlink()
+
+
+def _renamed_class(dl):  # batches.meta edited: a class name a split list cannot hold
+    dump_like_the_download({"label_names": ["air plane"] + C10_NAMES[1:], "num_vis": 3072},
+                           dl / "cifar-10-batches-py" / "batches.meta")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case, args, blame", [
     ("missing src", ["--src", "{tmp}/nowhere"], "{tmp}/nowhere"),
-    ("src is a file", ["--src", "{tmp}/dl/cifar-10-batches-py/test_batch"], "{tmp}/dl/cifar-10-batches-py/test_batch"),
+    ("src is a file", ["--src", "{tmp}/dl/cifar-10-batches-py/test_batch"],
+     "{tmp}/dl/cifar-10-batches-py/test_batch"),
     ("src without cifar", ["--src", "{tmp}"], "{tmp}"),
     ("wrong --dataset", ["--dataset", "cifar100"], "{tmp}/dl"),
     ("ratio < 1", ["--imbalance", "0.5"], "--imbalance"),
@@ -3000,48 +3177,52 @@ def _cifar100_file(dl):  # CIFAR-100's layout under CIFAR-10's name: no b"labels
     ("corrupt pickle", [_corrupt], "{tmp}/dl/cifar-10-batches-py/test_batch"),
     ("code in pickle", [_evil], "{tmp}/dl/cifar-10-batches-py/data_batch_2"),
     ("wrong pickle", [_cifar100_file], "{tmp}/dl/cifar-10-batches-py/test_batch"),
+    ("missing batch", [_missing], "{tmp}/dl/cifar-10-batches-py/data_batch_4"),
+    ("edited class names", [_renamed_class], "{tmp}/dl/cifar-10-batches-py/batches.meta"),
 ])
-def test_user_errors_are_one_line(tmp_path, case, args, blame):
-    fake_cifar10(tmp_path / "dl")
+def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, case, args, blame):
+    fake_cifar10(tmp_path / "dl", monkeypatch)  # trusted as it is written: the damage below comes after
     for a in args:
         if callable(a):
             a(tmp_path / "dl")
     argv = ["--src", str(tmp_path / "dl"), "--out", str(tmp_path / "out"), "--max-per-class", "30"]
     argv += [a.format(tmp=tmp_path) for a in args if not callable(a)]
-    rc, stdout, err = run(argv)
+    rc, stdout, err = convert(capsys, argv)
     assert (rc, stdout) == (2, ""), case
     assert err.count("\n") == 1 and err.startswith(f"error: {blame.format(tmp=tmp_path)}: "), err
+    if callable(args[0]):  # a damaged download: named as not torchvision's, or as missing
+        assert ("missing" if case == "missing batch" else "MD5 is not that of torchvision's CIFAR10") in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "dl" / "pwned").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [b"air plane", b"air\nplane", b"air\x00plane", b"air\xffplane"])
-def test_class_names_unusable_in_a_list_are_refused_in_one_line(tmp_path, name):
-    """A class name becomes a folder in every listed path: whitespace, a control character or non-UTF-8 bytes
-    would write lists that train.py rejects (or a traceback): refused up front, naming the meta file."""
+def test_the_download_must_be_torchvisions_and_may_be_renamed(tmp_path, capsys, monkeypatch):
+    """The MD5s are torchvision's own: an untrusted (here: fake) download is refused at its first file, with
+    nothing unpickled or written. A trusted one is read from any folder name, or from the folder holding
+    cifar-10-batches-py, with the same result."""
     fake_cifar10(tmp_path / "dl")
-    meta = tmp_path / "dl" / "cifar-10-batches-py" / "batches.meta"
-    numpy_style_dump({b"label_names": [name] + [n.encode() for n in C10_NAMES[1:]], b"num_vis": 3072}, str(meta))
-    rc, stdout, err = run(["--src", str(tmp_path / "dl"), "--out", str(tmp_path / "out"), "--max-per-class", "30"])
-    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: {meta}: ") and "Traceback" not in err
-    assert ("not UTF-8" in err) if name == b"air\xffplane" else ("whitespace or a control character" in err)
-    assert not (tmp_path / "out").exists()
+    rc, stdout, err = convert(capsys, ["--src", str(tmp_path / "dl"), "--out", str(tmp_path / "o1")])
+    first = tmp_path / "dl" / "cifar-10-batches-py" / "data_batch_1"
+    assert (rc, stdout) == (2, "")
+    assert err == (f"error: {first}: its MD5 is not that of torchvision's CIFAR10 download: a damaged or "
+                   "foreign file (download it again)\n")
+    truth = fake_cifar10(tmp_path / "dl2", monkeypatch, n_train=5, n_test=2, folder="my_cifar")
+    common = ["--imbalance", "1", "--max-per-class", "5"]
+    assert mcl.main(["--src", str(tmp_path / "dl2" / "my_cifar"), "--out", str(tmp_path / "o2"),
+                     *common]) == 0
+    assert sorted(check_list(tmp_path / "o2", "CIFAR10_test.txt", "test", truth, C10_NAMES)) == \
+        list(range(20))
+    os.rename(tmp_path / "dl2" / "my_cifar", tmp_path / "dl2" / "cifar-10-batches-py")
+    assert mcl.main(["--src", str(tmp_path / "dl2"), "--out", str(tmp_path / "o3"), *common]) == 0
+    for name in ("CIFAR10_LT_r1_train.txt", "CIFAR10_test.txt"):
+        assert (tmp_path / "o2" / name).read_text() == (tmp_path / "o3" / name).read_text()
+    assert sorted(os.listdir(tmp_path)) == ["dl", "dl2", "o2", "o3"]
 
 
 @pytest.mark.slow
 def test_bad_option_is_one_line():
     rc, stdout, err = run(["--src", "x", "--out", "y", "--imbalance", "lots"])
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--imbalance" in err
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("protocol", [2, 4, 5])
-def test_reads_real_numpy_pickles_without_numpy(tmp_path, protocol):
-    np = pytest.importorskip("numpy")  # only to write them; the converter never imports it
-    data = np.frombuffer(random.Random(protocol).randbytes(3 * 3072), dtype=np.uint8).reshape(3, 3072)
-    (tmp_path / "b").write_bytes(pickle.dumps({b"data": data, b"labels": [2, 0, 1]}, protocol=protocol))
-    assert mcl.read_batch(str(tmp_path / "b"), b"labels") == (data.tobytes(), [2, 0, 1])
-    assert "numpy" not in vars(mcl)
 
 
 # ==============================================================================================

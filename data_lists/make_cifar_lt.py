@@ -1,31 +1,33 @@
 #!/usr/bin/env python
-"""Turn torchvision's CIFAR-10 / CIFAR-100 download into image folders plus long-tailed split lists (OLTR format).
+"""Turn torchvision's CIFAR-10 / CIFAR-100 download into image folders plus long-tailed split lists (OLTR
+format).
 
     python data_lists/make_cifar_lt.py --src ~/data --out ~/data/cifar10_lt_r100
-    python data_lists/make_cifar_lt.py --src ~/data/cifar-100-python --out ~/data/cifar100_lt_r50 --imbalance 50
+    python data_lists/make_cifar_lt.py --src ~/data/cifar-100-python --out ~/data/cifar100_lt_r50 \
+        --imbalance 50
 
---src holds the "python version" pickle batches that torchvision.datasets.CIFAR10 / CIFAR100(root, download=True)
-leave in root/cifar-10-batches-py or root/cifar-100-python (either that folder or root itself). Written under --out:
+--src holds the "python version" pickle batches that torchvision.datasets.CIFAR10 / CIFAR100(root,
+download=True) leave in root/cifar-10-batches-py or root/cifar-100-python (either that folder, under any
+name, or root itself). Written under --out:
 
     train/<class>/NNNNN.<format>  only the training images kept for the long-tailed split
     test/<class>/NNNNN.<format>   the whole balanced test set
     CIFAR10_LT_r100_train.txt     `train/<class>/NNNNN.png label` per line (CIFAR100_LT_r<ratio>_train.txt)
     CIFAR10_test.txt              `test/<class>/NNNNN.png label` per line (CIFAR100_test.txt)
 
-NNNNN is the image's row in the source (train: batches 1..5 one after another), so each file traces back to its
-pickle; labels are 0..C-1 in the dataset's own order (batches.meta / meta). Class c keeps
-n_c = int(n_max * (1 / imbalance) ** (c / (C - 1))) training images, the exponential profile of LDAM (Cao et al.,
-NeurIPS 2019; CIFAR-10 ratio 100: 5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50 = 12,406 images). Which images:
-random.Random(seed) shuffles the row indices of each class in label order, and the first n_c are kept.
-The pickles are read by a restricted unpickler that rebuilds numpy's uint8 arrays as raw bytes: numpy is not needed,
-and a foreign pickle cannot run code. The tree is written to a hidden sibling folder and renamed to --out at the end,
-so a stopped run leaves no half-written --out. Every input error is one line `error: <file>: ...`, exit status 2.
+NNNNN is the image's row in the source (train: batches 1..5 one after another), so each file traces back to
+its pickle; labels are 0..C-1 in the dataset's own order (batches.meta / meta). Class c keeps
+n_c = int(n_max * (1 / imbalance) ** (c / (C - 1))) training images, the exponential profile of LDAM (Cao et
+al., NeurIPS 2019; CIFAR-10 ratio 100: 5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50 = 12,406 images).
+Which images: random.Random(seed) shuffles the row indices of each class in label order, and the first n_c are
+kept. The files are read by torchvision's CIFAR10 / CIFAR100 dataset classes once every file's MD5 is the one
+torchvision publishes: a damaged, edited or foreign file is refused by name before anything is unpickled. The
+tree is written to a hidden sibling folder and renamed to --out at the end, so a stopped run leaves no
+half-written --out. Every input error is one line `error: <file>: ...`, exit status 2.
 """
 
 import argparse
-import codecs
 import os
-import pickle
 import random
 import shlex
 import shutil
@@ -33,14 +35,11 @@ import sys
 
 from PIL import Image
 
-# name: download folder, train / test / meta pickles, label and class-name keys, images of the largest class, list tag
+# name: torchvision's dataset class (its files, their MD5s, the reader), images of the largest class, list tag
 DATASETS = {
-    "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test="test_batch",
-                    meta="batches.meta", labels=b"labels", names=b"label_names", n_max=5000, tag="CIFAR10"),
-    "cifar100": dict(folder="cifar-100-python", train=["train"], test="test", meta="meta",
-                     labels=b"fine_labels", names=b"fine_label_names", n_max=500, tag="CIFAR100"),
+    "cifar10": dict(cls="CIFAR10", n_max=5000, tag="CIFAR10"),
+    "cifar100": dict(cls="CIFAR100", n_max=500, tag="CIFAR100"),
 }
-ROW = 3 * 32 * 32  # one image: the R, G and B planes of 32 x 32, one after another
 MANY, FEW = 100, 20  # the paper's shot groups (Section 4.2): many >= 100 training images, few <= 20
 SAVE = {"png": {}, "jpg": dict(quality=95, subsampling=0)}  # Pillow save options per --format
 
@@ -58,146 +57,81 @@ class _Parser(argparse.ArgumentParser):
 
 
 def get_args_parser():
-    p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--src", required=True, help="folder holding cifar-10-batches-py or cifar-100-python, "
                    "or that folder itself")
     p.add_argument("--out", required=True, help="dataset root to write (must not exist, or be empty)")
     p.add_argument("--dataset", default=None, choices=list(DATASETS), help="detected from --src when unset")
-    p.add_argument("--imbalance", type=float, default=100.0, help="ratio of the largest to the smallest class")
+    p.add_argument("--imbalance", type=float, default=100.0,
+                   help="ratio of the largest to the smallest class")
     p.add_argument("--seed", type=int, default=0, help="seed of random.Random picking each class's images")
-    p.add_argument("--format", default="png", choices=list(SAVE), help="image files: png (lossless) or jpg (q95)")
+    p.add_argument("--format", default="png", choices=list(SAVE),
+                   help="image files: png (lossless) or jpg (q95)")
     p.add_argument("--max-per-class", type=int, default=None, help="training images of the largest class; "
                    "unset: the whole class, 5000 for CIFAR-10, 500 for CIFAR-100")
     return p
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# reading the pickles without numpy
-
-class _Array:
-    """Stand-in for a numpy array: shape, dtype string and raw bytes in C order."""
-
-    def __init__(self, shape=(0,), dtype=None, raw=b""):
-        self.shape, self.dtype, self.raw = tuple(shape), dtype, raw
-
-    def __setstate__(self, state):  # ndarray.__reduce__'s state: ([version,] shape, dtype, fortran_order, raw)
-        shape, dtype, fortran, raw = state[-4:]
-        if fortran and len(shape) > 1:
-            raise pickle.UnpicklingError("Fortran-ordered array")
-        self.__init__(shape, dtype, raw)
+# ----------------------------------------------------------------------------------------------
+# reading the download with torchvision's dataset classes
 
 
-class _DType(str):
-    """Stand-in for numpy.dtype: its type string ('u1'); the byte order etc. do not matter for uint8."""
-
-    def __new__(cls, code, *_):
-        return super().__new__(cls, code.decode() if isinstance(code, bytes) else code)
-
-    def __setstate__(self, state):
-        pass
+def dataset_class(name):
+    """torchvision.datasets.CIFAR10 or CIFAR100: its file names, their MD5s and the reader of the batches."""
+    import torchvision.datasets  # here, not at the top: --help and argument errors need no torch
+    return getattr(torchvision.datasets, DATASETS[name]["cls"])
 
 
-def _reconstruct(cls, shape, typecode):  # protocols 2-4: an empty array, then __setstate__ fills it
-    return _Array()
+def download_files(cls):
+    """[(file name, MD5)] of a download: the training batches, the test batch, the class names."""
+    return [*map(tuple, cls.train_list), *map(tuple, cls.test_list), (cls.meta["filename"], cls.meta["md5"])]
 
 
-def _frombuffer(buf, dtype, shape, order):  # protocol 5 (out-of-band buffers)
-    if order not in ("C", b"C") and len(shape) > 1:
-        raise pickle.UnpicklingError("Fortran-ordered array")
-    return _Array(shape, dtype, bytes(buf))
+def check_download(folder, cls):
+    """Refuse a missing file, or one whose MD5 is not torchvision's (damaged, edited, another dataset's),
+    naming it: the dataset class unpickles the files, so only the published ones may reach it."""
+    from torchvision.datasets.utils import check_integrity
+    for fname, md5 in download_files(cls):
+        path = os.path.join(folder, fname)
+        if not os.path.isfile(path):
+            raise UserError(path, f"missing: not a whole {cls.__name__} download")
+        if not check_integrity(path, md5):
+            raise UserError(path, f"its MD5 is not that of torchvision's {cls.__name__} download: a damaged "
+                            "or foreign file (download it again)")
 
 
-# the only globals a CIFAR pickle may name (numpy 1 says numpy.core, numpy 2 numpy._core); anything else is refused
-_GLOBALS = {("numpy", "ndarray"): _Array, ("numpy", "dtype"): _DType, ("_codecs", "encode"): codecs.encode}
-for _m in ("numpy.core", "numpy._core"):
-    _GLOBALS[_m + ".multiarray", "_reconstruct"] = _reconstruct
-    _GLOBALS[_m + ".numeric", "_frombuffer"] = _frombuffer
-
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in _GLOBALS:
-            raise pickle.UnpicklingError(f"refers to {module}.{name}")
-        return _GLOBALS[module, name]
-
-
-def load_pickle(path):
-    try:
-        with open(path, "rb") as f:
-            return _Unpickler(f, encoding="bytes").load()  # bytes: the files were written by Python 2
-    except OSError as e:
-        raise UserError(path, e.strerror or str(e))
-    except Exception as e:  # garbage raises all sorts: UnpicklingError, EOFError, ValueError, KeyError, ...
-        raise UserError(path, f"not a CIFAR pickle ({type(e).__name__}: {e})")
-
-
-def read_batch(path, key):
-    """(raw bytes of N rows, N labels) of one batch file."""
-    d = load_pickle(path)
-    if not isinstance(d, dict) or b"data" not in d or key not in d:
-        raise UserError(path, f"not a CIFAR batch with {key.decode()!r} labels (wrong --dataset or file?)")
-    data, labels = d[b"data"], d[key]
-    raw = data.raw if isinstance(data, _Array) else data
-    if isinstance(data, _Array) and (data.dtype not in ("u1", "|u1") or data.shape[1:] != (ROW,)):
-        raise UserError(path, f"data is a {data.dtype} array of shape {data.shape}, not uint8 (N, {ROW})")
-    if not isinstance(labels, list) or not all(isinstance(y, int) for y in labels):
-        raise UserError(path, "labels are not a list of ints")
-    if not isinstance(raw, (bytes, bytearray)) or len(raw) != ROW * len(labels):
-        raise UserError(path, f"data does not hold {len(labels)} images of {ROW} bytes")
-    return bytes(raw), labels
-
-
-def read_split(folder, files, key, C):
-    """The batches of one split, concatenated: (raw bytes, labels)."""
-    raws, labels = [], []
-    for name in files:
-        raw, y = read_batch(os.path.join(folder, name), key)
-        if any(not 0 <= v < C for v in y):
-            raise UserError(os.path.join(folder, name), f"a label outside 0..{C - 1}")
-        raws.append(raw)
-        labels += y
-    return b"".join(raws), labels
-
-
-def read_names(folder, spec):
-    path = os.path.join(folder, spec["meta"])
-    meta = load_pickle(path)
-    names = meta.get(spec["names"]) if isinstance(meta, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
-        raise UserError(path, f"no {spec['names'].decode()!r} class names")
-    try:
-        names = [n.decode() if isinstance(n, bytes) else n for n in names]
-    except UnicodeDecodeError:
-        raise UserError(path, "a class name is not UTF-8 text") from None
-    bad = [n for n in names if not n.isprintable() or any(ch.isspace() for ch in n)]
-    if bad:  # the list format is 'path label' split on whitespace: a name must be one printable word
-        raise UserError(path, f"class name {bad[0]!r} holds whitespace or a control character: not usable in a split list")
-    if len(set(names)) != len(names) or any(not n or n in (".", "..") or "/" in n or "\\" in n for n in names):
-        raise UserError(path, "class names are not distinct folder names")
-    return names
+def load(folder, cls):
+    """(class names, train, test) of the download in `folder`, each split = (uint8 array N x 32 x 32 x 3 in
+    the batches' row order, N labels), read by torchvision's dataset class after check_download."""
+    check_download(folder, cls)
+    here = type(cls.__name__, (cls,), {"base_folder": ""})  # the files in `folder` itself, whatever its name
+    train, test = here(folder, train=True), here(folder, train=False)
+    return list(train.classes), (train.data, list(train.targets)), (test.data, list(test.targets))
 
 
 def find_source(src, dataset):
-    """(dataset, folder of its pickles) from --src: the download folder itself or the folder holding it."""
+    """(dataset, folder of its files) from --src: the download folder itself or the folder holding it."""
     if not os.path.isdir(src):
         raise UserError(src, "is a file, not the folder holding CIFAR's download (cifar-10-batches-py / "
                         "cifar-100-python)" if os.path.isfile(src) else "no such folder")
     found = []
-    for name, spec in DATASETS.items():
-        for d in (src, os.path.join(src, spec["folder"])):
-            if os.path.isfile(os.path.join(d, spec["meta"])) and os.path.isfile(os.path.join(d, spec["test"])):
+    for name in DATASETS:
+        cls = dataset_class(name)
+        for d in (src, os.path.join(src, cls.base_folder)):
+            if all(os.path.isfile(os.path.join(d, f)) for f in (cls.meta["filename"], cls.test_list[0][0])):
                 found.append((name, d))
                 break
     found = [f for f in found if dataset in (None, f[0])]
     if not found:
-        want = DATASETS[dataset]["folder"] if dataset else "cifar-10-batches-py or cifar-100-python"
+        want = dataset_class(dataset).base_folder if dataset else "cifar-10-batches-py or cifar-100-python"
         raise UserError(src, f"no {want} here (the folder torchvision downloads, or the folder holding it)")
     if len(found) > 1:
         raise UserError(src, "holds both CIFAR-10 and CIFAR-100: choose one with --dataset")
     return found[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # the long-tailed split
 
 def ldam_counts(C, n_max, imbalance):
@@ -206,7 +140,8 @@ def ldam_counts(C, n_max, imbalance):
 
 
 def select(labels, counts, seed, where):
-    """Kept training rows, class by class: random.Random(seed) shuffles each class's rows, the first n_c stay."""
+    """Kept training rows, class by class: random.Random(seed) shuffles each class's rows, the first n_c
+    stay."""
     rng = random.Random(seed)
     by_class = [[] for _ in counts]
     for i, y in enumerate(labels):
@@ -220,27 +155,24 @@ def select(labels, counts, seed, where):
     return keep
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # writing
 
-def to_image(raw, i):
-    """Row i -> 32 x 32 RGB image: interleave the R, G and B planes into the H x W x C bytes Pillow wants."""
-    row = raw[i * ROW:(i + 1) * ROW]
-    hwc = bytearray(ROW)
-    hwc[0::3], hwc[1::3], hwc[2::3] = row[:1024], row[1024:2048], row[2048:]
-    return Image.frombytes("RGB", (32, 32), bytes(hwc))
+def to_image(images, i):
+    """Row i of a split's uint8 array N x 32 x 32 x 3 (torchvision's H x W x C) -> 32 x 32 RGB image."""
+    return Image.fromarray(images[i])
 
 
 def write_split(root, split, data, rows, names, fmt):
-    """Save rows of data = (raw bytes, labels) as <split>/<class>/NNNNN.<fmt> under root; returns the list
-    lines, by label then row."""
-    raw, labels = data
+    """Save rows of data = (uint8 array N x 32 x 32 x 3, N labels) as <split>/<class>/NNNNN.<fmt> under root;
+    returns the list lines, by label then row."""
+    images, labels = data
     for name in names:
         os.makedirs(os.path.join(root, split, name), exist_ok=True)
     lines = []
     for i in sorted(rows, key=lambda i: (labels[i], i)):
         rel = f"{split}/{names[labels[i]]}/{i:05d}.{fmt}"
-        to_image(raw, i).save(os.path.join(root, rel), **SAVE[fmt])
+        to_image(images, i).save(os.path.join(root, rel), **SAVE[fmt])
         lines.append(f"{rel} {labels[i]}\n")
     return lines
 
@@ -251,7 +183,8 @@ def check_out(out):
 
 
 def write_tree(out, lists_fn):
-    """Run lists_fn(tmp) -> {list file: lines} in a hidden sibling of out, write the lists, rename tmp to out."""
+    """Run lists_fn(tmp) -> {list file: lines} in a hidden sibling of out, write the lists, rename tmp to
+    out."""
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.part-{os.getpid()}")
@@ -268,7 +201,7 @@ def write_tree(out, lists_fn):
         raise
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
 def convert(args):
     """The whole conversion; returns the summary to print."""
@@ -280,21 +213,18 @@ def convert(args):
     check_out(out)
     name, folder = find_source(args.src, args.dataset)
     spec = DATASETS[name]
-    names = read_names(folder, spec)
-    C = len(names)
-    train_raw, train_y = read_split(folder, spec["train"], spec["labels"], C)
-    test_raw, test_y = read_split(folder, [spec["test"]], spec["labels"], C)
-    counts = ldam_counts(C, args.max_per_class or spec["n_max"], args.imbalance)
+    names, train, test = load(folder, dataset_class(name))
+    counts = ldam_counts(len(names), args.max_per_class or spec["n_max"], args.imbalance)
     if min(counts) < 1:
         raise UserError("--imbalance", f"{args.imbalance:g} leaves the last class no training image")
-    keep = select(train_y, counts, args.seed, folder)
+    keep = select(train[1], counts, args.seed, folder)
     train_list = f"{spec['tag']}_LT_r{args.imbalance:g}_train.txt"
     test_list = f"{spec['tag']}_test.txt"
     write_tree(out, lambda tmp: {
-        train_list: write_split(tmp, "train", (train_raw, train_y), keep, names, args.format),
-        test_list: write_split(tmp, "test", (test_raw, test_y), range(len(test_y)), names, args.format)})
+        train_list: write_split(tmp, "train", train, keep, names, args.format),
+        test_list: write_split(tmp, "test", test, range(len(test[1])), names, args.format)})
     lists = [os.path.join(out, train_list), os.path.join(out, test_list)]
-    return summary(spec, args, counts, len(test_y), lists)
+    return summary(spec, args, counts, len(test[1]), lists)
 
 
 def summary(spec, args, counts, n_test, lists):
@@ -305,7 +235,8 @@ def summary(spec, args, counts, n_test, lists):
     return "\n".join([
         f"{spec['tag']}-LT, imbalance {args.imbalance:g}: {len(counts)} classes, {sum(counts)} train images "
         f"({min(counts)} ... {max(counts)} per class), {n_test} test images",
-        f"  many-shot (>= {MANY}): {many} classes, medium: {len(counts) - many - few}, few-shot (<= {FEW}): {few}",
+        f"  many-shot (>= {MANY}): {many} classes, medium: {len(counts) - many - few}, "
+        f"few-shot (<= {FEW}): {few}",
         f"  train list: {lists[0]}",
         f"  test list:  {lists[1]}",
         "train with:",

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Make long-tailed split lists (the official OLTR format) from any folder-per-class image tree.
 
-    python data_lists/make_lt_split.py --root /data/flowers --prefix data_lists/Flowers_LT --profile exp --imbalance 100
-    python data_lists/make_lt_split.py --root /data/birds --prefix data_lists/Birds_LT --profile pareto --alpha 6
+    python data_lists/make_lt_split.py --root /data/flowers --prefix data_lists/Flowers_LT --imbalance 100
+    python data_lists/make_lt_split.py --root /data/cub --prefix data_lists/CUB_LT --profile pareto --alpha 6
 
 <root>/<class name>/<image> -> <prefix>_val.txt and <prefix>_test.txt (balanced: --val-per-class, default 20,
 and --test-per-class, default 50, images of every class, as ImageNet-LT; 0 skips that list), drawn first, and
@@ -13,8 +13,8 @@ n_i = max * imbalance^(-i / (C - 1)) as in CIFAR-LT (Cui et al. 2019); "pareto" 
 and maps them onto [min, max], after OLTR's ImageNet-LT (alpha = 6). The smallest class gets --min training
 images, or max / --imbalance (give one of the two; default --min 5). Every class needs val + test + 1 images;
 a class with fewer images than its training target keeps what it has (reported). Existing lists are not
-overwritten without --force; each list is written to a temporary file and renamed into place. User errors
-print one line `error: ...` and exit with status 2.
+overwritten without --force; each list is written to a temporary file and renamed into place, in the folder
+of --prefix (created when it does not exist). User errors print one line `error: ...` and exit with status 2.
 """
 
 import argparse
@@ -50,13 +50,15 @@ def get_args_parser():
     p = Parser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--root", required=True, help="folder with one sub-folder of images per class")
     p.add_argument("--prefix", required=True, help="output lists: <prefix>_train.txt, _val.txt, _test.txt")
-    p.add_argument("--profile", default="exp", choices=["exp", "pareto"], help="shape of the class-size curve")
+    p.add_argument("--profile", default="exp", choices=["exp", "pareto"],
+                   help="shape of the class-size curve")
     p.add_argument("--imbalance", type=float, default=None,
                    help="max / min training images (>= 1); sets the smallest class instead of --min")
     p.add_argument("--alpha", type=float, default=6.0, help="pareto: shape parameter, 0.1 to 1000")
     p.add_argument("--max", type=int, default=500, help="training images of the largest class")
     p.add_argument("--min", type=int, default=None,
-                   help=f"training images of the smallest class (default {DEFAULT_MIN}, or max / --imbalance)")
+                   help=f"training images of the smallest class (default {DEFAULT_MIN}, or max / "
+                   "--imbalance)")
     p.add_argument("--val-per-class", type=int, default=20,
                    help="balanced validation images per class, held out before training (0: no val list)")
     p.add_argument("--test-per-class", type=int, default=50,
@@ -82,8 +84,8 @@ def check_args(args):
         if args.imbalance < 1:
             raise UserError(f"--imbalance {args.imbalance:g}: must be >= 1 (max / min)")
         if args.max / args.imbalance < 1:
-            raise UserError(f"--imbalance {args.imbalance:g} with --max {args.max}: the smallest class would get "
-                            f"{args.max / args.imbalance:.2g} < 1 training images")
+            raise UserError(f"--imbalance {args.imbalance:g} with --max {args.max}: the smallest class would "
+                            f"get {args.max / args.imbalance:.2g} < 1 training images")
         args.min = max(1, round(args.max / args.imbalance))
     elif args.min is None:
         args.min = min(DEFAULT_MIN, args.max)
@@ -95,10 +97,11 @@ def check_args(args):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0 (0: no list)")
     if not os.path.basename(args.prefix):
-        raise UserError(f"--prefix {args.prefix}: needs a file name part, e.g. {os.path.join(args.prefix, 'My_LT')}")
-    out_dir = os.path.dirname(args.prefix) or "."
-    if not os.path.isdir(out_dir):
-        raise UserError(f"{out_dir}: output folder does not exist (from --prefix {args.prefix})")
+        raise UserError(f"--prefix {args.prefix}: needs a file name part, e.g. "
+                        f"{os.path.join(args.prefix, 'My_LT')}")
+    out_dir = os.path.dirname(args.prefix)
+    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: not a folder (from --prefix {args.prefix})")
 
 
 def target_counts(C, args, rng):
@@ -145,8 +148,8 @@ def scan(root):
     bad = [ascii(c) for c in classes if not usable(c)]  # a bad class name: its images are not listed again
     bad += [ascii(p) for c in classes if usable(c) for p in images[c] if not usable(p)]
     if bad:
-        raise UserError(f"{root}: {len(bad)} class folder or image names hold whitespace or undecodable bytes, "
-                        f"which a `path label` line cannot hold; rename them ({names(bad)})")
+        raise UserError(f"{root}: {len(bad)} class folder or image names hold whitespace or undecodable "
+                        f"bytes, which a `path label` line cannot hold; rename them ({names(bad)})")
     return classes, images
 
 
@@ -155,8 +158,8 @@ def make_rows(args, classes, images):
     held = args.val_per_class + args.test_per_class
     few = [f"{c} ({len(images[c])})" for c in classes if len(images[c]) < held + 1]
     if few:
-        raise UserError(f"{args.root}: {len(few)} of {len(classes)} classes have fewer than {held + 1} images "
-                        f"({args.val_per_class} val + {args.test_per_class} test + 1 training; lower "
+        raise UserError(f"{args.root}: {len(few)} of {len(classes)} classes have fewer than {held + 1} "
+                        f"images ({args.val_per_class} val + {args.test_per_class} test + 1 training; lower "
                         f"--val-per-class / --test-per-class): {names(few)}")
     targets = target_counts(len(classes), args, rng)
     ranks = list(range(len(classes)))
@@ -214,6 +217,8 @@ def run(args):
                         f"pass --force to overwrite, or choose another --prefix")
     if any(os.path.isdir(p) for p in existing):
         raise UserError(f"{', '.join(p for p in existing if os.path.isdir(p))}: is a folder, not a list")
+    if os.path.dirname(args.prefix):  # only now, with every input checked: a refused run leaves no folder
+        os.makedirs(os.path.dirname(args.prefix), exist_ok=True)
     write_lists(outputs)
     for path, r in outputs.items():
         print(f"{path}: {len(r)} images")
