@@ -27,7 +27,6 @@ INT_RANGE = dict(epochs=(1, 10**5), batch_size=(1, 2**20), per_class=(1, 2**20),
                  print_freq=(1, 2**31), eval_freq=(1, 2**31), seed=(0, 2**63 - 1), embed_dim=(0, 2**16))
 FLOAT_RANGE = dict(lr=(0, 1e30), momentum=(0, 1), weight_decay=(0, 1e30), backbone_lr_scale=(0, 1e6))  # SGD: fp32
 DECODE_DEVICES = ("cuda",)  # where --decode gpu may run
-MEMORY_BUDGET = 2 * 2**30  # --in-memory auto: decoded training + evaluation images up to 2 GiB
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "test_metrics.json")  # what a run writes in --out
 
 
@@ -323,18 +322,20 @@ def check_files(datasets, stop, log, shown=20):
     raise LTauxError(f"{len(failures)} unreadable images:\n  " + "\n  ".join(failures[:shown]) + more)
 
 
-def make_batches(train_set, evals, sampler, args, device, log):
+def make_batches(train_set, evals, sampler, args, device, log, stop):
     """The training batches and {name: evaluation batches}: in memory (pipeline.MemoryBatches, decoded
     once here; see --in-memory) or DataLoader workers."""
     size = sum(len(d) for d in [train_set, *evals.values()]) * 3 * args.image_size ** 2
-    if args.in_memory == "off" or args.image_size >= 64 or (args.in_memory == "auto" and size > MEMORY_BUDGET):
-        per_rank = max(1, args.batch_size // args.world_size)
-        return (pipeline.training_loader(train_set, sampler, device, args.workers, args.decode, args.image_size),
-                {k: pipeline.eval_loader(d, per_rank, device, args.workers, args.rank, args.world_size)
-                 for k, d in evals.items()})
     t0 = time.time()
     try:
-        decoded = {k: pipeline.decode_all(d, device, args.workers) for k, d in dict(evals, train=train_set).items()}
+        if args.image_size >= 64 or not pipeline.in_memory_plan(args.in_memory, size, device, log):
+            per_rank = max(1, args.batch_size // args.world_size)
+            return (pipeline.training_loader(train_set, sampler, device, args.workers, args.decode,
+                                             args.image_size),
+                    {k: pipeline.eval_loader(d, per_rank, device, args.workers, args.rank, args.world_size)
+                     for k, d in evals.items()})
+        decoded = {k: pipeline.decode_all(d, device, args.workers, stop=stop.before_training)
+                   for k, d in dict(evals, train=train_set).items()}
     except LTauxError:
         if args.rank > 0:  # every rank reads the same files: rank 0 alone prints the error line
             raise QuietExit(2) from None
@@ -850,7 +851,7 @@ def train(args, ckpt):
                                 os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
         if args.check_files and args.rank == 0:
             check_files([train_set] + list(evals.values()), stop, log)
-        batches, eval_batches = make_batches(train_set, evals, sampler, args, device, log)  # --in-memory: decoded now
+        batches, eval_batches = make_batches(train_set, evals, sampler, args, device, log, stop)  # in memory?
         stop.before_training()
 
         # the output folder, claimed only now
