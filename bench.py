@@ -433,8 +433,9 @@ def main(argv=None):
     if not 12 * 10 <= args.cifar_images <= 10**6 or args.cifar_batch_size % 12 or not 12 <= args.cifar_batch_size <= 120:
         parser.error("--cifar-images must be in 120..10^6 and --cifar-batch-size a multiple of Z = 12 up to 120 "
                      "(k = S / Z classes must exist)")
-    if not 64 <= args.loader_size <= 4096:
-        parser.error("--loader-size must be in 64..4096 (the loader figures are the ImageNet-LT recipe's pipeline)")
+    if not recipes.SMALL_IMAGES <= args.loader_size <= 4096:
+        parser.error(f"--loader-size must be in {recipes.SMALL_IMAGES}..4096 (the loader figures are the "
+                     "ImageNet-LT recipe's pipeline)")
     if not (math.isfinite(args.target_rate) and args.target_rate > 0):
         parser.error("--target-rate must be a positive number")
     if args.batch_size % 4:

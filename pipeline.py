@@ -3,9 +3,10 @@
 Workers read and crop (decode_jpeg for JPEGs, Pillow for the rest); what needs no worker runs batched on
 the device: float conversion, the ImageNet-LT recipe's colour jitter, normalisation. Three ways to feed a
 step, all giving a sample the same pixels for the same (seed, epoch, position):
-    training_loader            DataLoader workers (the ImageNet-LT recipe; the CIFAR recipe with --in-memory off)
+    training_loader            DataLoader workers (ImageNet-LT recipe; the CIFAR recipe with --in-memory off)
     DeviceDecodeDataset        --decode gpu: workers send file bytes; decode_jpeg and the crop on the GPU
     MemoryBatches, MemoryEval  --in-memory: small images decoded once into one tensor on the device
+                               (in_memory_plan: whether they fit the memory there is)
 Used by train.py, evaluate.py and bench.py; the method itself is ltaux.py.
 """
 
@@ -21,6 +22,7 @@ import warnings
 
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as F1
 import torchvision.transforms.v2 as T2
 import torchvision.transforms.v2.functional as F2
 from PIL import Image
@@ -32,9 +34,8 @@ except ImportError:
 
 import bookkeeping
 import ltaux
-import recipes
+from recipes import SMALL_IMAGES
 
-MEMORY_BUDGET = 2 * 2**30  # --in-memory auto: decoded training + evaluation images up to 2 GiB
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, applied on the device
 
 
@@ -89,9 +90,9 @@ def build_transform(size, train):
     worker runs later, batched, on the device (to_device): float conversion, the ImageNet-LT recipe's
     ColorJitter (color_jitter), normalisation. Resizing is torchvision's antialiased bilinear on tensors
     (within one grey level of PIL's, and faster: docs/implementation.md).
-    Below 64 px (the CIFAR recipe) the transform is the fixed resize + centre crop alone, for training
-    too: the random pad-4 crop and flip come from each sample's seed (cifar_augment), batched."""
-    if size >= 64:  # the ImageNet-LT recipe of OLTR: RandomResizedCrop, flip (+ ColorJitter 0.4 on the device)
+    Below SMALL_IMAGES (64 px: the CIFAR recipe) the transform is the fixed resize + centre crop alone, for
+    training too: the random pad-4 crop and flip come from each sample's seed (cifar_augment), batched."""
+    if size >= SMALL_IMAGES:  # OLTR's ImageNet-LT recipe: RandomResizedCrop, flip (+ device ColorJitter 0.4)
         if train:
             return RandomResizedCropFlip(size)
         return T2.Compose([T2.Resize(round(size * 256 / 224), antialias=True), T2.CenterCrop(size)])
@@ -150,13 +151,15 @@ def cifar_augment(x, seeds, pad=4):
     cols = left[:, None] + torch.arange(W, device=dev)  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, 3, H + 2 pad, W + 2 pad)
-    out = padded[torch.arange(B, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, 3)
+    batch = torch.arange(B, device=dev)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, 3)
     return out.permute(0, 3, 1, 2)
 
 
 class SeededCifar(torch.utils.data.Dataset):
-    """A training SplitDataset (fixed transform: build_transform(size < 64)) whose items dataset[(i, seed)]
-    get cifar_augment with that seed: what a DataLoader worker runs on the CIFAR recipe's path."""
+    """A training SplitDataset (fixed transform: build_transform(size < SMALL_IMAGES)) whose items
+    dataset[(i, seed)] get cifar_augment with that seed: what a DataLoader worker runs on the CIFAR recipe's
+    path."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -176,7 +179,7 @@ class SeededCifar(torch.utils.data.Dataset):
 
 def jitter_on_device(size, train):
     """Whether training images of this size get color_jitter on the device (the ImageNet-LT recipe)."""
-    return train and size >= 64
+    return train and size >= SMALL_IMAGES
 
 
 def color_jitter(x, generator=None, brightness=0.4, contrast=0.4, saturation=0.4):
@@ -205,8 +208,10 @@ def color_jitter(x, generator=None, brightness=0.4, contrast=0.4, saturation=0.4
 
 
 def grey(x):
-    """ITU-R 601 luma of RGB images: (B, 3, H, W) -> (B, 1, H, W), as torchvision's rgb_to_grayscale."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    """ITU-R 601 luma of RGB images: (B, 3, H, W) uint8 or float -> float (B, 1, H, W), by torchvision's
+    tensor rgb_to_grayscale, the one its adjust_saturation uses. uint8 comes out as float luma, not
+    truncated to uint8. (transforms.v2's rgb_to_grayscale sums in another order: 1-2 ulp apart.)"""
+    return F1.rgb_to_grayscale(x if x.is_floating_point() else x.float())
 
 
 @functools.lru_cache(maxsize=None)
@@ -254,14 +259,14 @@ def ignore_stop_signals(_worker_id):
 def training_loader(ds, sampler, device, workers, decode="cpu", size=224):
     """DataLoader workers over a training SplitDataset with batch_sampler = AuxBatchSampler (with seeds):
     uint8 batches [B_cbs; B_rrs]. decode "gpu": its batches are file bytes + crops, which
-    loader.dataset.decode finishes on the device (DeviceDecodeDataset); below 64 px each sample gets
-    cifar_augment from its seed (SeededCifar)."""
+    loader.dataset.decode finishes on the device (DeviceDecodeDataset); below SMALL_IMAGES (64 px) each
+    sample gets cifar_augment from its seed (SeededCifar)."""
     kw = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
               persistent_workers=workers > 0)
     if decode == "gpu":
         ds = DeviceDecodeDataset(ds, size)
         kw["collate_fn"] = ds.collate
-    elif size < 64:
+    elif size < SMALL_IMAGES:
         ds = SeededCifar(ds)
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, **kw)
 
@@ -344,12 +349,184 @@ def decode_many(data, device):
     return out
 
 
-def decode_all(dataset, device, workers=0, batch_size=256):
+DECODE_BATCH = 32  # images decoded between two asks of decode_all's `stop`: an ImageNet-sized photograph
+# (about 0.2 megapixels) takes a few milliseconds to decode and resize on one core, a CIFAR image far less,
+# so even a slow CPU asks several times a second
+
+
+def decode_all(dataset, device, workers=0, batch_size=DECODE_BATCH, stop=None):
     """Every image of a SplitDataset through its (fixed) transform, once: (uint8 (N, 3, s, s), labels (N,)),
-    both on `device`. Errors name the file and split line as in training."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    images = torch.cat([x for x, _ in loader]) if len(dataset) else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
-    return images.to(device), torch.tensor(dataset.labels, device=device)
+    both on `device`. Each batch goes straight into one tensor there: no second copy of all the images
+    on the host. Errors name the file and split line as in training.
+
+    stop: a callable asked after every batch of `batch_size` images; when it returns true decoding ends
+    and decode_all returns None; an exception it raises (train.py: a stop signal) ends it too. The workers
+    ignore the signals sent to the whole process group (ignore_stop_signals): the main process decides.
+    """
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         worker_init_fn=ignore_stop_signals)
+    images, done, batches = None, 0, iter(loader)
+    try:
+        for x, _ in batches:  # x: uint8 (b, 3, s, s)
+            if images is None:
+                images = torch.empty((len(dataset),) + tuple(x.shape[1:]), dtype=torch.uint8, device=device)
+            images[done:done + len(x)] = x
+            done += len(x)
+            if stop is not None and stop():
+                return None
+    finally:
+        del batches  # a stop or an error: the workers are shut down now, not when the traceback is freed
+    if images is None:
+        images = torch.empty(0, 3, 1, 1, dtype=torch.uint8, device=device)
+    return images, torch.tensor(dataset.labels, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# --in-memory: whether the decoded images fit the memory there is
+
+
+GiB = 2**30
+MARGIN_MIN, MARGIN_FRACTION = 1 * GiB, 4  # kept free: the larger of 1 GiB and a quarter of the free memory
+# The run needs memory after the images are in: each step's activations and gradients (they grow with
+# the batch), evaluation batches, the caching allocator's rounding on CUDA; on the host, other processes
+# and the page cache the image files refill. Without the margin `auto` could fill memory to the last
+# byte and the run would then swap or be killed (the out-of-memory killer, a CUDA allocator error)
+# in its first step instead of using DataLoader workers.
+UNKNOWN_BUDGET = 2 * GiB  # --in-memory auto where no free memory can be read (no /proc: macOS, Windows)
+NO_LIMIT = 2**60  # a cgroup limit this high means none (cgroup v1 writes 2^63 rounded down to a page)
+CGROUPS = (("", "memory.max", "memory.current", "inactive_file"),  # v2: the unified hierarchy
+           ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))  # v1
+
+
+def memory_available(device, root="/"):
+    """Bytes the decoded images may take on `device`, None where unknown: its free memory less the
+    margin above. CUDA: torch.cuda.mem_get_info's free bytes. CPU: host_memory_free (root: where proc/
+    and sys/ are; tests pass a fake tree)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_memory_free(root)
+    if free is None:
+        return None
+    return max(0, free - max(MARGIN_MIN, free // MARGIN_FRACTION))
+
+
+def host_memory_free(root="/"):
+    """Bytes this process can still allocate on the host, None where nothing says (not Linux): the
+    smaller of /proc/meminfo's MemAvailable (MemFree on kernels without it) and the room under each
+    memory limit of its cgroup and the cgroup's ancestors (v2 memory.max - memory.current; v1
+    memory.limit_in_bytes - memory.usage_in_bytes), usage counted without the inactive file cache
+    (memory.stat), which the kernel reclaims before it would kill anything."""
+    found = [v for v in (_meminfo_available(root), *_cgroup_rooms(root)) if v is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available(root):
+    fields = {}
+    try:
+        with open(os.path.join(root, "proc", "meminfo")) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                value = value.split()
+                if value and value[0].isdigit():
+                    fields[key] = int(value[0]) * (1024 if value[1:] == ["kB"] else 1)
+    except (OSError, UnicodeDecodeError):
+        return None
+    return fields.get("MemAvailable", fields.get("MemFree"))
+
+
+def _cgroup_paths(root):
+    """{"": this process's cgroup v2 path, "memory": its cgroup v1 memory path}, from /proc/self/cgroup."""
+    paths = {}
+    try:
+        with open(os.path.join(root, "proc", "self", "cgroup")) as f:
+            for line in f:  # hierarchy-id:controllers:path; v2 is "0::/path"
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) == 3 and parts[0] == "0" and not parts[1]:
+                    paths[""] = parts[2]
+                elif len(parts) == 3 and "memory" in parts[1].split(","):
+                    paths["memory"] = parts[2]
+    except (OSError, UnicodeDecodeError):
+        pass
+    return paths
+
+
+def _cgroup_rooms(root):
+    """Room left under every cgroup memory limit found, this process's cgroup and its ancestors, up to the
+    mount's root: in a container the mount shows the container's own cgroup as the root, whatever path
+    /proc/self/cgroup names."""
+    paths, rooms = _cgroup_paths(root), []
+    for sub, limit_file, usage_file, inactive_key in CGROUPS:
+        mount = os.path.join(root, "sys", "fs", "cgroup", sub)
+        parts = [p for p in paths.get(sub, "/").split("/") if p and p != ".."]
+        for depth in range(len(parts), -1, -1):
+            folder = os.path.join(mount, *parts[:depth])
+            limit = _read_number(os.path.join(folder, limit_file))
+            if limit is None or limit >= NO_LIMIT:
+                continue
+            usage = _read_number(os.path.join(folder, usage_file)) or 0
+            inactive = _stat_value(os.path.join(folder, "memory.stat"), inactive_key) or 0
+            rooms.append(max(0, limit - max(0, usage - inactive)))
+    return rooms
+
+
+def _read_number(path):
+    """The integer a cgroup file holds; None if absent, unreadable or not a number ("max": no limit)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat_value(path, key):
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key and value.strip().isdigit():
+                    return int(value)
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def local_processes():
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE, else 1)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def in_memory_plan(mode, nbytes, device, log=None, root="/"):
+    """--in-memory `mode` (auto, on, off) -> whether to decode the images into memory, decided before any
+    is decoded. nbytes: what they take decoded in one process (N x 3 x s x s uint8 over every list).
+    On the CPU each of this machine's processes (local_processes) holds its own copy, all filled at once,
+    so they must fit together; on CUDA each process has its own device.
+    auto: when they fit memory_available (where unknown, UNKNOWN_BUDGET), else DataLoader workers (said
+    through `log`); on: LTauxError in one line when they do not fit; off: never."""
+    if mode == "off":
+        return False
+    copies = local_processes() if device.type == "cpu" else 1
+    need, room = nbytes * copies, memory_available(device, root)
+    needed = f"the decoded images need {_bytes(need)}{f' ({copies} processes)' if copies > 1 else ''}"
+    if room is None:  # nothing says what is free: `on` is taken at its word, `auto` keeps to a fixed budget
+        if mode == "auto" and need > UNKNOWN_BUDGET and log is not None:
+            log(f"in memory: no, {needed}, over {_bytes(UNKNOWN_BUDGET)} where free memory cannot be read: "
+                "DataLoader workers instead")
+        return mode == "on" or need <= UNKNOWN_BUDGET
+    if need <= room:
+        return True
+    where = "this machine" if device.type == "cpu" else str(device)
+    text = f"{needed}, {where} has {_bytes(room)} to spare (free memory less a safety margin)"
+    if mode == "on":
+        raise ltaux.LTauxError(f"--in-memory on: {text}: use --in-memory off (DataLoader workers)")
+    if log is not None:
+        log(f"in memory: no, {text}: DataLoader workers instead")
+    return False
+
+
+def _bytes(n):
+    return f"{n / GiB:.2f} GiB ({n:,} bytes)"
 
 
 class MemoryBatches:
@@ -555,18 +732,17 @@ def check_files(datasets, stop, log, shown=20):
     raise ltaux.LTauxError(f"{len(failures)} unreadable images:\n  " + "\n  ".join(failures[:shown]) + more)
 
 
-def make_batches(train_set, evals, sampler, args, device, log):
-    """A run's training batches and {name: evaluation batches}: in memory (MemoryBatches, decoded once here;
-    see --in-memory) or DataLoader workers."""
+def make_batches(train_set, evals, sampler, args, device, log, stop=None):
+    """A run's training batches and {name: evaluation batches}: in memory (MemoryBatches, decoded once here
+    when in_memory_plan says they fit; see --in-memory) or DataLoader workers. stop: as decode_all's."""
     size = sum(len(d) for d in [train_set, *evals.values()]) * 3 * args.image_size ** 2
-    if args.in_memory == "off" or args.image_size >= recipes.SMALL_IMAGES or (
-            args.in_memory == "auto" and size > MEMORY_BUDGET):
+    if args.image_size >= SMALL_IMAGES or not in_memory_plan(args.in_memory, size, device, log):
         per_rank = max(1, args.batch_size // args.world_size)
         return (training_loader(train_set, sampler, device, args.workers, args.decode, args.image_size),
                 {k: eval_loader(d, per_rank, device, args.workers, args.rank, args.world_size)
                  for k, d in evals.items()})
     t0 = time.time()
-    decoded = {k: decode_all(d, device, args.workers) for k, d in dict(evals, train=train_set).items()}
+    decoded = {k: decode_all(d, device, args.workers, stop=stop) for k, d in dict(evals, train=train_set).items()}
     log(f"in memory: {len(train_set) + sum(len(d) for d in evals.values())} images decoded once ({size / 2**20:.0f} "
         f"MiB on {device}, {time.time() - t0:.1f}s); batches gathered and augmented on {device}, no loader workers")
     evals = {k: MemoryEval(*d, max(1, args.batch_size // args.world_size), args.rank, args.world_size)

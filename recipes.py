@@ -151,7 +151,8 @@ def training_parser(description=None):
                    "flip and jitter on the CUDA device; ImageNet-LT recipe only)")
     g.add_argument("--in-memory", default="auto", choices=["auto", "on", "off"], help="decode every image "
                    "once into one uint8 tensor on the training device and augment batches there, no worker "
-                   "processes (auto: below 64 px when the images fit 2 GiB; the CIFAR recipe's augmentation)")
+                   "processes (auto: below 64 px when the images fit the device's free memory less a "
+                   "margin; the CIFAR recipe's augmentation)")
     g.add_argument("--image-size", type=int, default=224, help="training crop; >= 64 uses the ImageNet-LT "
                    "augmentation, smaller the CIFAR one (pad 4 + random crop)")
     g = p.add_argument_group("method")

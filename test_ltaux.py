@@ -845,6 +845,19 @@ def test_training_images_are_jittered_on_the_device_and_only_at_imagenet_sizes()
     assert torch.equal(cifar, torch.full((3, 32, 32), 100, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_grey_is_the_itu_r_601_luma_bit_for_bit(dtype):
+    """torchvision's tensor rgb_to_grayscale gives the formula's float luma exactly, uint8 in or float in."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 17, 13), generator=g).to(dtype)
+    if dtype.is_floating_point:
+        x = x + torch.rand(x.shape, generator=g)  # fractions too, as after brightness and contrast
+    want = (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # float32 either way
+    out = pipeline.grey(x)
+    assert out.shape == (8, 1, 17, 13) and out.dtype == torch.float32 and torch.equal(out, want)
+
+
+
 # ----------------------------------------------------------------------------------------------
 # --in-memory and --decode gpu: the same pixels as the workers
 
@@ -954,6 +967,167 @@ def test_decode_gpu_falls_back_to_the_cpu_path_and_names_a_bad_file(tmp_path, mo
     batch = dd.collate([dd[it] for it in items])
     with pytest.raises(ltaux.LTauxError, match=r"list.txt:7: cannot read image .*6.jpg .*truncated"):
         dd.decode(batch, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# --in-memory: what fits, and a stop signal while decoding
+
+
+GIB = 2**30
+MEMINFO_8G = "MemTotal:       16777216 kB\nMemFree:         1048576 kB\nMemAvailable:    8388608 kB\n"
+
+
+@pytest.mark.parametrize("files, free", [
+    ({"proc/meminfo": MEMINFO_8G}, 8 * GIB),  # no cgroup limit
+    ({"proc/meminfo": "MemTotal: 4194304 kB\nMemFree: 1048576 kB\n"}, 1 * GIB),  # kernel without MemAvailable
+    # cgroup v2 container: 4 GiB limit, 3 GiB used of which 1 GiB reclaimable file cache
+    ({"proc/meminfo": MEMINFO_8G, "proc/self/cgroup": "0::/\n", "sys/fs/cgroup/memory.max": f"{4 * GIB}\n",
+      "sys/fs/cgroup/memory.current": f"{3 * GIB}\n",
+      "sys/fs/cgroup/memory.stat": f"anon 5\ninactive_file {GIB}\n"}, 2 * GIB),
+    ({"proc/meminfo": MEMINFO_8G, "proc/self/cgroup": "0::/\n", "sys/fs/cgroup/memory.max": "max\n",
+      "sys/fs/cgroup/memory.current": f"{3 * GIB}\n"}, 8 * GIB),  # v2, no limit
+    ({"proc/meminfo": MEMINFO_8G, "proc/self/cgroup": "0::/a/b\n", "sys/fs/cgroup/a/memory.max": f"{3 * GIB}",
+      "sys/fs/cgroup/a/memory.current": f"{GIB}", "sys/fs/cgroup/a/b/memory.max": "max",
+      "sys/fs/cgroup/a/b/memory.current": f"{GIB // 2}"}, 2 * GIB),  # v2: the parent's limit binds
+    ({"proc/meminfo": MEMINFO_8G, "proc/self/cgroup": "4:memory:/docker/x\n",
+      "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712",
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{GIB}"}, 8 * GIB),  # v1, no limit (2^63 in pages)
+    ({"proc/self/cgroup": "4:memory:/\n", "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712",
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{GIB}"}, None),  # no limit is no figure
+    ({"proc/meminfo": MEMINFO_8G, "proc/self/cgroup": "5:cpu,memory:/docker/x\n0::/\n",
+      "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{2 * GIB}",
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{3 * GIB // 2}",
+      "sys/fs/cgroup/memory/memory.stat": f"cache 9\ntotal_inactive_file {GIB // 2}\n"},
+     1 * GIB),  # v1 container (its cgroup is the mount's root): 2 GiB limit, 1 GiB in use
+    ({"proc/meminfo": "MemTotal: 8 kB\n"}, None),  # nothing says: unknown, not zero
+    ({}, None),  # no /proc at all (macOS)
+])
+def test_host_memory_is_the_least_of_meminfo_and_every_cgroup_limit(tmp_path, files, free):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert pipeline.host_memory_free(str(tmp_path)) == free
+    available = pipeline.memory_available(torch.device("cpu"), str(tmp_path))
+    assert available == (None if free is None else max(0, free - max(GIB, free // 4)))  # the safety margin
+
+
+def test_memory_available_on_cuda_is_the_devices_free_memory(monkeypatch, tmp_path):
+    asked = []
+
+    def mem_get_info(device=None):
+        asked.append(device)
+        return 8 * GIB, 9 * GIB  # free, total
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "meminfo").write_text("MemAvailable: 1024 kB\n")  # the host's: not asked
+    assert pipeline.memory_available(torch.device("cuda", 1), str(tmp_path)) == 6 * GIB
+    assert asked == [torch.device("cuda", 1)]
+
+
+def test_in_memory_plan_decides_from_free_memory_and_refuses_on_in_one_line(monkeypatch):
+    monkeypatch.setattr(pipeline, "memory_available", lambda device, root="/": 3 * GIB)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cpu, logged = torch.device("cpu"), []
+    assert pipeline.in_memory_plan("auto", 3 * GIB, cpu, logged.append) and not logged
+    assert not pipeline.in_memory_plan("auto", 3 * GIB + 1, cpu, logged.append)
+    assert len(logged) == 1 and "DataLoader workers instead" in logged[0]
+    assert not pipeline.in_memory_plan("off", 1, cpu) and pipeline.in_memory_plan("on", 3 * GIB, cpu)
+    with pytest.raises(ltaux.LTauxError) as e:
+        pipeline.in_memory_plan("on", 5 * GIB, cpu)
+    msg = str(e.value)
+    assert "\n" not in msg and "(5,368,709,120 bytes)" in msg and "(3,221,225,472 bytes)" in msg
+    assert msg.startswith("--in-memory on: ") and "use --in-memory off" in msg
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of the run on this host: a copy each
+    assert not pipeline.in_memory_plan("auto", 2 * GIB, cpu)
+    assert pipeline.in_memory_plan("auto", 2 * GIB, torch.device("cuda", 0))  # a device each
+    monkeypatch.setattr(pipeline, "memory_available", lambda device, root="/": None)  # unknown (macOS)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert pipeline.in_memory_plan("auto", 2 * GIB, cpu)
+    assert not pipeline.in_memory_plan("auto", 2 * GIB + 1, cpu)
+    assert pipeline.in_memory_plan("on", 100 * GIB, cpu)  # nothing to refuse it on
+
+
+class CountedImages(torch.utils.data.Dataset):
+    """n tiny uint8 images (3, 4, 4) holding their index; records which were read (in this process)."""
+
+    def __init__(self, n):
+        self.labels, self.calls = [i % 3 for i in range(n)], []
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        self.calls.append(i)
+        return torch.full((3, 4, 4), i, dtype=torch.uint8), self.labels[i]
+
+
+class Stop(Exception):
+    pass
+
+
+def raise_stop():
+    raise Stop  # as train.py's StopFlag.before_training once a signal arrived
+
+
+def test_decode_all_asks_stop_after_every_small_batch_and_ends_there():
+    cpu = torch.device("cpu")
+    ds, asked = CountedImages(200), []
+    images, labels = pipeline.decode_all(ds, cpu, stop=lambda: asked.append(len(ds.calls)) and False)
+    assert images.shape == (200, 3, 4, 4) and labels.tolist() == ds.labels
+    assert torch.equal(images[:, 0, 0, 0], torch.arange(200, dtype=torch.uint8))  # in order
+    assert asked[-1] == 200 and len(asked) >= 200 // 32  # asked after every batch
+    ds = CountedImages(200)
+    assert pipeline.decode_all(ds, cpu, stop=lambda: True) is None
+    assert 0 < len(ds.calls) <= 32  # one batch, a small one: a stop is seen within about a second
+    ds, asked = CountedImages(200), []
+
+    def stop():
+        asked.append(1)
+        if len(asked) == 2:
+            raise_stop()
+    with pytest.raises(Stop):
+        pipeline.decode_all(ds, cpu, stop=stop)
+    assert len(asked) == 2 and len(ds.calls) <= 64  # the exception ends it: no batch after
+
+
+def test_decode_all_stopped_shuts_its_workers_down_at_once():
+    import multiprocessing
+    with pytest.raises(Stop) as e:  # e holds the traceback, and so decode_all's frame, past this line
+        pipeline.decode_all(CountedImages(5000), torch.device("cpu"), workers=1, stop=raise_stop)
+    assert e.traceback and not multiprocessing.active_children()  # shut down now, not with the traceback
+
+
+@pytest.mark.slow
+def test_in_memory_on_that_does_not_fit_is_refused_before_decoding(tiny, tmp_path, capsys, monkeypatch):
+    """train.py asks in_memory_plan first: `on` beyond the free memory ends in one line naming both sizes, no
+    image decoded, nothing written; `auto` trains with DataLoader workers instead and says why."""
+    def no_decode(*args, **kw):
+        raise AssertionError("decoded although it cannot fit")
+    monkeypatch.setattr(pipeline, "decode_all", no_decode)
+    monkeypatch.setattr(pipeline, "memory_available", lambda device, root="/": 1000)
+    images = sum(len(open(f).readlines()) for f in tiny[1].values())
+    msg = bad_run(tiny, tmp_path, capsys, "--in-memory", "on")
+    assert f"need 0.00 GiB ({images * 3 * 16 * 16:,} bytes)" in msg and "(1,000 bytes) to spare" in msg
+    assert "use --in-memory off" in msg and not (tmp_path / "o").exists()
+    rc, cap = run_train(tiny, tmp_path / "auto", "--in-memory", "auto", "--epochs", "1", capsys=capsys)
+    assert rc == 0 and "in memory: no, the decoded images need" in cap.out
+
+
+@pytest.mark.slow
+def test_sigint_while_decoding_into_memory_ends_after_the_batch(tiny, tmp_path, capsys, monkeypatch):
+    real, calls = ltaux.SplitDataset.load, []
+
+    def load(self, i, read=None):
+        calls.append(i)
+        if len(calls) == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, i, read)
+    monkeypatch.setattr(ltaux.SplitDataset, "load", load)
+    rc, cap = run_train(tiny, tmp_path / "o", "--in-memory", "on", capsys=capsys)
+    assert rc == 128 + signal.SIGINT and "Traceback" not in cap.err
+    assert cap.err.strip() == "error: SIGINT before training started: stopped, nothing was written"
+    total = sum(len(open(f).readlines()) for f in tiny[1].values())
+    assert len(calls) <= 20 + pipeline.DECODE_BATCH < total and not (tmp_path / "o").exists()
 
 
 # ==============================================================================================

@@ -434,7 +434,8 @@ def train(args, ckpt):
         if args.check_files and args.rank == 0:
             pipeline.check_files([train_set] + list(evals.values()), stop.before_training, log)
         try:
-            batches, eval_batches = pipeline.make_batches(train_set, evals, sampler, args, device, log)
+            batches, eval_batches = pipeline.make_batches(train_set, evals, sampler, args, device, log,
+                                                              stop.before_training)
         except LTauxError:
             if args.rank > 0:  # --in-memory: every rank decodes the same files, rank 0 alone prints the error
                 raise QuietExit(2) from None
