@@ -87,6 +87,7 @@ class Run:
     norms: list = None  # (C,) L2 norm of each row of h's weight
     feats: torch.Tensor = None  # (n, D) phi's features of the t-SNE images
     tsne_labels: list = None  # (n,) their classes
+    split_sha256: str = None  # the sha256 of its training list, as the checkpoint records it
 
 
 def load_run(path, reference=None):
@@ -98,6 +99,7 @@ def load_run(path, reference=None):
     model = ltaux.LTResNet(ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0], ckpt["args"].get("embed_dim"))
     bookkeeping.load_weights(model, ckpt, path)
     run = Run(path, model.eval(), ckpt["args"], ckpt["train_counts"].long(), "shot_rule" not in ckpt)
+    run.split_sha256 = ckpt["data"].get("list_sha256") if isinstance(ckpt.get("data"), dict) else None
     if reference is not None:
         C, ref = len(run.counts), reference.counts
         if C != len(ref):
@@ -127,6 +129,42 @@ def label_runs(runs):
     for r in runs:  # the same file twice: number the repeats
         seen[r.label] += 1
         r.label += f" #{seen[r.label]}" if seen[r.label] > 1 else ""
+
+
+TRAINING = tuple(k for k in recipes.PROTOCOL if k not in ("many", "few"))  # shape training: not the groups
+
+
+def training_settings(args):
+    """{argument: value} of a run's saved arguments that shape what it trains, as its method uses them: the
+    recipe flags (recipes.PROTOCOL less the shot thresholds; not --seed, not --amp) and the lambdas its loss
+    weighs (none for a baseline, 2 for cbs_rrs), e.g. {'epochs': 8, ..., 'lambdas': [0.5, 1.0]}."""
+    method = recipes.METHODS.get(args.get("method"))
+    values = {k: args.get(k) for k in TRAINING}
+    if method is not None and method.sampler == "rrs":
+        del values["per_class"]  # no class-balanced batch
+    if method is not None and not (method.rotation or args.get("rotation_aug")):
+        del values["rotation"]  # no rotated images
+    if method is not None and len(method.heads) > 1:  # the baselines train h alone with weight 1
+        values["lambdas"] = [float(v) for v in args.get("lambdas") or ()][:len(method.heads)]
+    return values
+
+
+def settings_note(main, baselines):
+    """One `note:` line naming the training settings (training_settings) in which compared runs differ
+    from the evaluated one, or None: a gain over a 1-epoch baseline is not the method's gain."""
+    ours, theirs, keys = training_settings(main.args), [], []
+    for b in baselines:
+        other = training_settings(b.args)
+        n = min(len(ours.get("lambdas", [])), len(other.get("lambdas", [])))  # the weights both losses use
+        differ = [k for k in other if k in ours and (other[k][:n] != ours[k][:n] if k == "lambdas" else
+                                                     other[k] != ours[k])]
+        keys += [k for k in differ if k not in keys]
+        if differ:
+            theirs.append(f"{b.label} with {', '.join(recipes.flag(k, other[k]) for k in differ)}")
+    if not theirs:
+        return None
+    return (f"note: the gains are not the methods' alone: {main.label} was trained with "
+            f"{', '.join(recipes.flag(k, v) for k, v in ours.items() if k in keys)}, but {', '.join(theirs)}")
 
 
 def settings(args, run, device):
@@ -281,8 +319,7 @@ def write_tables(args, main, baselines, rows, files, paper):
                 method=main.args.get("method"), label=main.label, amp=args.amp_name,
                 thresholds=dict(many=args.many, few=args.few), files=files)
     if paper:
-        meta.update(paper=paper, paper_difference={k: None if main.metrics[k] is None else main.metrics[k] - paper[k]
-                                                   for k in ("many", "medium", "few", "overall")})
+        meta.update(paper=paper, paper_difference=recipes.paper_difference(main.metrics, paper))
     compare = [dict(checkpoint=os.path.abspath(b.path), method=b.args.get("method"), label=b.label, **summary(b),
                     per_class=b.metrics["per_class"], weight_norms=b.norms) for b in baselines]
     save(args.out, "metrics.json", json.dumps(dict(
@@ -343,19 +380,23 @@ def ticks(lo, hi):
 class Chart:
     """A per-class chart: n class slots on x (most frequent first), a linear left axis over `ylim`, the
     training-frequency curve on a log right axis, the shot groups (dashed boundaries, names in the band above
-    the plot, where no bar reaches), a legend row under the title. Draw series, then save()."""
+    the plot, where no bar reaches), a legend row under the title. Draw series, then save(). The frequency
+    curve goes over the bars and under the lines: bars are wide and would hide it, lines are thin data."""
     L, R, T, B = 70, 70, 100, 50  # margins; the band [T - 22, T) holds the group names
 
     def __init__(self, title, ylabel, ylim, counts, groups):
         self.img = Image.new("RGB", SIZE, "white")
         self.d, self.f, self.fs = ImageDraw.Draw(self.img), font(16), font(13)
         self.n, self.lo, self.hi, self.groups, self.legend = len(counts), ylim[0], ylim[1], groups, []
+        self.counts, self.curve_drawn = list(counts), False
+        lo, hi = math.log10(max(1, min(counts))), math.log10(max(1, max(counts)))
+        self.log_lo, self.log_hi = min(lo, hi - 1) - 0.05, hi + 0.05  # >= a decade, ends clear of the frame
         self.d.text((SIZE[0] / 2, 8), title, fill="black", font=self.f, anchor="ma")
         self.d.text((self.L, self.T - 28), ylabel, fill="black", font=self.fs, anchor="ls")
         for t in ticks(self.lo, self.hi):
             self.d.line([(self.L, self.y(t)), (SIZE[0] - self.R, self.y(t))], fill=(228, 228, 228))
             self.d.text((self.L - 6, self.y(t)), f"{t:g}", fill="black", font=self.fs, anchor="rm")
-        self.frequency_curve(counts)
+        self.legend.append(("training images per class (right axis)", FREQ_COLOR))
 
     def x(self, i):
         """Left edge of class slot i (fractional i: inside the slot)."""
@@ -365,23 +406,31 @@ class Chart:
         v = min(max(v, self.lo), self.hi)
         return self.T + (SIZE[1] - self.T - self.B) * (self.hi - v) / (self.hi - self.lo)
 
-    def frequency_curve(self, counts):
-        """Training images per class (most first) in orange on a log right axis, ticks at 1-2-5 x 10^k."""
-        lo, hi = math.log10(max(1, min(counts))), math.log10(max(1, max(counts)))
-        lo, hi = min(lo, hi - 1) - 0.05, hi + 0.05  # at least a decade, the ends clear of the frame
-        cy = lambda c: self.T + (SIZE[1] - self.T - self.B) * (hi - math.log10(max(c, 1))) / (hi - lo)  # noqa: E731
-        self.d.line([(self.x(i + 0.5), cy(c)) for i, c in enumerate(counts)] * (1 + (len(counts) == 1)),
+    def cy(self, count):
+        """The height of `count` training images on the log right axis."""
+        return self.T + (SIZE[1] - self.T - self.B) * (self.log_hi - math.log10(max(count, 1))) / (
+            self.log_hi - self.log_lo)
+
+    def frequency_curve(self):
+        """Training images per class (most first) in orange on a log right axis, ticks at 1-2-5 x 10^k;
+        drawn once, by the first line() or by save()."""
+        if self.curve_drawn:
+            return
+        self.curve_drawn = True
+        self.d.line([(self.x(i + 0.5), self.cy(c)) for i, c in enumerate(self.counts)] * (1 + (self.n == 1)),
                     fill=FREQ_COLOR, width=3)
         for c in (m * 10 ** e for e in range(0, 8) for m in (1, 2, 5)):
-            if lo <= math.log10(c) <= hi:
-                self.d.text((SIZE[0] - self.R + 6, cy(c)), f"{c:g}", fill=(200, 100, 0), font=self.fs, anchor="lm")
+            if self.log_lo <= math.log10(c) <= self.log_hi:
+                self.d.text((SIZE[0] - self.R + 6, self.cy(c)), f"{c:g}", fill=(200, 100, 0), font=self.fs,
+                            anchor="lm")
         self.d.text((SIZE[0] - self.R, self.T - 28), "training images per class (log)", fill=(200, 100, 0),
                     font=self.fs, anchor="rs")
-        self.legend.append(("training images per class (right axis)", FREQ_COLOR))
 
-    def bars(self, series):
+    def bars(self, series, mark_zero=False):
         """series: [(values, colour or per-slot colours, legend label or None)], None = no bar. Side by side
-        where a slot holds >= 3 px per series, else overlaid, the largest |value| first so each stays visible."""
+        where a slot holds >= 3 px per series, else overlaid, the largest |value| first so each stays visible.
+        mark_zero: a value of exactly 0 gets a small triangle on the zero line (a 0-height bar is invisible
+        there, and would look like None, a class without test images)."""
         slot = (SIZE[0] - self.L - self.R) / self.n
         wide = slot >= 3 * len(series)
         for i in range(self.n):
@@ -391,16 +440,25 @@ class Chart:
                 x0 = self.x(i) + (slot * (0.1 + 0.8 * k / len(series)) if wide else 0)
                 x1 = x0 + max((slot * 0.8 / len(series) if wide else slot) - 1, 0)
                 self.d.rectangle([x0, min(self.y(v), self.y(0)), x1, max(self.y(v), self.y(0))], fill=color)
+                if mark_zero and v == 0:
+                    self.zero_marker((x0 + x1) / 2, color)
         self.legend += [(label, c) for _, c, label in series if label]
+
+    def zero_marker(self, x, color):
+        """A triangle, apex up, standing on the zero line at x: 6 px high, 4 to 8 px wide."""
+        y0, r = self.y(0) - 1, min(4.0, max(2.0, 0.4 * (SIZE[0] - self.L - self.R) / self.n))
+        self.d.polygon([(x - r, y0), (x + r, y0), (x, y0 - 6)], fill=color)
 
     def line(self, values, color, label):
         """A polyline through the slot centres, with a legend entry."""
+        self.frequency_curve()
         self.d.line([(self.x(i + 0.5), self.y(v)) for i, v in enumerate(values)] * (1 + (self.n == 1)), fill=color,
                     width=2 if self.n > 200 else 3)
         self.legend.append((label, color))
 
     def save(self):
         """Frame, zero line, shot groups, class ranks and the legend; returns the image."""
+        self.frequency_curve()
         d, L, T, right, bottom = self.d, self.L, self.T, SIZE[0] - self.R, SIZE[1] - self.B
         d.line([(L, self.y(0)), (right, self.y(0))], fill="black")
         d.rectangle([L, T, right, bottom], outline="black")
@@ -431,13 +489,16 @@ def draw_figures(main, baselines, rows, split, picked):
     groups = [GROUPS.index(rows[c]["shot_group"]) for c in order]
     counts = [rows[c]["train_count"] for c in order]
     where = f"{main.label} on {os.path.basename(split)}"
-    chart = Chart(f"Per-class top-1 accuracy: {where}", "top-1 accuracy (%)", (0, 100), counts, groups)
-    chart.bars([([rows[c]["accuracy"] for c in order], [GROUP_COLORS[g] for g in groups], None)])
+    chart = Chart(f"Per-class top-1 accuracy: {where}", "top-1 accuracy (%; a triangle on the axis: 0 %)",
+                  (0, 100), counts, groups)
+    accuracy = [rows[c]["accuracy"] for c in order]
+    chart.bars([(accuracy, [GROUP_COLORS[g] for g in groups], None)], mark_zero=True)
     chart.legend += [(f"{GROUPS[g]}-shot classes", GROUP_COLORS[g]) for g in sorted(set(groups))]
     figures = {"accuracy.png": chart.save()}
     runs = [(main, THIS_COLOR)] + [(b, RUN_COLORS[k % len(RUN_COLORS)]) for k, b in enumerate(baselines)]
     top = ticks(0, max(max(r.norms) for r, _ in runs) or 1.0)[-1]
-    chart = Chart(f"L2 norm of the classifier h's weight per class (Fig. 4): {where}", "||w_c||", (0, top), counts, groups)
+    chart = Chart(f"L2 norm of the classifier h's weight per class (Fig. 4): {main.label}", "||w_c||",
+                  (0, top), counts, groups)  # the weights alone: no test list in the title
     for r, color in runs:
         chart.line([r.norms[c] for c in order], color, r.label)
     figures["weight_norms.png"] = chart.save()
@@ -466,6 +527,17 @@ def marker(d, x, y, group, color, r=4):
         d.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=color, outline=edge)
 
 
+def class_colors(n):
+    """n distinct colours, one per t-SNE class: PALETTE's, then (more classes than Section 4.6's 18) colours
+    of a 6-level RGB grid, spread through it, none near white or the grey of the marker outlines."""
+    grid = [(r, g, b) for r in range(0, 256, 51) for g in range(0, 256, 51) for b in range(0, 256, 51)
+            if r + g + b < 600 and (r, g, b) not in PALETTE and len({r, g, b}) > 1]  # > 1: no greys
+    colors = list(PALETTE) + sorted(grid, key=lambda c: grid.index(c) * 97 % len(grid))  # neighbours apart
+    if n > len(colors):
+        raise ValueError(f"{n} t-SNE classes: at most {len(colors)} distinct colours")
+    return colors[:n]
+
+
 def draw_tsne(runs, rows, picked, split):
     """Fig. 4's feature panels: a 2-D t-SNE of each run's phi features of the picked classes, one panel
     per run, points coloured by class and shaped by shot group; the class legend on the right."""
@@ -476,7 +548,7 @@ def draw_tsne(runs, rows, picked, split):
     per = f"{min(drawn.values())}" if len(set(drawn.values())) == 1 else f"{min(drawn.values())}-{max(drawn.values())}"
     d.text((img.width / 2, 8), f"t-SNE of phi's test features (Fig. 4): {len(picked)} classes, {per} test images "
            f"each ({os.path.basename(split)})", fill="black", font=f, anchor="ma")
-    color_of = {c: PALETTE[k % len(PALETTE)] for k, (c, _) in enumerate(picked)}
+    color_of = dict(zip([c for c, _ in picked], class_colors(len(picked))))
     group_of = dict(picked)
     for k, run in enumerate(runs):
         x0 = P * k
@@ -511,9 +583,9 @@ def draw_tsne(runs, rows, picked, split):
 
 
 def pairwise_sq(x):
-    """Squared Euclidean distances (N, N) of the rows of x (N, D)."""
-    s = (x * x).sum(1)
-    return (s[:, None] + s[None, :] - 2 * x @ x.T).clamp(min=0)
+    """Squared Euclidean distances (N, N) of the rows of x (N, D), each from the coordinate differences:
+    not |a|^2 + |b|^2 - 2 a.b, which cancels to noise for points close together far from the origin."""
+    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square()
 
 
 def affinities(x, perplexity):
@@ -570,6 +642,9 @@ def run(args):
     args.amp_name, amp = settings(args, main.args, device)
     baselines = [load_run(p, main) for p in args.compare or []]  # every checkpoint checked before any work
     label_runs([main] + baselines)
+    note = settings_note(main, baselines)
+    if note:
+        print(note)
     old = [r.path for r in [main] + baselines if r.old_groups]
     if old:
         print(f"note: {', '.join(old)} {'was' if len(old) == 1 else 'were'} written before ltaux counted many / few "
@@ -587,8 +662,8 @@ def run(args):
             r.tsne_labels = [ds.labels[i] for i in subset]  # (n,) the class of each t-SNE point
         lists = [(ds.paths, ds.labels)] + [training_list(main.args, args.allow_unsafe_paths)]
         rows = per_class_rows(main, class_names([x for x in lists if x], len(main.counts)), args.many, args.few)
-        paper = recipes.paper_row(dict(main.args, many=args.many, few=args.few), vars(recipes.training_parser().parse_args(
-            [])), args.split)
+        run_args = dict(main.args, many=args.many, few=args.few, split_sha256=main.split_sha256)
+        paper = recipes.paper_row(run_args, vars(recipes.training_parser().parse_args([])), args.split)
         write_tables(args, main, baselines, rows, files, paper)
         for name, image in draw_figures(main, baselines, rows, args.split, picked).items():
             save(args.out, name, image)

@@ -9,6 +9,7 @@ batch size were "set by referring to [OLTR] and cross-validated".
 """
 import argparse
 import collections
+import hashlib
 import os
 
 # --method: the part of the sampler's batch it trains on (AuxBatchSampler mode), the heads it trains (the
@@ -70,10 +71,15 @@ PAPER["places_lt_r152_2019"] = PAPER["places_lt_r152"]
 SETTING = {"imagenet_lt_r10": _IN10, "imagenet_lt_r50": _IN50, "places_lt_r152": _PL152,
            "places_lt_r152_2019": _PL152, "places_lt_r50": _PL50}
 TEST_LISTS = {r: ("ImageNet_LT_test.txt" if r.startswith("imagenet") else "Places_LT_test.txt") for r in SETTING}
+TRAIN_LISTS = {r: name.replace("_test.txt", "_train.txt") for r, name in TEST_LISTS.items()}
+# The flags of a recipe that make a run the paper's protocol. Not --amp: precision is how the arithmetic
+# is done, and the paper states none (OLTR's code is fp32; ltaux defaults to bf16, docs/recipes.md).
 PROTOCOL = ("arch", "embed_dim", "batch_size", "per_class", "epochs", "lr", "weight_decay", "momentum",
-            "warmup_epochs", "backbone_lr_scale", "freeze_backbone", "image_size", "amp", "rotation", "many", "few")
-NAMES = {**{k: m.name for k, m in METHODS.items()}, "ft_cbs": "ftRRS+CBS", "cbs_rrs 1:1": "CBS:RRS 1:1", "cbs_rrs 1:0.5": "CBS:RRS 1:0.5",
-         "rotation_aug": "Rotation Augmentation"}
+            "warmup_epochs", "backbone_lr_scale", "freeze_backbone", "image_size", "rotation", "many", "few")
+SUMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists", "SHA256SUMS")
+NAMES = {**{k: m.name for k, m in METHODS.items()}, "ft_cbs": "ftRRS+CBS", "cbs_rrs 1:1": "CBS:RRS 1:1",
+         "cbs_rrs 1:0.5": "CBS:RRS 1:0.5", "rotation_aug": "Rotation Augmentation"}
+CELLS = ("many", "medium", "few", "overall")  # a paper row's values, in the tables' column order
 
 
 def paper_key(run):
@@ -94,25 +100,85 @@ def paper_key(run):
 
 def paper_row(run, defaults, split=None):
     """The paper's row for a run: dict(name, source, many, medium, few, overall, differs) or None when the
-    run used no recipe or the paper has no such row. `differs` names the flags (and the list) by which this
-    run's protocol differs from the recipe's (run: the run's arguments; defaults: train.py's defaults)."""
+    run used no recipe or the paper has no such row. `differs` names what makes this run's protocol differ
+    from the row's: the recipe flags it changed, --pretrained on a from-scratch row (Table 2 and the
+    ResNet-10 rows), --init on any row but ftRRS+CBS, and a training list (run["split"]) or evaluated list
+    (split) that is not the official one by sha256 (run["split_sha256"], where given, stands for the
+    training list's file). run: the run's arguments; defaults: train.py's defaults."""
     recipe = run.get("recipe")
     key = paper_key(run) if recipe in PAPER else None
     if key not in PAPER.get(recipe, {}):
         return None
     table, values = PAPER[recipe][key]
     want = {k: RECIPES[recipe].get(k, defaults.get(k)) for k in PROTOCOL}
-    free = {"ft_cbs": ("epochs", "backbone_lr_scale"),  # the paper gives no settings for the fine-tuning stage
-            "rotation_aug": ("rotation",)}.get(key, ())  # its "four versions of rotated images": one or all four
-    differs = [f"--{k.replace('_', '-')} {_flag(run.get(k))}" for k in PROTOCOL
-               if k not in free and run.get(k) != want[k]]
-    if split is not None and not str(split).endswith(TEST_LISTS[recipe]):
-        differs.append(f"evaluated on {split}, not {TEST_LISTS[recipe]}")
+    free = {"ft_cbs": ("epochs", "backbone_lr_scale"),  # the paper gives no settings for its fine-tuning
+            "rotation_aug": ("rotation",)}.get(key, ())  # "four versions of rotated images": one or all four
+    differs = [flag(k, run.get(k)) for k in PROTOCOL if k not in free and run.get(k) != want[k]]
+    if run.get("pretrained") and recipe not in PRETRAINED:  # Table 2 and ResNet-10 train from scratch
+        differs.append(flag("pretrained", run["pretrained"]))
+    if run.get("init") and key != "ft_cbs":  # only Table 3's second stage starts from a trained phi
+        differs.append(flag("init", run["init"]))
+    differs += list_differs("trained on", run.get("split"), TRAIN_LISTS[recipe], run.get("split_sha256"))
+    if split is not None:
+        differs += list_differs("evaluated on", split, TEST_LISTS[recipe])
     return dict(name=f"paper: {NAMES[key]}, {table} ({SETTING[recipe]})", source=f"arXiv:1912.04486 {table}",
-                **dict(zip(("many", "medium", "few", "overall"), values)), differs=differs)
+                **dict(zip(CELLS, values)), differs=differs)
 
 
-def _flag(value):
+def paper_difference(metrics, paper):
+    """{many, medium, few, overall}: the run's value minus the paper row's, in points, None where the run
+    has none (a shot group without classes). metrics: ltaux.shot_accuracy's dict; paper: paper_row's."""
+    return {k: None if metrics[k] is None else metrics[k] - paper[k] for k in CELLS}
+
+
+def official_sums():
+    """{sha256: name} of the official split lists, from data_lists/SHA256SUMS ({} without the file)."""
+    try:
+        with open(SUMS) as f:
+            rows = [line.split(None, 1) for line in f if line.strip() and not line.startswith("#")]
+    except OSError:
+        return {}
+    return {digest: name.strip() for digest, name in rows}
+
+
+def file_sha256(path):
+    """The file's sha256 (hex), or None where it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def official_name(path, digest=None):
+    """The name in data_lists/SHA256SUMS of the official list that the file at `path` is, byte for byte
+    (e.g. 'ImageNet_LT_test.txt', 'places365_data256_layout/Places_LT_val.txt'), or None: another list,
+    or no readable file. digest: the file's sha256 where known (then the file is not read)."""
+    digest = digest or (file_sha256(path) if path else None)
+    return official_sums().get(digest) if digest else None
+
+
+def list_differs(verb, path, want, digest=None):
+    """[] when the list at `path` (or with sha256 `digest`) is the official `want` (either Places-LT path
+    layout), else the one `differs` entry that says so."""
+    name = official_name(path, digest)
+    if name is not None and os.path.basename(name) == want:
+        return []
+    if digest is None and path and not os.path.isfile(path):
+        return [f"{verb} {path} (not found here: not checked against {want})"]
+    return [f"{verb} {flag_value(path)}, not {want}"]
+
+
+def flag(key, value):
+    """The command-line form of an argument, e.g. flag('batch_size', 64) -> '--batch-size 64'."""
+    return f"--{key.replace('_', '-')} {flag_value(value)}"
+
+
+def flag_value(value):
+    """An argument's value as typed on the command line: 0.1, 0.5 1 1, (unset) for None."""
     if isinstance(value, (list, tuple)):
         return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return "(unset)" if value is None else f"{value:g}" if isinstance(value, float) else str(value)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import ltaux
 import pipeline
+import recipes
 from ltaux import LTauxError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -135,6 +136,6 @@ def paper_lines(acc, paper):
         return ""
     note = f" (a different protocol: {', '.join(paper['differs'])})" if paper["differs"] else ""
     cells = [f"{paper[k]:.1f}" for k in ("many", "medium", "few", "overall")]
-    diff = ["-" if acc[k] is None else f"{acc[k] - paper[k]:+.1f}" for k in ("many", "medium", "few", "overall")]
+    diff = ["-" if v is None else f"{v:+.1f}" for v in recipes.paper_difference(acc, paper).values()]
     return (f"\n| {paper['name']}{note} | " + " | ".join(cells) + " | - |"
             f"\n| difference (run - paper) | " + " | ".join(diff) + " | - |")

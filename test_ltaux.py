@@ -673,15 +673,22 @@ def test_the_papers_rows_are_tables_1_to_5_as_printed():
     assert checked == 28  # 8 + 4 + 4 + 8 rows, and the 2019 Places-LT recipe shares the ResNet-152 ones
 
 
-def test_paper_row_names_the_protocol_differences():
+def official_digest(name):
+    """The sha256 that data_lists/SHA256SUMS gives the official list `name`."""
+    return next(d for d, n in recipes.official_sums().items() if n == name)
+
+
+def test_paper_row_names_the_protocol_differences(tmp_path):
     defaults = vars(train.get_args_parser().parse_args([]))
-    run = dict(defaults, **recipes.RECIPES["imagenet_lt_r10"], recipe="imagenet_lt_r10", method="cbs_rrs_ss")
-    row = recipes.paper_row(run, defaults, "data_lists/ImageNet_LT_test.txt")
+    run = dict(defaults, **recipes.RECIPES["imagenet_lt_r10"], recipe="imagenet_lt_r10", method="cbs_rrs_ss",
+               split="elsewhere/ImageNet_LT_train.txt", split_sha256=official_digest("ImageNet_LT_train.txt"))
+    row = recipes.paper_row(run, defaults)
     assert (row["many"], row["overall"], row["differs"]) == (52.4, 41.9, [])
     assert row["name"] == "paper: CBS+RRS+SS, Table 1 (ImageNet-LT, ResNet-10)"
-    row = recipes.paper_row(dict(run, epochs=2, batch_size=64, amp="off", many=101), defaults, "my_test.txt")
-    assert row["differs"] == ["--batch-size 64", "--epochs 2", "--amp off", "--many 101",
-                              "evaluated on my_test.txt, not ImageNet_LT_test.txt"]
+    mine = write_list(tmp_path / "my_test.txt", ["a.jpg 0\n"])
+    row = recipes.paper_row(dict(run, epochs=2, batch_size=64, amp="off", many=101), defaults, mine)
+    assert row["differs"] == ["--batch-size 64", "--epochs 2", "--many 101",  # --amp: no protocol difference
+                              f"evaluated on {mine}, not ImageNet_LT_test.txt"]
     assert recipes.paper_row(dict(run, method="rrs"), defaults)["overall"] == 32.4
     assert recipes.paper_row(dict(run, method="cbs_rrs", lambdas=[1.0, 0.5, 0.0]), defaults)["name"].startswith(
         "paper: CBS:RRS 1:0.5, Table 4")
@@ -695,8 +702,84 @@ def test_paper_row_names_the_protocol_differences():
     assert recipes.paper_row(dict(run, method="cbs_rrs", lambdas=[2.0, 1.0, 0.0]), defaults) is None  # not in the paper
     assert recipes.paper_row(dict(run, recipe=None), defaults) is None
     assert recipes.paper_row(dict(run, recipe="cifar10_lt"), defaults) is None
-    pl = dict(defaults, **recipes.RECIPES["places_lt_r152_2019"], recipe="places_lt_r152_2019", method="cbs")
+    pl = dict(defaults, **recipes.RECIPES["places_lt_r152_2019"], recipe="places_lt_r152_2019", method="cbs",
+              pretrained="r152.pth", split_sha256=official_digest("Places_LT_train.txt"))
     assert recipes.paper_row(pl, defaults)["overall"] == 35.7 and recipes.paper_row(pl, defaults)["differs"] == []
+
+
+@pytest.mark.parametrize("recipe, method, flags, marked", [
+    ("imagenet_lt_r10", "cbs_rrs_ss", dict(pretrained="w.pth"), ["--pretrained w.pth"]),  # Table 1, scratch
+    ("imagenet_lt_r50", "rrs", dict(pretrained="w.pth"), ["--pretrained w.pth"]),  # Table 2
+    ("places_lt_r50", "cbs", dict(pretrained="w.pth"), ["--pretrained w.pth"]),  # Table 2
+    ("places_lt_r152", "cbs_rrs", dict(pretrained="w.pth"), []),  # Table 1's Places-LT fine-tunes them
+    ("places_lt_r152_2019", "cbs_rrs_ss", dict(pretrained="w.pth"), []),
+    ("imagenet_lt_r10", "cbs_rrs_ss", dict(init="a.pt"), ["--init a.pt"]),  # phi from another run
+    ("places_lt_r152", "cbs_rrs", dict(init="a.pt", pretrained="w.pth"), ["--init a.pt"]),
+    ("imagenet_lt_r10", "cbs", dict(init="rrs.pt"), []),  # ftRRS+CBS (Table 3): --init is its protocol
+    ("places_lt_r50", "cbs", dict(init="rrs.pt", pretrained="w.pth"), ["--pretrained w.pth"]),
+    ("imagenet_lt_r50", "cbs_rrs", dict(amp="off"), []),  # precision: not the protocol
+    ("places_lt_r50", "rrs", dict(amp="fp16"), []),
+])
+def test_paper_row_marks_pretrained_and_init_only_where_the_table_has_none(recipe, method, flags, marked):
+    """--pretrained marks a row trained from scratch (ResNet-10, Table 2) but not Table 1's Places-LT
+    ResNet-152, which fine-tunes ImageNet weights; --init marks every row but ftRRS+CBS; --amp marks none."""
+    defaults = vars(train.get_args_parser().parse_args([]))
+    train_list = recipes.TRAIN_LISTS[recipe]
+    run = dict(defaults, **recipes.RECIPES[recipe], recipe=recipe, method=method, split=train_list,
+               split_sha256=official_digest(train_list), **flags)
+    assert recipes.paper_row(run, defaults)["differs"] == marked
+
+
+def test_paper_row_knows_the_official_lists_by_checksum_not_by_name(tmp_path):
+    """A copy of an official list under any name is official; a list named like one with other lines is not
+    (for the training list too), and neither is the validation list. Either Places-LT path layout counts."""
+    defaults = vars(train.get_args_parser().parse_args([]))
+    run = dict(defaults, **recipes.RECIPES["places_lt_r50"], recipe="places_lt_r50", method="cbs_rrs_ss")
+    official_train, official_test = need("Places_LT_train.txt"), need("Places_LT_test.txt")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(official_train, copy / "my_train.txt")
+    shutil.copy(official_test, copy / "my_test.txt")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    fake_train = write_list(fake / "Places_LT_train.txt", open(official_train).readlines()[:-1])
+    fake_test = write_list(fake / "Places_LT_test.txt", open(official_test).readlines()[1:])
+    assert recipes.official_name(str(copy / "my_test.txt")) == "Places_LT_test.txt"
+    assert recipes.official_name(fake_test) is None
+    assert recipes.official_name(str(tmp_path / "absent.txt")) is None
+
+    def differs(train_list, test_list):
+        return recipes.paper_row(dict(run, split=train_list), defaults, test_list)["differs"]
+    assert differs(official_train, official_test) == []
+    assert differs(str(copy / "my_train.txt"), str(copy / "my_test.txt")) == []
+    assert differs(fake_train, fake_test) == [f"trained on {fake_train}, not Places_LT_train.txt",
+                                              f"evaluated on {fake_test}, not Places_LT_test.txt"]
+    val = need("Places_LT_val.txt")
+    assert differs(official_train, val) == [f"evaluated on {val}, not Places_LT_test.txt"]
+    layout = os.path.join(SHARED_LISTS, "places365_data256_layout")
+    if os.path.isdir(layout):
+        assert differs(*(os.path.join(layout, f"Places_LT_{s}.txt") for s in ("train", "test"))) == []
+    # a checkpoint's recorded sha256 stands for a training list that is not at hand
+    assert differs(str(tmp_path / "gone.txt"), official_test) == [
+        f"trained on {tmp_path / 'gone.txt'} (not found here: not checked against Places_LT_train.txt)"]
+    gone = dict(run, split=str(tmp_path / "gone.txt"), split_sha256=official_digest("Places_LT_train.txt"))
+    assert recipes.paper_row(gone, defaults, official_test)["differs"] == []
+    gone["split_sha256"] = "0" * 64
+    assert recipes.paper_row(gone, defaults)["differs"] == [
+        f"trained on {tmp_path / 'gone.txt'}, not Places_LT_train.txt"]
+
+
+def test_paper_difference_is_run_minus_paper_per_cell_in_the_tables_order():
+    """Distinct values in every cell: any two cells swapped, or the subtraction reversed, fails."""
+    paper = dict(name="paper: X", many=61.0, medium=42.0, few=23.0, overall=34.0, differs=[])
+    acc = dict(many=70.5, medium=40.5, few=None, overall=35.0, mean_per_class=36.0)
+    assert recipes.paper_difference(acc, paper) == {"many": 9.5, "medium": -1.5, "few": None, "overall": 1.0}
+    acc["few"] = 30.0
+    diff = recipes.paper_difference(acc, paper)
+    assert list(diff.items()) == [("many", 9.5), ("medium", -1.5), ("few", 7.0), ("overall", 1.0)]
+    rows = runtime.paper_lines(acc, paper).strip().splitlines()
+    assert rows == ["| paper: X | 61.0 | 42.0 | 23.0 | 34.0 | - |",
+                    "| difference (run - paper) | +9.5 | -1.5 | +7.0 | +1.0 | - |"]
 
 
 # ==============================================================================================
@@ -1667,20 +1750,49 @@ def test_pretrained_recipes_refuse_to_start_without_weights(tiny, tmp_path, caps
     assert not os.path.exists(tmp_path / "o")
 
 
+def difference_row(out):
+    """The cells of the printed '| difference (run - paper) |' row: many, medium, few, overall."""
+    row = next(line for line in out.splitlines() if line.startswith("| difference (run - paper) |"))
+    return [c.strip() for c in row.strip("| \n").split(" | ")[1:5]]
+
+
+STAND_IN = dict(many=55.25, medium=36.0, few=27.0, overall=41.4)  # distinct, and so are their differences
+
+
+def stand_in_accuracy(monkeypatch):
+    """ltaux.shot_accuracy (train.py's and evaluate.py's) with STAND_IN's group values: a 2-epoch tiny run
+    scores alike in every group, where a swap of two cells would not show."""
+    real = ltaux.shot_accuracy
+    monkeypatch.setattr(ltaux, "shot_accuracy", lambda *a, **kw: {**real(*a, **kw), **STAND_IN})
+
+
+def check_paper_difference(m, out, paper=(51.0, 38.5, 21.0, 40.9)):
+    """metrics (test_metrics.json or metrics.json) and the printed table carry run - paper for each cell, in
+    the tables' order: the four cells of the run, of the paper and of the difference are distinct, so any
+    swap shows."""
+    cells = ("many", "medium", "few", "overall")
+    assert tuple(m["paper"][k] for k in cells) == paper and {k: m[k] for k in cells} == STAND_IN
+    assert len({m[k] - m["paper"][k] for k in cells}) == 4
+    assert m["paper_difference"] == {k: pytest.approx(m[k] - m["paper"][k]) for k in cells}
+    assert list(m["paper_difference"]) == list(cells)
+    assert difference_row(out) == [f"{m[k] - m['paper'][k]:+.1f}" for k in cells]
+
+
 @pytest.mark.slow
-def test_a_recipe_runs_table_carries_the_papers_row_and_a_plain_run_does_not(tiny, tmp_path, capsys):
+def test_a_recipe_runs_table_carries_the_papers_row_and_a_plain_run_does_not(tiny, tmp_path, capsys,
+                                                                             monkeypatch):
+    stand_in_accuracy(monkeypatch)
     rc, cap = run_train(tiny, tmp_path / "r", "--recipe", "imagenet_lt_r10", "--method", "cbs_rrs", capsys=capsys)
     assert rc == 0
     row = next(l for l in cap.out.splitlines() if l.startswith("| paper: CBS+RRS, Table 1 (ImageNet-LT, ResNet-10) ("))
     assert "a different protocol: --embed-dim 8, --batch-size 8, --per-class 2, --epochs 2, --lr 0.05, " \
-           "--image-size 16, evaluated on" in row and row.endswith("| 51.0 | 38.5 | 21.0 | 40.9 | - |")
-    m = json.load(open(tmp_path / "r" / "test_metrics.json"))
-    assert m["paper"]["overall"] == 40.9 and m["paper_difference"]["overall"] == pytest.approx(m["overall"] - 40.9)
-    diff = next(l for l in cap.out.splitlines() if l.startswith("| difference (run - paper) |"))
-    assert diff.split(" | ")[4] == f"{m['overall'] - 40.9:+.1f}"
+           f"--image-size 16, trained on {tiny[1]['train']}, not ImageNet_LT_train.txt, " \
+           f"evaluated on {tiny[1]['test']}, not ImageNet_LT_test.txt) |" in row
+    assert row.endswith("| 51.0 | 38.5 | 21.0 | 40.9 | - |") and "--amp" not in row
+    check_paper_difference(json.load(open(tmp_path / "r" / "test_metrics.json")), cap.out)
     rc, cap = ev("--checkpoint", str(tmp_path / "r" / "best.pt"), "--out", str(tmp_path / "e"), capsys=capsys)
     assert rc == 0 and "| paper: CBS+RRS, Table 1 (ImageNet-LT, ResNet-10) (a different protocol" in cap.out
-    assert json.load(open(tmp_path / "e" / "metrics.json"))["paper"]["many"] == 51.0
+    check_paper_difference(json.load(open(tmp_path / "e" / "metrics.json")), cap.out)
     rc, cap = run_train(tiny, tmp_path / "plain", "--epochs", "1", capsys=capsys)
     assert rc == 0 and "paper:" not in cap.out and "paper" not in json.load(open(tmp_path / "plain" / "test_metrics.json"))
 
@@ -2481,6 +2593,7 @@ def test_compare_table_and_figures(eval_runs, tmp_path, capsys):
     rc, cap = ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(out), "--compare", eval_runs["rrs"], eval_runs["cbs"],
                  capsys=capsys)
     assert rc == 0, cap.err
+    assert "note:" not in cap.out  # the runs differ only in --amp and the thresholds: not in what they train
     m = json.load(open(out / "metrics.json"))
     assert [c["method"] for c in m["compare"]] == ["rrs", "cbs"]
     labels = ["CBS+RRS+SS (cbs_rrs_ss)", "RRS-Only (rrs)", "CBS-Only (cbs)"]
@@ -2505,6 +2618,105 @@ def test_compare_table_and_figures(eval_runs, tmp_path, capsys):
     for k in range(3):  # each panel holds points of several of the 6 classes (all tiny classes are picked)
         panel = tsne.crop((k * P + 11, 61, (k + 1) * P - 11, P + 39))
         assert sum(has_color(panel, c) for c in evaluate.PALETTE[:6]) >= 4
+
+
+@pytest.mark.slow
+def test_compare_says_when_the_runs_were_trained_otherwise(eval_runs, tmp_path, capsys):
+    """A baseline of other epochs and lr (a 1-epoch baseline made an 8-epoch run look 20 points better):
+    one note line naming both runs' values; --seed and --amp, which differ too, are not named."""
+    ckpt = torch.load(eval_runs["rrs"], weights_only=True)
+    ckpt["args"].update(epochs=8, lr=0.2, seed=3)
+    (tmp_path / "long").mkdir()
+    torch.save(ckpt, str(tmp_path / "long" / "best.pt"))
+    rc, cap = ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(tmp_path / "e"), "--compare",
+                 str(tmp_path / "long" / "best.pt"), eval_runs["cbs"], capsys=capsys)
+    assert rc == 0, cap.err
+    assert [line for line in cap.out.splitlines() if line.startswith("note:")] == [
+        "note: the gains are not the methods' alone: CBS+RRS+SS (cbs_rrs_ss) was trained with --epochs 1, "
+        "--lr 0.05, but RRS-Only (long) with --epochs 8, --lr 0.2"]
+
+
+def settings_run(label, method="cbs_rrs_ss", **args):
+    defaults = vars(recipes.training_parser().parse_args([]))
+    args = dict(defaults, method=method, **args)
+    return evaluate.Run(f"{label}.pt", None, args, torch.tensor([5, 1]), False, label=label)
+
+
+def test_compare_note_names_only_the_settings_that_shape_training():
+    """Seed, precision and shot thresholds are not named; a baseline's lambdas (unused) and Z (RRS-Only has
+    no class-balanced batch) are not either; cbs_rrs's lambdas are compared where both losses use them."""
+    main = settings_run("M")
+    quiet = [settings_run("R", "rrs", seed=4, amp="off", many=30, few=2, lambdas=[1.0, 2.0, 3.0],
+                          per_class=8),
+             settings_run("C", "cbs_rrs", lambdas=[0.5, 1.0, 0.0]), settings_run("S", rotation="random")]
+    assert evaluate.settings_note(main, quiet) is None
+    loud = [settings_run("C", "cbs", epochs=1, per_class=8),
+            settings_run("A", "cbs_rrs", lambdas=[1.0, 1.0, 0.0]),
+            settings_run("S", rotation="all", arch="resnet50")]
+    assert evaluate.settings_note(main, loud) == (
+        "note: the gains are not the methods' alone: M was trained with --arch resnet10, --per-class 4, "
+        "--epochs 90, --rotation random, --lambdas 0.5 1 1, but C with --per-class 8, --epochs 1, "
+        "A with --lambdas 1 1, "
+        "S with --arch resnet50, --rotation all")
+
+
+def figure_run(accuracy, counts):
+    """A Run as draw_figures reads it: per-class accuracy (None: no test image), training counts, norms."""
+    run = evaluate.Run("r/best.pt", None, {}, torch.tensor(counts), False, label="CBS+RRS+SS (r)")
+    run.metrics = dict(per_class=accuracy, counts=[0 if a is None else 4 for a in accuracy])
+    run.norms = [1.0 + 0.25 * c for c in range(len(counts))]
+    return run
+
+
+def test_accuracy_figure_draws_the_frequency_curve_over_the_bars_and_marks_zero_accuracy():
+    """Class 0's bar reaches 100 %: the orange curve crosses it and must stay visible; class 1 at 0 %
+    gets a marker on the axis; class 2 (no test image) gets nothing there."""
+    counts = [40, 20, 10, 5]
+    run = figure_run([100.0, 0.0, None, 50.0], counts)
+    rows = evaluate.per_class_rows(run, ["a", "b", "c", "d"], 30, 8)  # many, medium, medium, few
+    img = evaluate.draw_figures(run, [], rows, "lists/x_test.txt", [])["accuracy.png"]
+    at = evaluate.Chart("", "", (0, 100), counts, [0, 1, 1, 2])  # the figure's geometry
+    assert img.getpixel((round(at.x(0.5)), round(at.cy(40)))) == evaluate.FREQ_COLOR  # over class 0's bar
+    assert img.getpixel((round(at.x(0.2)), round(at.y(50)))) == evaluate.GROUP_COLORS[0]  # the bar itself
+    assert img.getpixel((round(at.x(1.5)), round(at.y(0)) - 3)) == evaluate.GROUP_COLORS[1]  # 0 %: marked
+    assert img.getpixel((round(at.x(2.5)), round(at.y(0)) - 3)) == (255, 255, 255)  # no test image: nothing
+
+
+def test_weight_norm_figure_does_not_depend_on_the_test_list():
+    """||w_c|| are the weights alone: the same figure whatever list was evaluated (unlike accuracy.png)."""
+    run = figure_run([100.0, 0.0, None, 50.0], [40, 20, 10, 5])
+    rows = evaluate.per_class_rows(run, ["a", "b", "c", "d"], 30, 8)
+    one = evaluate.draw_figures(run, [], rows, "lists/ImageNet_LT_test.txt", [])
+    two = evaluate.draw_figures(run, [], rows, "other/Places_LT_val.txt", [])
+    assert one["weight_norms.png"].tobytes() == two["weight_norms.png"].tobytes()
+    assert one["accuracy.png"].tobytes() != two["accuracy.png"].tobytes()
+
+
+@pytest.mark.parametrize("groups", [[6, 6, 6], [20, 0, 0]])
+def test_tsne_gives_every_shown_class_its_own_colour(groups):
+    """Section 4.6's 18 classes (6 per group) and more than the palette holds: as many distinct colours
+    as classes, each drawn in the legend."""
+    picked = [(c, g) for g, n in enumerate(groups) for c in range(sum(groups[:g]), sum(groups[:g + 1]))]
+    run = evaluate.Run("r/best.pt", None, {}, torch.tensor([1] * len(picked)), False, label="r")
+    run.tsne_labels = [c for c, _ in picked]  # feats None: the legend alone, no t-SNE to compute
+    rows = [dict(name=f"class{c}", train_count=100 - c) for c, _ in picked]
+    img = evaluate.draw_tsne([run], rows, picked, "x_test.txt")
+    colors = evaluate.class_colors(len(picked))
+    assert len(set(colors)) == len(picked) and colors[:18] == list(evaluate.PALETTE)
+    legend = (evaluate.TSNE_PANEL, 0, img.width, img.height)
+    assert all(has_color(img, c, legend) for c in colors)
+
+
+def test_pairwise_distances_are_exact_also_far_from_the_origin():
+    """evaluate.pairwise_sq (torch.cdist) against the definition sum_k (x_ik - x_jk)^2: the same on features
+    as they come, and still exact for close points far from the origin, where |a|^2 + |b|^2 - 2ab is noise."""
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(60, 16, generator=g, dtype=torch.float64),
+              1e6 + 1e-2 * torch.randn(60, 16, generator=g, dtype=torch.float64)):
+        want = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+        got = evaluate.pairwise_sq(x)
+        assert got.shape == (60, 60) and bool((got.diagonal() == 0).all())
+        assert torch.allclose(got, want, rtol=1e-9, atol=0)
 
 
 @pytest.mark.slow

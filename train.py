@@ -348,8 +348,7 @@ def final_test(run):
     if args.rank == 0:
         metrics = {k: acc[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
         if paper:
-            metrics.update(paper=paper, paper_difference={k: None if acc[k] is None else acc[k] - paper[k]
-                                                          for k in ("many", "medium", "few", "overall")})
+            metrics.update(paper=paper, paper_difference=recipes.paper_difference(acc, paper))
         write(run, "test_metrics.json", json.dumps(metrics))
     return None
 
