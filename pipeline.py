@@ -11,7 +11,6 @@ Used by train.py, evaluate.py and bench.py; the method itself is ltaux.py.
 """
 
 import functools
-import hashlib
 import io
 import os
 import signal
@@ -34,6 +33,7 @@ except ImportError:
 
 import bookkeeping
 import ltaux
+import recipes
 from recipes import SMALL_IMAGES
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, applied on the device
@@ -689,18 +689,12 @@ def check_root(ds, probe=8):
 def describe_lists(paths):
     """One line per official list (its sha256 is in data_lists/SHA256SUMS); a warning for a list named
     like an official one whose checksum differs; nothing for the user's own lists."""
-    known, lines = {}, []
-    sums = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists", "SHA256SUMS")
-    if os.path.exists(sums):
-        with open(sums) as f:
-            known = dict(line.split(None, 1) for line in f if line.strip() and not line.startswith("#"))
-    known = {d: n.strip() for d, n in known.items()}
+    lines, names = [], {os.path.basename(n) for n in recipes.official_sums().values()}
     for path in paths:
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest in known:
-            lines.append(f"{path}: official {known[digest]} (sha256 ok)")
-        elif os.path.basename(path) in {os.path.basename(n) for n in known.values()}:
+        name = recipes.official_name(path)
+        if name:
+            lines.append(f"{path}: official {name} (sha256 ok)")
+        elif os.path.basename(path) in names:
             warnings.warn(f"{path}: named like an official list, but its sha256 differs from data_lists/SHA256SUMS")
     return lines
 

@@ -1735,7 +1735,7 @@ def test_recipes_defaults_and_explicit_flags():
     text = " ".join(train.get_args_parser().format_help().split())
     assert "(default: 256)" in text and "(default: cbs_rrs_ss)" in text and "lr = 0.1 * S / 256" in text
     assert "(default: 4)" in text and "(default: [0.5, 1.0, 1.0])" in text
-    assert train.ARCHS == ltaux.LTResNet.ARCHS
+    assert recipes.ARCHS == ltaux.LTResNet.ARCHS
 
 
 @pytest.mark.slow
