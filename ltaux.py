@@ -321,6 +321,10 @@ class LTResNet(nn.Module):
         if wrong:
             raise LTauxError(f"{path}: not {self.arch} weights ({len(wrong)} keys missing, unexpected or "
                              f"of another shape, e.g. {wrong[0]!r})")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:  # refused now: trained on, it would only surface later as a non-finite loss
+            raise LTauxError(f"{path}: pretrained weights hold NaN or inf (first in {bad[0]!r}): not usable "
+                             "weights")
         self.backbone.load_state_dict(state)
 
     def features(self, x):

@@ -268,6 +268,22 @@ def test_pretrained_backbone_loads_torchvision_weights(tmp_path):
         ltaux.LTResNet("resnet18", 5, pretrained=str(tmp_path / "nested.pth"))
 
 
+def test_pretrained_weights_with_nan_or_inf_are_refused_naming_the_first(tmp_path):
+    """--pretrained weights holding NaN or inf are refused at load, in one line naming the file and the
+    first bad tensor in the file's order (fc.*, which is dropped, does not count)."""
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["fc.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "fc_only.pth")
+    ltaux.LTResNet("resnet18", 5, pretrained=str(tmp_path / "fc_only.pth"))  # a NaN in the dropped fc: fine
+    state["layer2.0.conv1.weight"][3, 1, 0, 2] = float("inf")
+    state["layer3.1.bn2.running_var"][7] = float("nan")
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ltaux.LTauxError) as e:
+        ltaux.LTResNet("resnet18", 5, pretrained=str(tmp_path / "bad.pth"))
+    assert str(e.value) == f"{tmp_path / 'bad.pth'}: pretrained weights hold NaN or inf (first in " \
+        "'layer2.0.conv1.weight'): not usable weights"
+
+
 # ----------------------------------------------------------------------------------------------
 # Algorithm 1 line 9 and Eq. 2: rotations and the loss
 
