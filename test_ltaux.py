@@ -30,6 +30,7 @@ import signal
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 
 import pytest
@@ -617,6 +618,29 @@ def test_dataset_bad_image_names_path_and_line(tmp_path, content, reason, read):
     msg = str(e.value)
     assert "s.txt:3" in msg and str(root / "bad.jpg") in msg and reason in msg
     assert "BytesIO" not in msg  # the file is named, not the buffer it was read into
+
+
+@pytest.mark.parametrize("read", ["load_rgb", "read_image", "read_encoded"])
+def test_a_decompression_bomb_warning_names_the_split_line_and_the_image(tmp_path, monkeypatch, read):
+    """Pillow warns of an image above Image.MAX_IMAGE_PIXELS (and up to twice that) without naming it: the
+    dataset re-issues it once per image (read_image's header read and decode warn twice), naming the split
+    line and the image; the image is still read; a smaller image gives no warning; above twice the limit,
+    Pillow's error names the file as every bad image does."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    for name, side in (("small.png", 8), ("big.png", 12), ("huge.png", 16)):  # 64, 144, 256 pixels
+        Image.new("RGB", (side, side), (9, 9, 9)).save(tmp_path / name)
+    split = write_list(tmp_path / "b.txt", ["small.png 0\n", "\n", "big.png 1\n", "huge.png 2\n"])
+    ds = ltaux.SplitDataset(tmp_path, split, read=getattr(ltaux if read == "load_rgb" else pipeline, read))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds.load(0)
+        assert caught == []
+        ds.load(1)
+    assert [w.category for w in caught] == [Image.DecompressionBombWarning]
+    big = tmp_path / "big.png"
+    assert str(caught[0].message).startswith(f"{split}:3: image {big}: Image size (144 pixels) exceeds limit")
+    with pytest.raises(ltaux.LTauxError, match=r"b.txt:4: .*huge.png \(DecompressionBombError"):
+        ds.load(2)
 
 
 @pytest.mark.parametrize("read", ["load_rgb", "read_image"])
