@@ -321,6 +321,10 @@ class LTResNet(nn.Module):
         if wrong:
             raise LTauxError(f"{path}: not {self.arch} weights ({len(wrong)} keys missing, unexpected or "
                              f"of another shape, e.g. {wrong[0]!r})")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:  # refused now: trained on, it would only surface later as a non-finite loss
+            raise LTauxError(f"{path}: pretrained weights hold NaN or inf (first in {bad[0]!r}): not usable "
+                             "weights")
         self.backbone.load_state_dict(state)
 
     def features(self, x):
@@ -640,15 +644,27 @@ class SplitDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def load(self, i, read=None):
-        """Entry i read by `read` (default: self.read); LTauxError names the file and split line on failure."""
+        """Entry i read by `read` (default: self.read); LTauxError names the file and split line on failure.
+        Pillow's DecompressionBombWarning (an image of more than Image.MAX_IMAGE_PIXELS pixels, and at most
+        twice that) is re-issued once, naming the split line and the image; other warnings pass unchanged."""
         full = os.path.join(self.root, self.paths[i])
         try:
             if not stat.S_ISREG(os.stat(full).st_mode):  # a FIFO or device would block or stream forever
                 raise OSError(f"not a regular file")
-            return (read or self.read)(full)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            with warnings.catch_warnings(record=True) as caught:  # the user's filters still apply
+                img = (read or self.read)(full)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:  # the warning: raised where a filter makes it an error
             reason = "file not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
             raise LTauxError(f"{self.split_file}:{self.lines[i]}: cannot read image {full} ({reason})") from None
+        bombs = [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+        if bombs:  # Pillow names no file, and a header read then a decode (read_image) warn twice
+            warnings.warn(f"{self.split_file}:{self.lines[i]}: image {full}: {bombs[0].message}",
+                          bombs[0].category, stacklevel=2)
+        for w in caught:
+            if w not in bombs:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        return img
 
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, None)

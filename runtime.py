@@ -2,7 +2,7 @@
 pipeline (pipeline.py) and the run's files (bookkeeping.py), in three sections:
 
     user errors          report, check_thresholds
-    device, precision    choose_device, cpu_runs_bf16, amp_dtype
+    device, precision    choose_device, cpu_runs_bf16, amp_dtype, guard_narrow_convs
     evaluation           predict, format_table, paper_lines
 """
 
@@ -67,6 +67,33 @@ def amp_dtype(amp, device):
     that runs bf16 natively (cpu_runs_bf16), else off (fp32)."""
     amp = amp or ("bf16" if device.type == "cuda" or cpu_runs_bf16() else "off")
     return amp, AMP_DTYPES[amp]
+
+
+class NarrowInputConv2d(torch.nn.Conv2d):
+    """A Conv2d that runs in fp32, its autocast suspended, when it is strided, the input is on the CPU under
+    autocast and narrower or lower than the stride (W < stride or H < stride): there oneDNN's bf16
+    weight-gradient kernel reads uninitialised memory for the taps that see only padding (NaN or wrong
+    weight gradients; docs/implementation.md). Such inputs are tiny (e.g. (B, 256, 1, 1)), so fp32 costs
+    nothing. Elsewhere, and on CUDA, it is nn.Conv2d. Input (B, C_in, H, W) -> (B, C_out, H', W')."""
+
+    def forward(self, x):
+        if x.is_cpu and (x.shape[-1] < self.stride[1] or x.shape[-2] < self.stride[0]) \
+                and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def guard_narrow_convs(model, device):
+    """For training on a CPU (device): make every strided nn.Conv2d of model a NarrowInputConv2d, in place
+    (the same parameters, so the same state_dict keys; DistributedDataParallel and torch.compile work as
+    before). On CUDA the model is left as it is. Returns model."""
+    if device.type != "cpu":
+        return model
+    for m in model.modules():
+        if type(m) is torch.nn.Conv2d and max(m.stride) > 1:
+            m.__class__ = NarrowInputConv2d
+    return model
 
 
 # ----------------------------------------------------------------------------------------------

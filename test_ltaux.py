@@ -30,6 +30,7 @@ import signal
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 
 import pytest
@@ -267,6 +268,22 @@ def test_pretrained_backbone_loads_torchvision_weights(tmp_path):
     torch.save({"model": tv.state_dict()}, tmp_path / "nested.pth")
     with pytest.raises(ltaux.LTauxError, match="nested.pth: not a state dict of tensors"):
         ltaux.LTResNet("resnet18", 5, pretrained=str(tmp_path / "nested.pth"))
+
+
+def test_pretrained_weights_with_nan_or_inf_are_refused_naming_the_first(tmp_path):
+    """--pretrained weights holding NaN or inf are refused at load, in one line naming the file and the
+    first bad tensor in the file's order (fc.*, which is dropped, does not count)."""
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["fc.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "fc_only.pth")
+    ltaux.LTResNet("resnet18", 5, pretrained=str(tmp_path / "fc_only.pth"))  # a NaN in the dropped fc: fine
+    state["layer2.0.conv1.weight"][3, 1, 0, 2] = float("inf")
+    state["layer3.1.bn2.running_var"][7] = float("nan")
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ltaux.LTauxError) as e:
+        ltaux.LTResNet("resnet18", 5, pretrained=str(tmp_path / "bad.pth"))
+    assert str(e.value) == f"{tmp_path / 'bad.pth'}: pretrained weights hold NaN or inf (first in " \
+        "'layer2.0.conv1.weight'): not usable weights"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,6 +619,29 @@ def test_dataset_bad_image_names_path_and_line(tmp_path, content, reason, read):
     msg = str(e.value)
     assert "s.txt:3" in msg and str(root / "bad.jpg") in msg and reason in msg
     assert "BytesIO" not in msg  # the file is named, not the buffer it was read into
+
+
+@pytest.mark.parametrize("read", ["load_rgb", "read_image", "read_encoded"])
+def test_a_decompression_bomb_warning_names_the_split_line_and_the_image(tmp_path, monkeypatch, read):
+    """Pillow warns of an image above Image.MAX_IMAGE_PIXELS (and up to twice that) without naming it: the
+    dataset re-issues it once per image (read_image's header read and decode warn twice), naming the split
+    line and the image; the image is still read; a smaller image gives no warning; above twice the limit,
+    Pillow's error names the file as every bad image does."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    for name, side in (("small.png", 8), ("big.png", 12), ("huge.png", 16)):  # 64, 144, 256 pixels
+        Image.new("RGB", (side, side), (9, 9, 9)).save(tmp_path / name)
+    split = write_list(tmp_path / "b.txt", ["small.png 0\n", "\n", "big.png 1\n", "huge.png 2\n"])
+    ds = ltaux.SplitDataset(tmp_path, split, read=getattr(ltaux if read == "load_rgb" else pipeline, read))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds.load(0)
+        assert caught == []
+        ds.load(1)
+    assert [w.category for w in caught] == [Image.DecompressionBombWarning]
+    big = tmp_path / "big.png"
+    assert str(caught[0].message).startswith(f"{split}:3: image {big}: Image size (144 pixels) exceeds limit")
+    with pytest.raises(ltaux.LTauxError, match=r"b.txt:4: .*huge.png \(DecompressionBombError"):
+        ds.load(2)
 
 
 @pytest.mark.parametrize("read", ["load_rgb", "read_image"])
@@ -1218,6 +1258,81 @@ def test_sigint_while_decoding_into_memory_ends_after_the_batch(tiny, tmp_path, 
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
+# device and precision: convolutions narrower than their stride train in fp32 on the CPU
+
+
+def conv_outputs(model, x, amp):
+    """{conv name: (input width, output dtype)} of one forward pass of x (B, 3, H, W) under CPU autocast."""
+    seen, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            record = lambda _, i, o, name=name: seen.update({name: (i[0].shape[-1], o.dtype)})  # noqa: E731
+            hooks.append(m.register_forward_hook(record))
+    with torch.autocast("cpu", dtype=amp):
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_build_model_keeps_convs_narrower_than_their_stride_in_fp32_on_the_cpu(tiny, tmp_path):
+    """At 16 px ResNet-10's layer4 sees 1 x 1 inputs: its two stride-2 convolutions run in fp32 under CPU
+    bf16 autocast, every other convolution in bf16 (a guard that misses them, or one that turns the whole
+    network fp32, fails); the weights and state_dict keys are a plain LTResNet's; CUDA models are left
+    alone."""
+    args, _ = train.parse_args(base_args(tiny, tmp_path / "o"))
+    args.world_size = 1
+    torch.manual_seed(0)
+    model = train.build_model(args, 6, torch.device("cpu"))
+    torch.manual_seed(0)
+    plain = ltaux.LTResNet("resnet10", 6, 8).state_dict()
+    assert list(model.state_dict()) == list(plain)
+    assert all(torch.equal(v, plain[k]) for k, v in model.state_dict().items())
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    got = conv_outputs(model, x, torch.bfloat16)
+    fp32 = {name for name, (_, dtype) in got.items() if dtype == torch.float32}
+    assert fp32 == {"backbone.layer4.0.conv1", "backbone.layer4.0.downsample.0"}, got
+    assert all(width == 1 for name, (width, _) in got.items() if name in fp32)
+    assert all(dtype == torch.bfloat16 for name, (_, dtype) in got.items() if name not in fp32)
+    cuda = runtime.guard_narrow_convs(ltaux.LTResNet("resnet10", 6, 8), torch.device("cuda"))
+    assert all(type(m) is not runtime.NarrowInputConv2d for m in cuda.modules())
+
+
+@pytest.mark.skipif(not runtime.cpu_runs_bf16(), reason="oneDNN computes no bf16 on this CPU")
+def test_weight_gradients_of_convs_narrower_than_their_stride_are_right_under_cpu_bf16(tiny, tmp_path):
+    """oneDNN's bf16 weight-gradient kernel of a padded convolution whose input is narrower than its stride
+    leaves garbage (NaN now and then) in the taps that see only padding, in most steps on a CPU with native
+    bf16. Through the guard, under bf16 autocast: the fp32 gradient in every trial, for stride 2, 3 and 4;
+    and in a 16 px ResNet-10 as train.py builds it, layer4's first convolution (input 1 x 1) gets gradient
+    only in its centre tap, step after step."""
+    torch.manual_seed(0)
+    for stride, width in ((2, 1), (3, 2), (4, 3)):
+        conv = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, stride, 1, bias=False))
+        runtime.guard_narrow_convs(conv, torch.device("cpu"))
+        w = conv[0].weight
+        for _ in range(40):
+            x = torch.randn(2, 16, 4, width).contiguous(memory_format=torch.channels_last)
+            w.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                conv(x).float().sum().backward()
+            ref, = torch.autograd.grad(F.conv2d(x, w, stride=stride, padding=1).sum(), w)
+            assert (w.grad[..., 0] == 0).all(), (stride, width)  # the taps left of the input see only padding
+            assert torch.allclose(w.grad, ref, rtol=1e-5, atol=1e-5), (stride, width)
+    args, _ = train.parse_args(base_args(tiny, tmp_path / "o"))
+    args.world_size = 1
+    model = train.build_model(args, 6, torch.device("cpu"))
+    w = model.backbone.layer4[0].conv1.weight
+    for _ in range(20):
+        x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F.cross_entropy(model(x), torch.arange(8) % 6).backward()
+        border = w.grad.clone()
+        border[:, :, 1, 1] = 0
+        assert torch.isfinite(w.grad).all() and (border == 0).all() and (w.grad[:, :, 1, 1] != 0).any()
+
+
+# ----------------------------------------------------------------------------------------------
 # files: atomic writes, a second signal while writing
 
 
@@ -1333,12 +1448,14 @@ def tiny(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
-def base_args(tiny, out, *extra):
+def base_args(tiny, out, *extra, amp="off"):
+    """A tiny run's command line. amp: its --amp, fp32 unless a test is about precision (None: --amp's
+    default, which depends on the CPU), so that no test depends on the machine's precision."""
     root, lists = tiny
     return ["--data", str(root), "--split", lists["train"], "--val-split", lists["val"], "--test-split",
             lists["test"], "--arch", "resnet10", "--image-size", "16", "--batch-size", "8", "--per-class", "2",
             "--embed-dim", "8", "--epochs", "2", "--workers", "0", "--device", "cpu", "--print-freq", "4",
-            "--lr", "0.05", "--out", str(out), *extra]
+            "--lr", "0.05", "--out", str(out), *(["--amp", amp] if amp else []), *extra]
 
 
 def run_train(tiny, out, *extra, capsys=None):
@@ -1645,14 +1762,18 @@ def test_in_memory_and_worker_paths_train_the_same_weights(tiny, tmp_path, capsy
 @pytest.mark.slow
 @pytest.mark.parametrize("supported", [True, False])
 def test_cpu_amp_default_is_bf16_only_where_the_cpu_runs_bf16(tiny, tmp_path, capsys, monkeypatch, supported):
-    """--amp's default on a CPU follows oneDNN's bf16 query (emulated bf16 is ~10x slower: fp32 there); an
-    explicit --amp wins; a CUDA device is bf16 either way."""
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+    """--amp's default on a CPU follows runtime.cpu_runs_bf16, itself oneDNN's bf16 query (emulated bf16 is
+    ~10x slower: fp32 there); an explicit --amp wins; a CUDA device is bf16 either way."""
+    with monkeypatch.context() as m:
+        m.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+        assert runtime.cpu_runs_bf16() == supported
+    monkeypatch.setattr(runtime, "cpu_runs_bf16", lambda: supported)
     cpu = torch.device("cpu")
     assert runtime.amp_dtype(None, cpu) == (("bf16", torch.bfloat16) if supported else ("off", None))
     assert runtime.amp_dtype("off", cpu) == ("off", None) and runtime.amp_dtype(None, torch.device("cuda"))[0] == "bf16"
-    rc, cap = run_train(tiny, tmp_path / "o", "--epochs", "1", "--method", "rrs", capsys=capsys)
-    assert rc == 0 and f"device: cpu, 1 process, amp {'bf16' if supported else 'off'};" in cap.out
+    rc = train.main(base_args(tiny, tmp_path / "o", "--epochs", "1", "--method", "rrs", amp=None))
+    out = capsys.readouterr().out
+    assert rc == 0 and f"device: cpu, 1 process, amp {'bf16' if supported else 'off'};" in out
 
 
 @pytest.fixture(scope="module")
@@ -1666,7 +1787,7 @@ def test_train_decode_gpu_trains_exactly_as_decode_cpu(jpeg_tiny, tmp_path, monk
     root, split = jpeg_tiny
     common = ["--data", str(root), "--split", split, "--arch", "resnet10", "--image-size", "64",
               "--batch-size", "6", "--per-class", "2", "--embed-dim", "8", "--epochs", "1", "--device", "cpu",
-              "--print-freq", "1", "--lr", "0.05"]
+              "--print-freq", "1", "--lr", "0.05", "--amp", "off"]
     assert train.main(common + ["--out", str(tmp_path / "gpu"), "--decode", "gpu"]) == 2
     assert "--decode gpu needs a CUDA device (this run is on cpu)" in capsys.readouterr().err
     assert train.main(common + ["--out", str(tmp_path / "c"), "--decode", "gpu", "--image-size", "32"]) == 2
@@ -2071,8 +2192,11 @@ def test_an_output_folder_that_vanishes_mid_run_ends_in_one_line(tiny, tmp_path,
             shutil.rmtree(out) if how == "deleted" else os.rename(out, tmp_path / "moved")
         return real(run, images, labels, step, gen)
     monkeypatch.setattr(train, "train_step", step)
-    msg = bad_run(tiny, tmp_path, capsys)
-    assert msg.startswith(f"error: {out / 'best.pt'}: cannot write it (No such file or directory)")
+    msg = bad_run(tiny, tmp_path, capsys)  # one line, exit status 2, no traceback
+    # best.pt, log.jsonl or last.pt comes first, as epoch 1 improves validation or not: any of them will do
+    files = "|".join(map(re.escape, train.RUN_FILES))
+    assert re.match(rf"error: {re.escape(str(out))}/({files}): cannot write it \(No such file or directory\)",
+                    msg), msg
     assert msg.endswith(f"; {out} is gone (deleted or renamed)")
     if how == "renamed":  # the last good checkpoint went with the folder, whole
         assert bookkeeping.load_checkpoint(str(tmp_path / "moved" / "last.pt"))["epoch"] == 1
@@ -2795,7 +2919,8 @@ def test_protocol_table_is_computed_from_the_runs_metrics(tiny, tmp_path, capsys
     cmd = ["--data", str(root), "--split", lists["train"], "--test-split", lists["test"], "--recipe", "none",
            "--methods", "rrs", "--seeds", "0", "1", "--epochs", "1", "--parallel", "2", "--device", "cpu",
            "--out", str(tmp_path / "p"), "--", "--arch", "resnet10", "--image-size", "16", "--batch-size",
-           "8", "--per-class", "2", "--embed-dim", "8", "--lr", "0.05", "--many", "30", "--few", "5"]
+           "8", "--per-class", "2", "--embed-dim", "8", "--lr", "0.05", "--many", "30", "--few", "5",
+           "--amp", "off"]
     assert cifar_lt.main(cmd) == 0
     out = capsys.readouterr().out
     assert out.count("started rrs_s") == 2 and "finished rrs_s0: exit 0" in out and "failed" not in out

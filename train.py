@@ -90,7 +90,7 @@ def build_model(args, num_classes, device):
         model.backbone.requires_grad_(False)
     if args.sync_bn and args.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(device, memory_format=torch.channels_last)
+    return runtime.guard_narrow_convs(model, device).to(device, memory_format=torch.channels_last)
 
 
 def build_optimizer(model, args, device):
