@@ -167,11 +167,11 @@ class FolderLock:
 class OutputFolder:
     """--out for one job (a training, an evaluation): made if missing, checked, locked. It refuses a folder
     that holds another job's `files` unless `own` (the run resumed here, the same evaluation again) or
-    `overwrite`; with overwrite those files wait in .replaced-by-<pid>/ until the new job has written its first
-    file (commit()), and come back if it fails first (close(failed=True)). A .replaced-by-* left by a killed
+    `overwrite`; with overwrite those it will write (`replaced`, default all) wait in .replaced-by-<pid>/ until
+    the new job has written its first file (commit()), and come back if it fails first (close(failed=True)). A .replaced-by-* left by a killed
     job is put back, or named when that job had already written files of its own."""
 
-    def __init__(self, path, files, what, overwrite=False, own=False):
+    def __init__(self, path, files, what, overwrite=False, own=False, replaced=None):
         check_out(path)
         self.path, self.files, self.created, self.aside = path, files, not os.path.exists(path), None
         os.makedirs(path, exist_ok=True)
@@ -188,6 +188,7 @@ class OutputFolder:
                 hint = f"pass --resume {last} to continue it, " if "last.pt" in taken else "pass "
                 raise LTauxError(f"{path}: holds another {what} ({', '.join(taken)}); {hint}--overwrite to replace "
                                  "it, or another --out")
+            taken = [f for f in taken if replaced is None or f in replaced]
             if taken and not own:
                 self.aside = os.path.join(path, f".replaced-by-{os.getpid()}")
                 os.mkdir(self.aside)

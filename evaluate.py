@@ -296,7 +296,7 @@ def claim_out(args, files):
     earlier = bookkeeping.read_json(os.path.join(args.out, "metrics.json"))
     own = isinstance(earlier, dict) and earlier.get("checkpoint") == os.path.abspath(args.checkpoint) and \
         earlier.get("split") == os.path.abspath(args.split)
-    folder = bookkeeping.OutputFolder(args.out, OUTPUTS, "evaluation", args.overwrite, own)
+    folder = bookkeeping.OutputFolder(args.out, OUTPUTS, "evaluation", args.overwrite, own, replaced=files)
     for f in set(earlier.get("files", []) if own else []) & set(OUTPUTS) - set(files):
         if os.path.isfile(os.path.join(args.out, f)):
             os.remove(os.path.join(args.out, f))

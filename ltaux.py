@@ -639,6 +639,7 @@ class SplitDataset(torch.utils.data.Dataset):
         self.paths, self.labels, self.lines = read_split(
             split_file, allow_unsafe_paths=allow_unsafe_paths, return_lines=True)
         self.num_classes = max(self.labels) + 1
+        self.warned = {}  # the warnings registry of the image reads (load)
 
     def __len__(self):
         return len(self.paths)
@@ -663,7 +664,8 @@ class SplitDataset(torch.utils.data.Dataset):
                           bombs[0].category, stacklevel=2)
         for w in caught:
             if w not in bombs:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source,
+                                       registry=self.warned)  # once per place, as outside catch_warnings
         return img
 
     def __getitem__(self, item):

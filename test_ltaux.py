@@ -1976,6 +1976,11 @@ def test_device_and_out_mistakes(tiny, tmp_path, capsys, monkeypatch):
     assert f"--out {tmp_path / 'ro' / 'run'}: {tmp_path / 'ro'} is not writable" in bad_run(tiny, tmp_path, capsys,
                                                                                            out="ro/run")
     assert not (tmp_path / "ro" / "run").exists()
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")  # a link to a folder that was never made
+    msg = bad_run(tiny, tmp_path, capsys, out="dangling")
+    assert f"{tmp_path / 'dangling'} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist" in msg
+    assert f"--out {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} is a file, not a folder" in bad_run(
+        tiny, tmp_path, capsys, out="afile/run")  # not "is not writable", not a traceback
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2074,7 +2079,7 @@ def test_check_files_lists_every_failure(tiny, tmp_path, capsys):
 @pytest.mark.slow
 def test_non_finite_loss_stops_before_anything_is_saved(tiny, tmp_path, capsys):
     msg = bad_run(tiny, tmp_path, capsys, "--lr", "1e30")
-    assert "non-finite loss at step" in msg and "cbs" in msg and "no checkpoint yet" in msg
+    assert "non-finite loss at step" in msg and "cbs" in msg and "no checkpoint was written yet" in msg
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -2086,7 +2091,7 @@ def test_weights_are_checked_after_the_update_and_before_any_save(tiny, tmp_path
     msg = bad_run(tiny, tmp_path, capsys, "--batch-size", "92", "--per-class", "46", "--method", "rrs",
                   "--lr", "1e30", "--weight-decay", "1e10", "--epochs", "1")
     assert "non-finite weights (" in msg and "at the end of epoch 0" in msg and "nothing saved" in msg
-    assert msg.endswith("; no checkpoint yet")
+    assert msg.endswith("; no checkpoint was written yet")
     assert not os.path.exists(tmp_path / "o")
     ok = tmp_path / "ok"
     assert run_train(tiny, ok, "--epochs", "1", capsys=capsys)[0] == 0
@@ -2109,14 +2114,14 @@ def test_another_run_in_out_is_refused_until_every_input_is_valid(runs, tiny, tm
     shutil.copytree(runs["cbs_rrs_ss"][0], out)
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     msg = bad_run(tiny, tmp_path, capsys, "--epochs", "1")
-    assert "holds another run" in msg and "--resume" in msg and "--overwrite" in msg
+    assert "holds another training" in msg and "--resume" in msg and "--overwrite" in msg
     msg = bad_run(tiny, tmp_path, capsys, "--overwrite", lists={"train": str(tmp_path / "t_trian.txt")})
     assert "split list not found" in msg  # a typo with --overwrite: the finished run is still there
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
     other = tmp_path / "other"
     shutil.copytree(runs["rrs"][0], other)
     rc = train.main(["--resume", str(other / "last.pt"), "--out", str(out), "--epochs", "3"])
-    assert rc == 2 and "holds another run" in capsys.readouterr().err  # resume into a third run's folder
+    assert rc == 2 and "holds another training" in capsys.readouterr().err  # resume into a third run's folder
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
     assert run_train(tiny, out, "--epochs", "1", "--overwrite", capsys=capsys)[0] == 0
     assert len(read_log(out)) == 1
@@ -2132,7 +2137,7 @@ def test_a_running_training_owns_its_folder(tiny, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     os.symlink(tmp_path / "notes.txt", out / ".lock")
     holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); import bookkeeping\n"
-                               "lock = bookkeeping.FolderLock(sys.argv[1])\nprint('locked', flush=True)\nsys.stdin.read()",
+                               "lock = bookkeeping.FolderLock(sys.argv[1], 'training')\nprint('locked', flush=True)\nsys.stdin.read()",
                                str(out), HERE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
@@ -2213,7 +2218,7 @@ def test_a_full_disk_at_a_save_ends_in_one_line_and_leaves_no_temporary_file(tin
     err = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert p.returncode == 2 and len(err) == 1 and "Traceback" not in p.stderr, p.stderr
     assert err[0] == f"error: {tmp_path / 'o' / 'best.pt'}: cannot write it (written short: the disk is full or a " \
-        "file-size limit was reached); no checkpoint yet"
+        "file-size limit was reached); no checkpoint was written yet"
     assert not (tmp_path / "o").exists()  # made by the run, left without a file (no .tmp either): removed
 
 
@@ -2452,7 +2457,7 @@ def test_a_killed_loader_worker_ends_the_run_in_one_line(tiny, tmp_path, capsys,
         return real(self, key)
     monkeypatch.setattr(pipeline.SeededCifar, "__getitem__", item)
     msg = bad_run(tiny, tmp_path, capsys, "--in-memory", "off", "--workers", "1")
-    assert "a data-loader worker died (DataLoader worker (pid" in msg and msg.endswith("; no checkpoint yet")
+    assert "a data-loader worker died (DataLoader worker (pid" in msg and msg.endswith("; no checkpoint was written yet")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2684,11 +2689,11 @@ def test_evaluate_owns_exactly_the_files_it_writes(eval_runs, tmp_path, capsys):
     out.mkdir()
     (out / "gain.png").write_bytes(b"mine")  # not written by evaluate.py
     rc, cap = ev("--checkpoint", eval_runs["cbs"], "--out", str(out), capsys=capsys)
-    assert rc == 2 and cap.err.count("\n") == 1 and "gain.png of another evaluation" in cap.err and "--overwrite" in cap.err
+    assert rc == 2 and cap.err.count("\n") == 1 and "holds another evaluation (gain.png)" in cap.err and "--overwrite" in cap.err
     assert ev("--checkpoint", eval_runs["cbs"], "--out", str(out), "--overwrite", capsys=capsys)[0] == 0
     assert (out / "gain.png").read_bytes() == b"mine"  # replaced only what it writes; deleted nothing
     rc, cap = ev("--checkpoint", eval_runs["rrs"], "--out", str(out), capsys=capsys)  # another checkpoint's
-    assert rc == 2 and "of another evaluation" in cap.err
+    assert rc == 2 and "holds another evaluation" in cap.err
     own = tmp_path / "own"
     assert ev("--checkpoint", eval_runs["cbs_rrs_ss"], "--out", str(own), "--compare", eval_runs["rrs"], capsys=capsys)[0] == 0
     assert {"gain.png", "tsne.png"} <= set(os.listdir(own))
@@ -2889,7 +2894,7 @@ def test_help_and_imports():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported <= {"argparse", "collections", "csv", "dataclasses", "io", "json", "math", "os", "sys", "torch",
-                        "PIL", "ltaux", "pipeline", "recipes", "runtime", "train"}  # train: the checkpoints' schema
+                        "PIL", "bookkeeping", "ltaux", "pipeline", "recipes", "runtime"}  # never train.py
 
 
 @pytest.mark.slow
