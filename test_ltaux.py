@@ -1661,8 +1661,8 @@ def test_build_model_freezes_the_heads_a_method_does_not_use(method, trained):
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, lambdas, rotation, x_rows", [
     (["--method", "cbs_rrs_ss", "--rotation", "all", "--lambdas", "1", "2", "0.5"], [1.0, 2.0, 0.5], "all", 8),
-    (["--method", "cbs_rrs", "--lambdas", "0.3", "2", "0"], [0.3, 2.0, 0.0], "off", 8),
-    (["--method", "cbs_rrs", "--rotation-aug", "--rotation", "all"], [0.5, 1.0, 0.0], "off", 40),
+    (["--method", "cbs_rrs", "--lambdas", "0.3", "2", "0"], [0.3, 2.0], "off", 8),
+    (["--method", "cbs_rrs", "--rotation-aug", "--rotation", "all"], [0.5, 1.0], "off", 40),
 ])
 def test_train_py_honours_lambdas_and_rotation_flags(tiny, tmp_path, capsys, monkeypatch, extra, lambdas,
                                                      rotation, x_rows):
@@ -1957,7 +1957,8 @@ def test_help_is_fast_and_needs_no_torch():
     (["--many", "10", "--few", "10"], "--many 10 --few 10: need whole numbers with 0 <= --few < --many"),
     (["--in-memory", "on", "--image-size", "64"], "--in-memory on is for the CIFAR recipe's small images"),
     (["--lr", "1e300"], "--lr 1e+300: must be a finite number in [0, 1e+30]"),  # past fp32: SGD would overflow
-    (["--lr", "1e29"], "non-finite"),  # finite, absurd: the run stops at the first non-finite loss or weight
+    (["--lr", "1e29"], "non-finite"),
+    (["--batch-size", "10"], "--batch-size 10 --per-class 2 with "),  # S is not a multiple of Z: both flags named  # finite, absurd: the run stops at the first non-finite loss or weight
 ])
 def test_bad_arguments(tiny, tmp_path, capsys, extra, expect):
     assert expect in bad_run(tiny, tmp_path, capsys, *extra)
@@ -1994,7 +1995,8 @@ def test_device_and_out_mistakes(tiny, tmp_path, capsys, monkeypatch):
     (["train/c0/0.png 0\n", "train/c0/1.png -3\n"], "bad_train.txt:2: label -3 is negative"),
     ([], "bad_train.txt: split list is empty"),
     (["train/c0/%d.png 0\n" % i for i in range(10)] + ["train/c2/%d.png 2\n" % i for i in range(10)],
-     "bad_train.txt: classes [1] have no training image"),
+     "bad_train.txt: classes [1] have no training image (labels must be 0..C-1 without gaps); the labels above "
+     "the first gap are on lines 11 (label 2), 12 (label 2), 13 (label 2)..."),
 ])
 def test_bad_train_list(tiny, tmp_path, capsys, rows, expect):
     bad = write_list(tmp_path / "bad_train.txt", rows)
@@ -2356,6 +2358,86 @@ def test_a_damaged_log_on_resume_is_read_around(runs, tmp_path, capsys):
     (out / ".last.pt.tmp4242").write_bytes(b"half a checkpoint")  # what a SIGKILL during a save leaves
     assert train.main(["--resume", str(out / "last.pt"), "--epochs", "3"]) == 0
     assert [r["epoch"] for r in read_log(out)] == [0, 1, 2] and not (out / ".last.pt.tmp4242").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_never_rewinds_its_folder(tiny, tmp_path, capsys):
+    """--resume of a checkpoint behind the folder's last.pt (a best.pt, an older copy) is refused in one line
+    naming last.pt, and nothing in the folder changes; --out NEW continues it elsewhere. --epochs below what
+    the checkpoint has trained and --init with --resume are refused too."""
+    out = tmp_path / "o"
+    assert run_train(tiny, out, "--epochs", "1", capsys=capsys)[0] == 0
+    shutil.copy(out / "last.pt", out / "epoch1.pt")
+    assert train.main(["--resume", str(out / "last.pt"), "--epochs", "2"]) == 0
+    capsys.readouterr()
+    before = {f: (out / f).read_bytes() for f in ("last.pt", "log.jsonl")}
+    assert train.main(["--resume", str(out / "epoch1.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out / 'last.pt'} is further on" in err and "--out" in err
+    assert {f: (out / f).read_bytes() for f in before} == before  # neither cut back nor overwritten
+    assert train.main(["--resume", str(out / "epoch1.pt"), "--out", str(tmp_path / "branch"), "--epochs", "2"]) == 0
+    assert [r["epoch"] for r in read_log(tmp_path / "branch")] == [0, 1]  # epoch 0 carried over, 1 trained
+    capsys.readouterr()
+    assert train.main(["--resume", str(out / "last.pt"), "--epochs", "1"]) == 2
+    assert "--epochs 1: the resumed run" in capsys.readouterr().err
+    assert train.main(["--resume", str(out / "last.pt"), "--init", str(out / "epoch1.pt")]) == 2
+    assert "--init" in capsys.readouterr().err
+    assert (out / "log.jsonl").read_bytes() == before["log.jsonl"]
+
+
+@pytest.mark.slow
+def test_a_killed_overwrite_never_hides_a_run(tiny, tmp_path, capsys):
+    """A run SIGKILLed during --overwrite left the replaced run in .replaced-by-PID/ and an empty-looking
+    folder: the next train.py puts it back (and then refuses to train over it without --overwrite); when the
+    killed run had written files of its own, it names where the old run is and trains nothing."""
+    out = tmp_path / "o"
+    assert run_train(tiny, out, "--epochs", "1", capsys=capsys)[0] == 0
+    old = (out / "last.pt").read_bytes()
+    aside = out / ".replaced-by-99999999"
+    aside.mkdir()
+    for f in ("last.pt", "best.pt", "log.jsonl", "test_metrics.json"):
+        os.replace(out / f, aside / f)
+    msg = bad_run(tiny, tmp_path, capsys, "--epochs", "1")
+    assert "holds another training" in msg and (out / "last.pt").read_bytes() == old and not aside.exists()
+    os.mkdir(aside)
+    os.replace(out / "last.pt", aside / "last.pt")  # the killed run had written its own best.pt already
+    msg = bad_run(tiny, tmp_path, capsys, "--epochs", "1", "--overwrite")
+    assert f"{aside}: holds the files that an interrupted --overwrite was replacing" in msg
+    assert (aside / "last.pt").read_bytes() == old and not (out / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_keeps_absolute_paths(tiny, tmp_path, capsys, monkeypatch):
+    """Trained with a relative --data and lists, the run is evaluated from another folder on the same data."""
+    root, lists = tiny
+    monkeypatch.chdir(root)
+    rel = {k: os.path.relpath(v, root) for k, v in lists.items()}
+    args = base_args((".", rel), tmp_path / "o", "--epochs", "1")
+    assert train.main(args) == 0
+    saved = bookkeeping.load_checkpoint(str(tmp_path / "o" / "best.pt"))["args"]
+    assert saved["data"] == str(root) and saved["test_split"] == lists["test"] and saved["split"] == lists["train"]
+    monkeypatch.chdir(tmp_path)
+    assert ev("--checkpoint", str(tmp_path / "o" / "best.pt"), capsys=capsys)[0] == 0
+
+
+def test_a_newer_checkpoint_is_called_newer(tmp_path):
+    torch.save({"format": "ltaux-checkpoint-v3"}, tmp_path / "new.pt")
+    torch.save({"format": "ltaux-checkpoint-v1"}, tmp_path / "old.pt")
+    with pytest.raises(ltaux.LTauxError, match="written by a newer ltaux: update ltaux"):
+        bookkeeping.load_checkpoint(str(tmp_path / "new.pt"))
+    with pytest.raises(ltaux.LTauxError, match="written by an older ltaux"):
+        bookkeeping.load_checkpoint(str(tmp_path / "old.pt"))
+
+
+def test_a_folder_lock_tells_which_job_holds_it(tmp_path):
+    """evaluate.py on a folder a training holds says a training holds it (not "another evaluation")."""
+    lock = bookkeeping.FolderLock(str(tmp_path), "training")
+    try:
+        with pytest.raises(ltaux.LTauxError, match="in use by another training that is still running"):
+            bookkeeping.OutputFolder(str(tmp_path), ("metrics.json",), "evaluation")
+    finally:
+        lock.release()
+    assert os.listdir(tmp_path) == []  # the note went with the lock
 
 
 # ----------------------------------------------------------------------------------------------
