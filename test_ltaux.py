@@ -1958,7 +1958,7 @@ def test_help_is_fast_and_needs_no_torch():
     (["--in-memory", "on", "--image-size", "64"], "--in-memory on is for the CIFAR recipe's small images"),
     (["--lr", "1e300"], "--lr 1e+300: must be a finite number in [0, 1e+30]"),  # past fp32: SGD would overflow
     (["--lr", "1e29"], "non-finite"),
-    (["--batch-size", "10"], "--batch-size 10 --per-class 2 with "),  # S is not a multiple of Z: both flags named  # finite, absurd: the run stops at the first non-finite loss or weight
+    (["--batch-size", "10", "--per-class", "3"], "--batch-size 10 --per-class 3 with "),  # S / Z: both flags named  # finite, absurd: the run stops at the first non-finite loss or weight
 ])
 def test_bad_arguments(tiny, tmp_path, capsys, extra, expect):
     assert expect in bad_run(tiny, tmp_path, capsys, *extra)

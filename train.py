@@ -22,6 +22,7 @@ import recipes
 from recipes import METHODS, RECIPES
 
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "test_metrics.json")  # what a run writes in --out
+DECODE_DEVICES = ("cuda",)  # where --decode gpu may run (the tests add the CPU: the same code, checked there)
 
 
 def get_args_parser():
@@ -361,7 +362,7 @@ def setup_processes(args):
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (1 process without torchrun); NCCL on CUDA, gloo on CPU."""
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = runtime.choose_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if args.decode == "gpu" and device.type != "cuda":
+    if args.decode == "gpu" and device.type not in DECODE_DEVICES:
         raise LTauxError(f"--decode gpu needs a CUDA device (this run is on {device.type}): use --decode cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
