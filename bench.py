@@ -3,7 +3,8 @@
 
 examples:
   python bench.py                                   # CPU defaults, a few minutes on 2 cores
-  python bench.py --images /imagenet/train/n01440764 --device cuda --arch resnet50 --image-size 224 --batch-size 64
+  python bench.py --images /imagenet/train/n01440764 --device cuda --arch resnet50 --image-size 224 \
+--batch-size 64
 
 sampler: batches/s and indices/s of AuxBatchSampler on a Places-LT-like label profile (--labels: a split
          list to use instead), and its cost per step.
@@ -46,10 +47,12 @@ def get_args_parser():
     p.add_argument("--num-classes", type=int, default=1000, help="width of the classifier heads")
     p.add_argument("--steps", type=int, default=8, help="timed steps of each kind")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
-    p.add_argument("--amp", default=None, choices=["bf16", "off"], help="autocast (None: bf16 on CUDA and on CPUs that run bf16 "
-                   "natively, off elsewhere)")
+    p.add_argument("--amp", default=None, choices=["bf16", "off"],
+                   help="autocast (None: bf16 on CUDA and on CPUs that run bf16 "
+                        "natively, off elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--loader-images", type=int, default=400, help="images decoded per pipeline for the loader figure")
+    p.add_argument("--loader-images", type=int, default=400,
+                   help="images decoded per pipeline for the loader figure")
     p.add_argument("--images", default=None, help="folder of JPEG photographs for the loader figures (None: "
                    "generated noise JPEGs, 500 x 375)")
     p.add_argument("--labels", default=None, help="split list whose labels drive the sampler figure (None: a "
@@ -59,7 +62,8 @@ def get_args_parser():
                    "ResNet-10 at ~10,000 images/s through the network decodes half of them)")
     p.add_argument("--loader-workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="worker processes of the end-to-end loader figure (0: skip it)")
-    p.add_argument("--loader-batches", type=int, default=10, help="timed batches of the end-to-end loader figure")
+    p.add_argument("--loader-batches", type=int, default=10,
+                   help="timed batches of the end-to-end loader figure")
     p.add_argument("--cifar-steps", type=int, default=4, help="timed steps of each kind in the CIFAR section")
     p.add_argument("--cifar-batch-size", type=int, default=120, help="S of the CIFAR section (Z = 12, as the "
                    "cifar10_lt recipe)")
@@ -106,7 +110,8 @@ def bench_sampler(S, path, Z=4, epochs=3):
         batches += sum(1 for _ in sampler)
     dt = time.perf_counter() - t0
     return dict(labels=source, images=len(labels), S=S, Z=Z, batches_per_s=batches / dt,
-                indices_per_s=batches * 2 * S / dt, ms_per_batch=1000 * dt / batches, ms_per_epoch=1000 * dt / epochs)
+                indices_per_s=batches * 2 * S / dt, ms_per_batch=1000 * dt / batches,
+                ms_per_epoch=1000 * dt / epochs)
 
 
 def make_steps(args, device):
@@ -171,8 +176,8 @@ CIFAR_COUNTS = [int(5000 * 0.01 ** (c / 9)) for c in range(10)]  # CIFAR-10-LT r
 
 
 def cifar_model(device, fast, amp_name):
-    """ResNet-32 + SGD as train.py builds them: fast = channels_last and --amp's default; else fp32, contiguous
-    (what train.py ran on a CPU before: the "before" rows)."""
+    """ResNet-32 + SGD as train.py builds them: fast = channels_last and --amp's default; else fp32,
+    contiguous (what train.py ran on a CPU before: the "before" rows)."""
     model = ltaux.LTResNet("resnet32", 10).to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
@@ -198,11 +203,11 @@ def normalise(x, device, fast):
 
 
 def bench_cifar(args, device):
-    """Images/s of ResNet-32 cbs_rrs_ss steps (4S images, S = --cifar-batch-size): fp32 contiguous (before) vs the fast
-    path (channels_last, --amp's default here), on synthetic input; and the fast path fed by the in-memory
-    pipeline (pipeline.MemoryBatches over 12,406 random 32 px images of the CIFAR-10-LT profile: gather,
-    cifar_augment, to_device) vs the same steps on a fixed synthetic batch (their ratio: the pipeline's
-    share). Steps alternate after warm-up; medians."""
+    """Images/s of ResNet-32 cbs_rrs_ss steps (4S images, S = --cifar-batch-size): fp32 contiguous (before)
+    vs the fast path (channels_last, --amp's default here), on synthetic input; and the fast path fed by the
+    in-memory pipeline (pipeline.MemoryBatches over 12,406 random 32 px images of the CIFAR-10-LT profile:
+    gather, cifar_augment, to_device) vs the same steps on a fixed synthetic batch (their ratio: the
+    pipeline's share). Steps alternate after warm-up; medians."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     amp_name = runtime.amp_dtype(None, device)[0]
     labels = [c for c, n in enumerate(CIFAR_COUNTS) for _ in range(n)]
@@ -236,10 +241,11 @@ def bench_cifar(args, device):
 
 
 def bench_cifar_epoch(args, device):
-    """Seconds of one CIFAR-recipe epoch (ceil(N / S) cbs_rrs_ss steps, S = --cifar-batch-size) over N 32 px JPEGs,
-    loading included: DataLoader workers decoding and augmenting each image every epoch + fp32 contiguous
-    steps (before), against the in-memory path (decoded once: its one-time cost is reported apart) + the
-    fast steps. The JPEGs are written to a temporary folder (CIFAR-sized noise, class of the profile)."""
+    """Seconds of one CIFAR-recipe epoch (ceil(N / S) cbs_rrs_ss steps, S = --cifar-batch-size) over N
+    32 px JPEGs, loading included: DataLoader workers decoding and augmenting each image every epoch + fp32
+    contiguous steps (before), against the in-memory path (decoded once: its one-time cost is reported
+    apart) + the fast steps. The JPEGs are written to a temporary folder (CIFAR-sized noise, class of the
+    profile)."""
     import torchvision.transforms.v2 as T2
     from torchvision.io import encode_jpeg
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -269,7 +275,8 @@ def bench_cifar_epoch(args, device):
                 batches = pipeline.MemoryBatches(*pipeline.decode_all(ds, device), sampler)
                 times["decode_once_s"] = time.perf_counter() - t0
             else:
-                batches = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.cifar_workers,
+                batches = torch.utils.data.DataLoader(ds, batch_sampler=sampler,
+                                                      num_workers=args.cifar_workers,
                                                       pin_memory=device.type == "cuda")
             for epoch in range(2):  # the first warms up (worker start, allocator, cudnn); the second is timed
                 sampler.set_epoch(epoch)
@@ -305,7 +312,8 @@ def loader_files(args, tmp):
         return files, "64 generated noise JPEGs, 500 x 375 (no --images: photographs decode slower)"
     if not os.path.isdir(args.images):
         fail(f"--images {args.images}: no such folder")
-    files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith((".jpg", ".jpeg")))
+    files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images)
+                   if f.lower().endswith((".jpg", ".jpeg")))
     if not files:
         fail(f"--images {args.images}: holds no .jpg / .jpeg file")
     for path in files:
@@ -339,7 +347,8 @@ def loader_pipelines(size):
         return data if is_jpeg else crop.apply(pipeline.read_image(path), p)
 
     return {"oltr": lambda f: oltr(ltaux.load_rgb(f)),  # OLTR / Decoupling, all on the CPU
-            "ltaux": lambda f: crop(pipeline.read_image(f)),  # decode_jpeg + tensor crop; jitter on the device
+            # decode_jpeg + tensor crop; jitter on the device
+            "ltaux": lambda f: crop(pipeline.read_image(f)),
             "gpu_worker": gpu_worker}  # --decode gpu: the worker's whole share
 
 
@@ -382,7 +391,8 @@ def bench_loader(args, device, files, source):
     dev = device_rates(files, args.loader_size, device)
     res = dict(source=source, size=args.loader_size, target_rate=args.target_rate,
                device_jitter_images_per_s=dev["jitter"], device_decode_images_per_s=dev["decode"],
-               speedup=rates["ltaux"] / rates["oltr"], gpu_worker_cost_ratio=rates["gpu_worker"] / rates["oltr"])
+               speedup=rates["ltaux"] / rates["oltr"],
+               gpu_worker_cost_ratio=rates["gpu_worker"] / rates["oltr"])
     for k, r in rates.items():
         res[f"{k}_images_per_s_per_worker"] = r
         res[f"workers_{k}"] = math.ceil(args.target_rate / r)
@@ -405,9 +415,10 @@ def bench_workers(args, device, files):
         ds = ltaux.SplitDataset(tmp, split, pipeline.build_transform(args.loader_size, train=True),
                                 read=pipeline.read_image)
         for mode in ("cpu", "gpu") if device.type == "cuda" else ("cpu",):
-            sampler = ltaux.AuxBatchSampler(ds.labels, args.batch_size, 4, num_batches=warm + args.loader_batches,
-                                            with_seeds=True)
-            loader = pipeline.training_loader(ds, sampler, device, args.loader_workers, mode, args.loader_size)
+            sampler = ltaux.AuxBatchSampler(ds.labels, args.batch_size, 4,
+                                            num_batches=warm + args.loader_batches, with_seeds=True)
+            loader = pipeline.training_loader(ds, sampler, device, args.loader_workers, mode,
+                                              args.loader_size)
             batches = iter(loader)
             for k in range(warm + args.loader_batches):
                 if k == warm:
@@ -425,14 +436,17 @@ def bench_workers(args, device, files):
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "image_size", "num_classes", "loader_images", "loader_batches", "cifar_steps"):
+    for name in ("steps", "batch_size", "image_size", "num_classes", "loader_images", "loader_batches",
+                 "cifar_steps"):
         if not 1 <= getattr(args, name) <= 2**20:
             parser.error(f"--{name.replace('_', '-')} must be in 1..2^20")
-    if not (0 <= args.warmup <= 1000 and 0 <= args.loader_workers <= 1024 and 0 <= args.cifar_workers <= 1024):
+    if not (0 <= args.warmup <= 1000 and 0 <= args.loader_workers <= 1024
+            and 0 <= args.cifar_workers <= 1024):
         parser.error("--warmup, --loader-workers and --cifar-workers must be >= 0 (and at most 1000 / 1024)")
-    if not 12 * 10 <= args.cifar_images <= 10**6 or args.cifar_batch_size % 12 or not 12 <= args.cifar_batch_size <= 120:
-        parser.error("--cifar-images must be in 120..10^6 and --cifar-batch-size a multiple of Z = 12 up to 120 "
-                     "(k = S / Z classes must exist)")
+    if (not 12 * 10 <= args.cifar_images <= 10**6 or args.cifar_batch_size % 12
+            or not 12 <= args.cifar_batch_size <= 120):
+        parser.error("--cifar-images must be in 120..10^6 and --cifar-batch-size a multiple of Z = 12 "
+                     "up to 120 (k = S / Z classes must exist)")
     if not recipes.SMALL_IMAGES <= args.loader_size <= 4096:
         parser.error(f"--loader-size must be in {recipes.SMALL_IMAGES}..4096 (the loader figures are the "
                      "ImageNet-LT recipe's pipeline)")
@@ -476,8 +490,8 @@ def print_table(res, args):
           f"| sampler ({s['labels']}, S={s['S']}, Z={s['Z']}) | {s['batches_per_s']:.0f} batches/s, "
           f"{s['indices_per_s'] / 1e6:.2f} M indices/s, {s['ms_per_epoch']:.0f} ms per epoch, "
           f"{100 * s['fraction_of_step']:.3f}% of a step |\n"
-          f"| cbs_rrs_ss step ({args.arch}, {args.image_size} px, 4S={st['images_per_step']}, {st['amp']}, {name}) "
-          f"| {st['method_images_per_s']:.0f} images/s |\n"
+          f"| cbs_rrs_ss step ({args.arch}, {args.image_size} px, 4S={st['images_per_step']}, "
+          f"{st['amp']}, {name}) | {st['method_images_per_s']:.0f} images/s |\n"
           f"| plain classifier step, same images | {st['plain_images_per_s']:.0f} images/s |\n"
           f"| ratio method / plain | {st['ratio']:.3f} |\n"
           f"| loader: one worker ({ld['source']}, {ld['size']} px) | images/s per worker, workers for "
@@ -486,23 +500,25 @@ def print_table(res, args):
                     f"({ld[k + '_images_per_s_per_worker'] / ld['oltr_images_per_s_per_worker']:.2f}x), "
                     f"{ld['workers_' + k]} workers |\n" for k, label in LOADER_ROWS)
           + cifar_rows(res["cifar"], name)
-          + f"| colour jitter + normalisation on {res['device']} | {ld['device_jitter_images_per_s']:.0f} images/s |\n"
+          + f"| colour jitter + normalisation on {res['device']} | "
+          f"{ld['device_jitter_images_per_s']:.0f} images/s |\n"
           f"| --decode gpu's decode + crop + flip on {res['device']} (main process) | "
           f"{ld['device_decode_images_per_s']:.0f} images/s |"
-          + "".join(f"\n| train.py's loader, {ld['workers']} workers, --decode {m}, to {res['device']} with jitter "
-                    f"(2S={2 * args.batch_size}) | {r:.0f} images/s |"
+          + "".join(f"\n| train.py's loader, {ld['workers']} workers, --decode {m}, to {res['device']} "
+                    f"with jitter (2S={2 * args.batch_size}) | {r:.0f} images/s |"
                     for m, r in ld.get("end_to_end_images_per_s", {}).items()))
 
 
 def cifar_rows(c, name):
     e = c["epoch"]
-    return (f"| CIFAR recipe: resnet32 cbs_rrs_ss step, 4S={c['images_per_step']}, fp32 contiguous, synthetic input "
-            f"(before; {name}) | "
+    return (f"| CIFAR recipe: resnet32 cbs_rrs_ss step, 4S={c['images_per_step']}, fp32 contiguous, "
+            f"synthetic input (before; {name}) | "
             f"{c['before_images_per_s']:.0f} images/s |\n"
             f"| same, channels_last + amp {c['amp']} (cpu bf16 native: {c['cpu_bf16']}) | "
             f"{c['fast_images_per_s']:.0f} images/s ({c['fast_speedup']:.2f}x) |\n"
             f"| same, fed by the in-memory pipeline (gather + cifar_augment + to_device) | "
-            f"{c['memory_images_per_s']:.0f} images/s (ratio to synthetic input {c['memory_vs_synthetic']:.3f}) |\n"
+            f"{c['memory_images_per_s']:.0f} images/s "
+            f"(ratio to synthetic input {c['memory_vs_synthetic']:.3f}) |\n"
             f"| CIFAR-recipe epoch, {e['images']} JPEGs ({e['steps']} steps): {e['workers']} workers + fp32 "
             f"(before) | {e['before_epoch_s']:.1f} s |\n"
             f"| same epoch in memory + fast path (decoded once in {e['decode_once_s']:.1f} s) | "

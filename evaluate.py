@@ -3,7 +3,8 @@
 
 examples:
   python evaluate.py --checkpoint runs/in_r10/best.pt                  # the run's data root and test list
-  python evaluate.py --checkpoint runs/in_r10_cbs_rrs/best.pt --compare runs/in_r10_rrs/best.pt runs/in_r10_cbs/best.pt
+  python evaluate.py --checkpoint runs/in_r10_cbs_rrs/best.pt --compare runs/in_r10_rrs/best.pt \
+runs/in_r10_cbs/best.pt
 
 Shot groups come from the training-class counts stored in the checkpoint and the run's --many / --few.
 Writes into --out (one folder per evaluation; its earlier outputs for the same checkpoint and list are
@@ -25,23 +26,28 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=recipes.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="an ltaux checkpoint (best.pt or last.pt)")
     p.add_argument("--data", default=None, help="dataset root (None: the one the checkpoint was trained on)")
-    p.add_argument("--split", default=None, help="evaluation list (None: the run's --test-split, else --val-split)")
-    p.add_argument("--out", default=None, help="output folder (None: eval-<split name> next to the checkpoint)")
+    p.add_argument("--split", default=None,
+                   help="evaluation list (None: the run's --test-split, else --val-split)")
+    p.add_argument("--out", default=None,
+                   help="output folder (None: eval-<split name> next to the checkpoint)")
     p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
-                   help="checkpoints of baseline runs (e.g. RRS-Only and CBS-Only) of the same training list, "
-                        "evaluated on the same split with the same settings: gain.png and tsne.png")
+                   help="checkpoints of baseline runs (e.g. RRS-Only and CBS-Only) of the same training "
+                        "list, evaluated on the same split with the same settings: gain.png and tsne.png")
     p.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader worker processes")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast precision (None: the "
-                   "run's --amp, else bf16 on CUDA and on CPUs that run bf16 natively, off elsewhere)")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                   help="autocast precision (None: the run's --amp, else bf16 on CUDA and on CPUs that run "
+                        "bf16 natively, off elsewhere)")
     p.add_argument("--many", type=int, default=None, help="many-shot classes: at least this many training "
                    "images (None: the run's --many, else 100; Decoupling's groups: --many 101 --few 19)")
-    p.add_argument("--few", type=int, default=None, help="few-shot classes: at most this many training images "
-                   "(None: the run's --few, else 20)")
-    p.add_argument("--allow-unsafe-paths", action="store_true", help="accept absolute paths and '..' in lists")
-    p.add_argument("--overwrite", action="store_true", help="replace the files of another evaluation (or files "
-                   "named like this one's outputs) in --out")
+    p.add_argument("--few", type=int, default=None, help="few-shot classes: at most this many training "
+                   "images (None: the run's --few, else 20)")
+    p.add_argument("--allow-unsafe-paths", action="store_true",
+                   help="accept absolute paths and '..' in lists")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of another evaluation "
+                   "(or files named like this one's outputs) in --out")
     return p
 
 
@@ -93,18 +99,20 @@ class Run:
 def load_run(path, reference=None):
     """A checkpoint as a Run; a --compare one must share the reference's classes and training counts."""
     if path.endswith(".json"):
-        raise LTauxError(f"{path}: --compare takes the checkpoints (best.pt) of the baseline runs, not metrics")
+        raise LTauxError(f"{path}: --compare takes the checkpoints (best.pt) of the baseline runs, "
+                         "not metrics")
     ckpt = bookkeeping.load_checkpoint(path)
     bookkeeping.check_saved_args(ckpt["args"], recipes.training_parser(), path)
-    model = ltaux.LTResNet(ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0], ckpt["args"].get("embed_dim"))
+    model = ltaux.LTResNet(ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0],
+                           ckpt["args"].get("embed_dim"))
     bookkeeping.load_weights(model, ckpt, path)
     run = Run(path, model.eval(), ckpt["args"], ckpt["train_counts"].long(), "shot_rule" not in ckpt)
     run.split_sha256 = ckpt["data"].get("list_sha256") if isinstance(ckpt.get("data"), dict) else None
     if reference is not None:
         C, ref = len(run.counts), reference.counts
         if C != len(ref):
-            raise LTauxError(f"{path}: --compare checkpoint has {C} classes, {reference.path} has {len(ref)}: "
-                             "compare runs trained on the same list")
+            raise LTauxError(f"{path}: --compare checkpoint has {C} classes, "
+                             f"{reference.path} has {len(ref)}: compare runs trained on the same list")
         if not torch.equal(run.counts, ref):
             c = int(torch.nonzero(run.counts != ref)[0])
             raise LTauxError(f"{path}: --compare checkpoint was trained on other class counts than "
@@ -180,7 +188,8 @@ def settings(args, run, device):
     args.few = run.get("few", 20) if args.few is None else args.few
     runtime.check_thresholds(args.many, args.few)
     if not 1 <= args.eval_batch_size <= 2**20 or not 0 <= args.workers <= 1024:
-        raise LTauxError(f"--eval-batch-size {args.eval_batch_size} --workers {args.workers}: need 1..2^20 and 0..1024")
+        raise LTauxError(f"--eval-batch-size {args.eval_batch_size} --workers {args.workers}: "
+                         "need 1..2^20 and 0..1024")
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                         "eval-" + os.path.splitext(os.path.basename(args.split))[0])
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -218,7 +227,8 @@ def evaluate(run, loaders, device, amp, args):
     run.metrics = ltaux.shot_accuracy(pred, target, run.counts, args.many, args.few)
     run.norms = model.fc.weight.detach().float().norm(dim=1).cpu().tolist()  # Fig. 4 right: ||w_c|| of h
     if tsne_loader is not None:
-        run.feats = runtime.predict(model, tsne_loader, device, amp, features=True)[2]  # (n, D) phi's features
+        # (n, D) phi's features
+        run.feats = runtime.predict(model, tsne_loader, device, amp, features=True)[2]
     run.model = model.cpu()  # frees the device for the next run
 
 
@@ -231,9 +241,11 @@ def make_loaders(args, device, subset):
         if size not in made:
             ds = ltaux.SplitDataset(args.data, args.split, pipeline.build_transform(size, train=False),
                                     allow_unsafe_paths=args.allow_unsafe_paths, read=pipeline.read_image)
-            kw = dict(batch_size=args.eval_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
+            kw = dict(batch_size=args.eval_batch_size, num_workers=args.workers,
+                      pin_memory=device.type == "cuda")
             sub = torch.utils.data.Subset(ds, subset) if subset else None
-            made[size] = (torch.utils.data.DataLoader(ds, **kw), sub and torch.utils.data.DataLoader(sub, **kw))
+            made[size] = (torch.utils.data.DataLoader(ds, **kw),
+                          sub and torch.utils.data.DataLoader(sub, **kw))
         return made[size]
     return loaders
 
@@ -241,7 +253,8 @@ def make_loaders(args, device, subset):
 def class_names(lists, num_classes):
     """Each class's name: the folder of its first listed image (train/n01440764/x.JPEG -> n01440764),
     lengthened by parent folders where classes share it (apartment_building/outdoor). Lists are tried
-    in turn for the classes still unnamed (a flat list such as Places' val_256/ names none); else the class index."""
+    in turn for the classes still unnamed (a flat list such as Places' val_256/ names none); else the
+    class index."""
     names = {}
     for paths, labels in lists:
         dirs = {}
@@ -290,9 +303,10 @@ def summary(run):
 
 
 def claim_out(args, files):
-    """Create and lock --out for this evaluation (bookkeeping.OutputFolder). Its own earlier outputs (metrics.json
-    names the same checkpoint and list) are replaced, and those this one does not write (e.g. gain.png without
-    --compare) removed; another evaluation's files, or files named like its outputs, only with --overwrite."""
+    """Create and lock --out for this evaluation (bookkeeping.OutputFolder). Its own earlier outputs
+    (metrics.json names the same checkpoint and list) are replaced, and those this one does not write
+    (e.g. gain.png without --compare) removed; another evaluation's files, or files named like its
+    outputs, only with --overwrite."""
     earlier = bookkeeping.read_json(os.path.join(args.out, "metrics.json"))
     own = isinstance(earlier, dict) and earlier.get("checkpoint") == os.path.abspath(args.checkpoint) and \
         earlier.get("split") == os.path.abspath(args.split)
@@ -320,8 +334,8 @@ def write_tables(args, main, baselines, rows, files, paper):
                 thresholds=dict(many=args.many, few=args.few), files=files)
     if paper:
         meta.update(paper=paper, paper_difference=recipes.paper_difference(main.metrics, paper))
-    compare = [dict(checkpoint=os.path.abspath(b.path), method=b.args.get("method"), label=b.label, **summary(b),
-                    per_class=b.metrics["per_class"], weight_norms=b.norms) for b in baselines]
+    compare = [dict(checkpoint=os.path.abspath(b.path), method=b.args.get("method"), label=b.label,
+                    **summary(b), per_class=b.metrics["per_class"], weight_norms=b.norms) for b in baselines]
     save(args.out, "metrics.json", json.dumps(dict(
         summary(main), per_class=main.metrics["per_class"], test_counts=main.metrics["counts"],
         train_counts=main.counts.tolist(), weight_norms=main.norms, class_names=[r["name"] for r in rows],
@@ -339,9 +353,11 @@ def result_table(main, baselines, paper):
     baseline, then one row per baseline with this run's gain over it, in points."""
     table = runtime.format_table({main.label: main.metrics}) + runtime.paper_lines(main.metrics, paper)
     if baselines:
-        table += "\n" + "\n".join(runtime.format_table({b.label: b.metrics for b in baselines}).splitlines()[2:])
+        table += "\n" + "\n".join(
+            runtime.format_table({b.label: b.metrics for b in baselines}).splitlines()[2:])
     for b in baselines:
-        cells = ["-" if main.metrics[k] is None or b.metrics[k] is None else f"{main.metrics[k] - b.metrics[k]:+.1f}"
+        cells = ["-" if main.metrics[k] is None or b.metrics[k] is None
+                 else f"{main.metrics[k] - b.metrics[k]:+.1f}"
                  for k in ("many", "medium", "few", "overall", "mean_per_class")]
         table += "\n| " + " | ".join([f"gain over {b.label}"] + cells) + " |"
     return table
@@ -353,10 +369,12 @@ def result_table(main, baselines, paper):
 GROUP_COLORS = ((31, 119, 180), (44, 160, 44), (148, 103, 189))  # many, medium, few bars: blue, green, purple
 FREQ_COLOR = (255, 140, 0)  # the training-frequency curve (right axis), orange everywhere
 RUN_COLORS = ((31, 119, 180), (214, 39, 40), (140, 86, 75), (23, 190, 207), (227, 119, 194), (188, 189, 34))
-THIS_COLOR = (20, 20, 20)  # this run's series in weight_norms.png; the baselines take RUN_COLORS (blue, red as Fig. 3)
+# this run's series in weight_norms.png; the baselines take RUN_COLORS (blue, red as Fig. 3)
+THIS_COLOR = (20, 20, 20)
+# tSNE classes
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
-           (0, 128, 128), (255, 215, 0), (0, 0, 0), (154, 205, 50), (255, 105, 180), (160, 82, 45))  # tSNE classes
+           (0, 128, 128), (255, 215, 0), (0, 0, 0), (154, 205, 50), (255, 105, 180), (160, 82, 45))
 SIZE = (1200, 560)  # accuracy.png, weight_norms.png, gain.png
 TSNE_PANEL, TSNE_LEGEND = 440, 300  # tsne.png: a square panel per run, then the class legend
 
@@ -452,8 +470,8 @@ class Chart:
     def line(self, values, color, label):
         """A polyline through the slot centres, with a legend entry."""
         self.frequency_curve()
-        self.d.line([(self.x(i + 0.5), self.y(v)) for i, v in enumerate(values)] * (1 + (self.n == 1)), fill=color,
-                    width=2 if self.n > 200 else 3)
+        self.d.line([(self.x(i + 0.5), self.y(v)) for i, v in enumerate(values)] * (1 + (self.n == 1)),
+                    fill=color, width=2 if self.n > 200 else 3)
         self.legend.append((label, color))
 
     def save(self):
@@ -468,12 +486,13 @@ class Chart:
                 if idx[0] > 0:
                     for y in range(T - 22, bottom, 8):
                         d.line([(self.x(idx[0]), y), (self.x(idx[0]), y + 4)], fill=(110, 110, 110), width=2)
-                d.text((self.x(idx[0] + len(idx) / 2), T - 12), f"{name}-shot ({len(idx)})", fill=(90, 90, 90),
-                       font=self.fs, anchor="mm")
+                d.text((self.x(idx[0] + len(idx) / 2), T - 12), f"{name}-shot ({len(idx)})",
+                       fill=(90, 90, 90), font=self.fs, anchor="mm")
         for t in ticks(1, self.n):
             if t == int(t) and 1 <= t <= self.n:
                 d.text((self.x(t - 0.5), bottom + 4), f"{int(t)}", fill="black", font=self.fs, anchor="ma")
-        d.text((L + (right - L) / 2, bottom + 24), f"classes sorted by training frequency (most first, 1 ... {self.n})",
+        d.text((L + (right - L) / 2, bottom + 24),
+               f"classes sorted by training frequency (most first, 1 ... {self.n})",
                fill="black", font=self.f, anchor="ma")
         x = L
         for label, color in self.legend:  # one row under the title
@@ -508,8 +527,8 @@ def draw_figures(main, baselines, rows, split, picked):
               main.metrics["per_class"][c] - b.metrics["per_class"][c] for c in order] for b in baselines]
     vals = [v for g in gains for v in g if v is not None] or [0.0]
     span = ticks(min(0.0, min(vals)), max(0.0, max(vals)) or 1.0)
-    chart = Chart(f"Per-class accuracy gain (Fig. 3) of {where}", "accuracy gain (points)", (span[0], span[-1]),
-                  counts, groups)
+    chart = Chart(f"Per-class accuracy gain (Fig. 3) of {where}", "accuracy gain (points)",
+                  (span[0], span[-1]), counts, groups)
     chart.bars([(g, color, f"over {b.label}") for g, (b, color) in zip(gains, runs[1:])])
     figures["gain.png"] = chart.save()
     figures["tsne.png"] = draw_tsne([main] + baselines, rows, picked, split)
@@ -545,9 +564,10 @@ def draw_tsne(runs, rows, picked, split):
     img = Image.new("RGB", (P * len(runs) + TSNE_LEGEND, P + head + 10), "white")
     d, f, fs = ImageDraw.Draw(img), font(16), font(13)
     drawn = collections.Counter(runs[0].tsne_labels)  # images per picked class actually drawn
-    per = f"{min(drawn.values())}" if len(set(drawn.values())) == 1 else f"{min(drawn.values())}-{max(drawn.values())}"
-    d.text((img.width / 2, 8), f"t-SNE of phi's test features (Fig. 4): {len(picked)} classes, {per} test images "
-           f"each ({os.path.basename(split)})", fill="black", font=f, anchor="ma")
+    per = (f"{min(drawn.values())}" if len(set(drawn.values())) == 1
+           else f"{min(drawn.values())}-{max(drawn.values())}")
+    d.text((img.width / 2, 8), f"t-SNE of phi's test features (Fig. 4): {len(picked)} classes, "
+           f"{per} test images each ({os.path.basename(split)})", fill="black", font=f, anchor="ma")
     color_of = dict(zip([c for c, _ in picked], class_colors(len(picked))))
     group_of = dict(picked)
     for k, run in enumerate(runs):
@@ -571,8 +591,8 @@ def draw_tsne(runs, rows, picked, split):
             yy += 22
             for c in members:
                 marker(d, x + 8, yy + 8, g, color_of[c], r=5)
-                d.text((x + 22, yy + 8), f"{rows[c]['name']} ({rows[c]['train_count']} train)"[:34], fill="black",
-                       font=fs, anchor="lm")
+                d.text((x + 22, yy + 8), f"{rows[c]['name']} ({rows[c]['train_count']} train)"[:34],
+                       fill="black", font=fs, anchor="lm")
                 yy += 19
             yy += 8
     return img
@@ -595,7 +615,8 @@ def affinities(x, perplexity):
     d = pairwise_sq(x)
     if bool((d > 0).any()):
         d = d / d[d > 0].mean()  # scale-free: beta starts near the right range
-    d = d - d.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).min(1, keepdim=True).values  # stability
+    # stability
+    d = d - d.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).min(1, keepdim=True).values
     d.fill_diagonal_(float("inf"))  # p_ii = 0
     target = math.log(perplexity)  # the entropy H(P_i) of perplexity 2^H, in nats
     beta = torch.ones(n, 1, dtype=x.dtype)  # 1 / (2 sigma_i^2)
@@ -647,9 +668,10 @@ def run(args):
         print(note)
     old = [r.path for r in [main] + baselines if r.old_groups]
     if old:
-        print(f"note: {', '.join(old)} {'was' if len(old) == 1 else 'were'} written before ltaux counted many / few "
-              f"inclusively (>= --many, <= --few: the paper's rule); evaluated with that rule now (the run's own table "
-              f"used > / <: --many {args.many + 1} --few {args.few - 1} gives those groups)")
+        print(f"note: {', '.join(old)} {'was' if len(old) == 1 else 'were'} written before ltaux counted "
+              f"many / few inclusively (>= --many, <= --few: the paper's rule); evaluated with that rule now "
+              f"(the run's own table used > / <: --many {args.many + 1} --few {args.few - 1} "
+              "gives those groups)")
     ds = ltaux.SplitDataset(args.data, args.split, None, allow_unsafe_paths=args.allow_unsafe_paths)
     pipeline.check_label_range(ds, len(main.counts), f"the checkpoint {args.checkpoint}")
     subset, picked = tsne_indices(ds.labels, main.counts, args.many, args.few) if baselines else ([], [])
@@ -661,7 +683,8 @@ def run(args):
             evaluate(r, loaders, device, amp, args)
             r.tsne_labels = [ds.labels[i] for i in subset]  # (n,) the class of each t-SNE point
         lists = [(ds.paths, ds.labels)] + [training_list(main.args, args.allow_unsafe_paths)]
-        rows = per_class_rows(main, class_names([x for x in lists if x], len(main.counts)), args.many, args.few)
+        rows = per_class_rows(main, class_names([x for x in lists if x], len(main.counts)),
+                              args.many, args.few)
         run_args = dict(main.args, many=args.many, few=args.few, split_sha256=main.split_sha256)
         paper = recipes.paper_row(run_args, vars(recipes.training_parser().parse_args([])), args.split)
         write_tables(args, main, baselines, rows, files, paper)

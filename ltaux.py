@@ -266,7 +266,8 @@ class LTResNet(nn.Module):
             (default: resnet10).
         num_classes: C, width of h and h_a (default: 1000).
         embed_dim: width of the Linear + ReLU after pooling, 0 for none (default: None = 512 for the
-            ImageNet ResNets, as OLTR; 0 for resnet32, measured better on CIFAR-10-LT: docs/implementation.md).
+            ImageNet ResNets, as OLTR; 0 for resnet32, measured better on CIFAR-10-LT:
+            docs/implementation.md).
         pretrained: path to a torchvision-format state dict for the backbone, e.g. the file
             torchvision's ResNet152_Weights.IMAGENET1K_V1 downloads; its fc.* keys are ignored
             (default: None, random initialisation).
@@ -385,8 +386,9 @@ def rotate_batch(x, mode="random", generator=None):
 
 
 def aux_loss(model, cbs, rrs, lambdas=(0.5, 1.0, 1.0), rotation=None, generator=None):
-    """Eq. 2, L = l1 * CE(h(phi(B_cbs)), y_cbs) + l2 * CE(h_a(phi(B_rrs)), y_rrs) + l3 * CE(h_s(phi(B_rot)), y_rot),
-    with one backbone pass over [B_cbs; B_rrs; B_rot], so BatchNorm sees the joint batch (Section 3.4).
+    """Eq. 2, L = l1 * CE(h(phi(B_cbs)), y_cbs) + l2 * CE(h_a(phi(B_rrs)), y_rrs)
+    + l3 * CE(h_s(phi(B_rot)), y_rot), with one backbone pass over [B_cbs; B_rrs; B_rot], so BatchNorm
+    sees the joint batch (Section 3.4).
     h reads only the B_cbs rows, h_a only the B_rrs rows: the RRS loss reaches phi but not h (Section 3.2).
 
     Baselines (Section 4.3): with rrs None (CBS-Only) or cbs None (RRS-Only) the one batch trains h alone
@@ -604,7 +606,8 @@ def load_rgb(path, max_aspect=50):
             raise ValueError(f"aspect ratio {w}x{h} exceeds {max_aspect}:1")
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # wide greyscale: scale by the bit depth, not clip
-            return img.convert("F").point(lambda v: v / 257.0 + 0.5).convert("L").convert("RGB")  # F -> L clips, truncates
+            # F -> L clips, truncates
+            return img.convert("F").point(lambda v: v / 257.0 + 0.5).convert("L").convert("RGB")
         if img.mode == "F":
             return img.convert("L").convert("RGB")
         if img.mode == "P" and "transparency" in img.info:
@@ -657,7 +660,8 @@ class SplitDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as e:  # the warning: raised where a filter makes it an error
             reason = "file not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
-            raise LTauxError(f"{self.split_file}:{self.lines[i]}: cannot read image {full} ({reason})") from None
+            raise LTauxError(f"{self.split_file}:{self.lines[i]}: "
+                             f"cannot read image {full} ({reason})") from None
         bombs = [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
         if bombs:  # Pillow names no file, and a header read then a decode (read_image) warn twice
             warnings.warn(f"{self.split_file}:{self.lines[i]}: image {full}: {bombs[0].message}",

@@ -586,7 +586,8 @@ def make_demo_data(root, classes=30, train=(500, 5), val=10, test=40, size=32):
     if all(os.path.exists(p) for p in lists.values()):
         return lists
     if os.path.exists(root):  # never write into (or delete) a folder we did not make
-        raise ltaux.LTauxError(f"{root}: exists but holds no demo lists; remove it or pass another --demo-dir")
+        raise ltaux.LTauxError(f"{root}: exists but holds no demo lists; "
+                               "remove it or pass another --demo-dir")
     base = upsample(torch.randn(1, 3, 4, 4, generator=g), size)
     protos = base + 0.6 * upsample(torch.randn(classes, 3, 4, 4, generator=g), size)
     counts = [round(head * (tail / head) ** (c / (classes - 1))) for c in range(classes)]
@@ -626,8 +627,8 @@ def open_inputs(args, log, barrier=None):
     become absolute, as checkpoints keep them."""
     if args.data is None:
         if args.rank == 0 and not os.path.exists(os.path.join(args.demo_dir, "demo_test.txt")):
-            log(f"demo: writing its synthetic dataset (30 classes, 4,876 PNGs, about 20 MB) to {args.demo_dir} "
-                "(--demo-dir), once")
+            log(f"demo: writing its synthetic dataset (30 classes, 4,876 PNGs, about 20 MB) "
+                f"to {args.demo_dir} (--demo-dir), once")
             make_demo_data(args.demo_dir)
         if barrier:
             barrier()
@@ -638,21 +639,24 @@ def open_inputs(args, log, barrier=None):
         raise ltaux.LTauxError("--split is required with --data (e.g. data_lists/ImageNet_LT_train.txt)")
     for name in ("val", "test"):
         sibling = args.split[: -len("_train.txt")] + f"_{name}.txt"
-        if getattr(args, f"{name}_split") is None and args.split.endswith("_train.txt") and os.path.exists(sibling):
+        if (getattr(args, f"{name}_split") is None and args.split.endswith("_train.txt")
+                and os.path.exists(sibling)):
             setattr(args, f"{name}_split", sibling)
     for k in ("data", "split", "val_split", "test_split"):
         setattr(args, k, getattr(args, k) and os.path.abspath(getattr(args, k)))
     train_set = open_list(args, args.split, train=True)
-    evals = {k: open_list(args, f, train=False) for k, f in (("val", args.val_split), ("test", args.test_split)) if f}
+    evals = {k: open_list(args, f, train=False)
+             for k, f in (("val", args.val_split), ("test", args.test_split)) if f}
     check_root(train_set)
     counts = ltaux.class_counts(train_set.labels, train_set.num_classes)
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if empty:
         above = [(line, y) for y, line in zip(train_set.labels, train_set.lines) if y > empty[0]][:3]
         raise ltaux.LTauxError(
-            f"{args.split}: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no training image (labels "
-            "must be 0..C-1 without gaps); the labels above the first gap are on line" + "s" * (len(above) > 1)
-            + " " + ", ".join(f"{line} (label {y})" for line, y in above) + ("..." if len(above) == 3 else ""))
+            f"{args.split}: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no training image "
+            "(labels must be 0..C-1 without gaps); the labels above the first gap are on line"
+            + "s" * (len(above) > 1) + " " + ", ".join(f"{line} (label {y})" for line, y in above)
+            + ("..." if len(above) == 3 else ""))
     for ds in evals.values():
         check_label_range(ds, train_set.num_classes, f"the training list {args.split}")
     for line in describe_lists([args.split] + [d.split_file for d in evals.values()]):
@@ -664,14 +668,16 @@ def check_label_range(ds, num_classes, what):
     """Every label of an evaluation list must be a class 0..C-1 of `what`. Raises LTauxError."""
     for y, line in zip(ds.labels, ds.lines):
         if y >= num_classes:
-            raise ltaux.LTauxError(f"{ds.split_file}:{line}: label {y} is not a class of {what} (0..{num_classes - 1})")
+            raise ltaux.LTauxError(f"{ds.split_file}:{line}: label {y} is not a class of {what} "
+                                   f"(0..{num_classes - 1})")
 
 
 def open_list(args, path, train):
     """A SplitDataset with the run's transform; a missing list says where the official ones come from."""
     if not os.path.exists(path):
         raise ltaux.LTauxError(f"{path}: split list not found (the official lists: see data_lists/README.md, "
-                               "then check them with: cd data_lists && sha256sum -c SHA256SUMS --ignore-missing)")
+                               "then check them with: cd data_lists && sha256sum -c SHA256SUMS "
+                               "--ignore-missing)")
     return ltaux.SplitDataset(args.data, path, build_transform(args.image_size, train),
                               allow_unsafe_paths=args.allow_unsafe_paths, read=read_image)
 
@@ -682,8 +688,8 @@ def check_root(ds, probe=8):
         raise ltaux.LTauxError(f"--data {ds.root}: no such folder")
     shown = [os.path.join(ds.root, p) for p in ds.paths[:probe]]
     if not any(os.path.exists(p) for p in shown):
-        raise ltaux.LTauxError(f"--data {ds.root}: none of the first {len(shown)} images of {ds.split_file} exist "
-                               f"under it (e.g. {shown[0]}): the root is probably wrong")
+        raise ltaux.LTauxError(f"--data {ds.root}: none of the first {len(shown)} images of {ds.split_file} "
+                               f"exist under it (e.g. {shown[0]}): the root is probably wrong")
 
 
 def describe_lists(paths):
@@ -695,7 +701,8 @@ def describe_lists(paths):
         if name:
             lines.append(f"{path}: official {name} (sha256 ok)")
         elif os.path.basename(path) in names:
-            warnings.warn(f"{path}: named like an official list, but its sha256 differs from data_lists/SHA256SUMS")
+            warnings.warn(f"{path}: named like an official list, but its sha256 differs from "
+                          "data_lists/SHA256SUMS")
     return lines
 
 
@@ -736,9 +743,11 @@ def make_batches(train_set, evals, sampler, args, device, log, stop=None):
                 {k: eval_loader(d, per_rank, device, args.workers, args.rank, args.world_size)
                  for k, d in evals.items()})
     t0 = time.time()
-    decoded = {k: decode_all(d, device, args.workers, stop=stop) for k, d in dict(evals, train=train_set).items()}
-    log(f"in memory: {len(train_set) + sum(len(d) for d in evals.values())} images decoded once ({size / 2**20:.0f} "
-        f"MiB on {device}, {time.time() - t0:.1f}s); batches gathered and augmented on {device}, no loader workers")
+    decoded = {k: decode_all(d, device, args.workers, stop=stop)
+               for k, d in dict(evals, train=train_set).items()}
+    log(f"in memory: {len(train_set) + sum(len(d) for d in evals.values())} images decoded once "
+        f"({size / 2**20:.0f} MiB on {device}, {time.time() - t0:.1f}s); batches gathered and augmented on "
+        f"{device}, no loader workers")
     evals = {k: MemoryEval(*d, max(1, args.batch_size // args.world_size), args.rank, args.world_size)
              for k, d in decoded.items() if k != "train"}
     return MemoryBatches(*decoded["train"], sampler), evals

@@ -35,8 +35,8 @@ def report(error):
 def check_thresholds(many, few):
     """--many / --few of train.py and evaluate.py: 1 <= many, 0 <= few < many. Raises LTauxError."""
     if not (isinstance(many, int) and isinstance(few, int) and 0 <= few < many):
-        raise LTauxError(f"--many {many} --few {few}: need whole numbers with 0 <= --few < --many (many-shot: at "
-                         "least --many training images, few-shot: at most --few)")
+        raise LTauxError(f"--many {many} --few {few}: need whole numbers with 0 <= --few < --many "
+                         "(many-shot: at least --many training images, few-shot: at most --few)")
 
 
 # ----------------------------------------------------------------------------------------------
