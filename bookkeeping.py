@@ -108,11 +108,12 @@ def check_out(out):
     path = os.path.abspath(out)
     while True:
         if os.path.islink(path) and not os.path.exists(path):
-            raise LTauxError(f"--out {out}: {path} is a symbolic link to {os.readlink(path)}, which does not exist")
+            raise LTauxError(f"--out {out}: {path} is a symbolic link to {os.readlink(path)}, "
+                             "which does not exist")
         if os.path.exists(path):
             if not os.path.isdir(path):
-                raise LTauxError(f"--out {out}: {'is' if path == os.path.abspath(out) else path + ' is'} a file, "
-                                 "not a folder")
+                raise LTauxError(f"--out {out}: {'is' if path == os.path.abspath(out) else path + ' is'} "
+                                 "a file, not a folder")
             if not os.access(path, os.W_OK | os.X_OK):
                 raise LTauxError(f"--out {out}: {path} is not writable")
             return
@@ -121,8 +122,8 @@ def check_out(out):
 
 class FolderLock:
     """An exclusive OS lock (flock) on a folder itself, held until release() or the process's end: a second
-    job on the same folder is refused at once. Being no file, the lock cannot be deleted, replaced by a link or
-    left stale. A note beside it (HOLDER, never written or read through a link) tells the refused job which
+    job on the same folder is refused at once. Being no file, the lock cannot be deleted, replaced by a link
+    or left stale. A note beside it (HOLDER, never written or read through a link) tells the refused job which
     kind of job holds the folder. On a file system without flock it warns and locks nothing."""
 
     def __init__(self, folder, what="run"):
@@ -136,8 +137,8 @@ class FolderLock:
                 os.close(self.fd)
                 who = self.read_note() or {"what": what}
                 pid = f" (pid {who['pid']})" if isinstance(who.get("pid"), int) else ""
-                raise LTauxError(f"{folder}: in use by another {who['what']} that is still running{pid}; it holds "
-                                 "the folder's lock: wait for it or choose another --out") from None
+                raise LTauxError(f"{folder}: in use by another {who['what']} that is still running{pid}; "
+                                 "it holds the folder's lock: wait for it or choose another --out") from None
             import warnings
             warnings.warn(f"{folder}: this file system cannot lock folders ({e.strerror}): nothing stops a "
                           f"second {what} from writing here")
@@ -167,9 +168,10 @@ class FolderLock:
 class OutputFolder:
     """--out for one job (a training, an evaluation): made if missing, checked, locked. It refuses a folder
     that holds another job's `files` unless `own` (the run resumed here, the same evaluation again) or
-    `overwrite`; with overwrite those it will write (`replaced`, default all) wait in .replaced-by-<pid>/ until
-    the new job has written its first file (commit()), and come back if it fails first (close(failed=True)). A .replaced-by-* left by a killed
-    job is put back, or named when that job had already written files of its own."""
+    `overwrite`; with overwrite those it will write (`replaced`, default all) wait in .replaced-by-<pid>/
+    until the new job has written its first file (commit()), and come back if it fails first
+    (close(failed=True)). A .replaced-by-* left by a killed job is put back, or named when that job had
+    already written files of its own."""
 
     def __init__(self, path, files, what, overwrite=False, own=False, replaced=None):
         check_out(path)
@@ -186,8 +188,8 @@ class OutputFolder:
             if taken and not own and not overwrite:
                 last = os.path.join(path, "last.pt")
                 hint = f"pass --resume {last} to continue it, " if "last.pt" in taken else "pass "
-                raise LTauxError(f"{path}: holds another {what} ({', '.join(taken)}); {hint}--overwrite to replace "
-                                 "it, or another --out")
+                raise LTauxError(f"{path}: holds another {what} ({', '.join(taken)}); {hint}--overwrite to "
+                                 "replace it, or another --out")
             taken = [f for f in taken if replaced is None or f in replaced]
             if taken and not own:
                 self.aside = os.path.join(path, f".replaced-by-{os.getpid()}")
@@ -210,9 +212,9 @@ class OutputFolder:
         for d in sorted(f for f in os.listdir(self.path) if f.startswith(".replaced-by-")):
             aside = os.path.join(self.path, d)
             if self.taken():
-                raise LTauxError(f"{aside}: holds the files that an interrupted --overwrite was replacing, and "
-                                 f"{self.path} holds that job's own ({', '.join(self.taken())}): move one of them "
-                                 "away, then run again")
+                raise LTauxError(f"{aside}: holds the files that an interrupted --overwrite was replacing, "
+                                 f"and {self.path} holds that job's own ({', '.join(self.taken())}): "
+                                 "move one of them away, then run again")
             for f in os.listdir(aside):
                 os.replace(os.path.join(aside, f), os.path.join(self.path, f))
             os.rmdir(aside)
@@ -236,8 +238,8 @@ class OutputFolder:
                 for f in os.listdir(self.aside):
                     os.replace(os.path.join(self.aside, f), os.path.join(self.path, f))
                 os.rmdir(self.aside)
-                print(f"note: the files that --overwrite was replacing are back in {self.path}", file=sys.stderr,
-                      flush=True)
+                print(f"note: the files that --overwrite was replacing are back in {self.path}",
+                      file=sys.stderr, flush=True)
         except OSError:  # the folder was deleted, renamed or made read-only under the job: leave it as it is
             pass
         finally:
@@ -261,7 +263,8 @@ def first_non_finite(state):
 
 
 CKPT_KEYS = {"args": dict, "model": dict, "optimizer": dict, "scaler": dict, "train_counts": torch.Tensor,
-             "epoch": int, "step_in_epoch": int, "global_step": int, "best_acc": float, "rng_cpu": torch.Tensor}
+             "epoch": int, "step_in_epoch": int, "global_step": int, "best_acc": float,
+             "rng_cpu": torch.Tensor}
 
 
 def load_checkpoint(path):
@@ -290,11 +293,12 @@ def load_checkpoint(path):
     bad = [k for k, t in CKPT_KEYS.items() if not isinstance(ckpt.get(k), t) or isinstance(ckpt.get(k), bool)]
     bad += [k for k in ("epoch", "step_in_epoch", "global_step") if k not in bad and ckpt[k] < 0]
     run = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    if not bad and (run.get("arch") not in ltaux.LTResNet.ARCHS or not isinstance(ckpt["model"].get("fc.weight"),
-                                                                                    torch.Tensor)):
+    if not bad and (run.get("arch") not in ltaux.LTResNet.ARCHS
+                    or not isinstance(ckpt["model"].get("fc.weight"), torch.Tensor)):
         bad = ["args.arch" if run.get("arch") not in ltaux.LTResNet.ARCHS else "model.fc.weight"]
     if bad:
-        raise LTauxError(f"{path}: damaged ltaux checkpoint ({bad[0]} missing, negative or of the wrong type)")
+        raise LTauxError(f"{path}: damaged ltaux checkpoint ({bad[0]} missing, negative or of the wrong "
+                         "type)")
     bad = first_non_finite(ckpt["model"])
     if bad:
         raise LTauxError(f"{path}: holds non-finite weights ({bad}): not a usable checkpoint")
@@ -317,11 +321,11 @@ def check_saved_args(saved, parser, path):
         elif action.const is True:  # store_true
             ok = isinstance(v, bool)
         elif v is not None:
-            ok = {int: isinstance(v, int) and not isinstance(v, bool), float: number(v)}.get(action.type, isinstance(
-                v, str)) and (action.choices is None or v in action.choices)
+            ok = {int: isinstance(v, int) and not isinstance(v, bool), float: number(v)}.get(
+                action.type, isinstance(v, str)) and (action.choices is None or v in action.choices)
         if not ok:
-            raise LTauxError(f"{path}: its saved argument {k} = {v!r} is not a valid --{k.replace('_', '-')} (an "
-                             "edited or damaged checkpoint)")
+            raise LTauxError(f"{path}: its saved argument {k} = {v!r} is not a valid --{k.replace('_', '-')} "
+                             "(an edited or damaged checkpoint)")
 
 
 def load_weights(model, ckpt, path, prefixes=None):
@@ -355,7 +359,8 @@ def model_from_checkpoint(path, device):
 
 def check_resume(path, ckpt, out, epochs):
     """A resume continues a run, it never rewinds one: --epochs below what the checkpoint has done, or a
-    checkpoint behind the last.pt of the folder it would continue in (a best.pt, an older copy), is refused."""
+    checkpoint behind the last.pt of the folder it would continue in (a best.pt, an older copy), is
+    refused."""
     done = ckpt["epoch"] + (ckpt["step_in_epoch"] > 0)
     if epochs < done:
         raise LTauxError(f"--epochs {epochs}: the resumed run {path} has already trained {done} epoch"
@@ -405,7 +410,8 @@ def trim_log(out, epoch):
     damaged line: dropped)."""
     rows = read_json(os.path.join(out, "log.jsonl"), lines=True)
     if rows is not None:
-        keep = [r for r in rows if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
+        keep = [r for r in rows
+                if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
         atomic_write(os.path.join(out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in keep))
 
 
@@ -433,13 +439,15 @@ def check_same_data(ckpt, path, ds, counts, now):
     if not isinstance(saved, dict):  # written before ltaux kept a fingerprint: counts are all it can compare
         return
     if saved.get("list_sha256") != now["list_sha256"]:
-        raise LTauxError(f"{ds.split_file}: not the training list of the resumed run {path} (its lines or their "
-                         f"order differ: sha256 {now['list_sha256'][:12]}, the run's "
-                         f"{str(saved.get('list_sha256'))[:12]}); start a new run with --init to train on other data")
+        raise LTauxError(f"{ds.split_file}: not the training list of the resumed run {path} (its lines or "
+                         f"their order differ: sha256 {now['list_sha256'][:12]}, the run's "
+                         f"{str(saved.get('list_sha256'))[:12]}); start a new run with --init to train on "
+                         "other data")
     for old, new in zip(saved.get("files", []), now["files"]):
         if list(old) != new:
-            raise LTauxError(f"--data {ds.root}: {new[0]} is not the image the resumed run {path} was trained on "
-                             f"({new[1]} bytes, the run's {old[1]}{', other content' if old[1] == new[1] else ''}); "
+            raise LTauxError(f"--data {ds.root}: {new[0]} is not the image the resumed run {path} was "
+                             f"trained on ({new[1]} bytes, the run's {old[1]}"
+                             f"{', other content' if old[1] == new[1] else ''}); "
                              "a resume continues on the same data (start a new run with --init)")
 
 
@@ -461,7 +469,8 @@ class StopFlag:
     same step."""
 
     def __init__(self, device, world_size):
-        self.signum, self.last, self.device, self.world_size, self.pending = None, 0.0, device, world_size, None
+        self.signum, self.last, self.device, self.world_size, self.pending = (
+            None, 0.0, device, world_size, None)
         self.writing, self.exit_after_write = False, None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -476,7 +485,8 @@ class StopFlag:
         self.last = now
 
     def exit_now(self, signum):
-        print(f"second {signal.Signals(signum).name}: exiting now, without saving", file=sys.stderr, flush=True)
+        print(f"second {signal.Signals(signum).name}: exiting now, without saving", file=sys.stderr,
+              flush=True)
         os._exit(128 + signum)
 
     @contextlib.contextmanager

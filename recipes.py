@@ -23,20 +23,23 @@ METHODS = {
 }
 
 RECIPES = {
-    "imagenet_lt_r10": dict(arch="resnet10", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4, image_size=224),
-    "imagenet_lt_r50": dict(arch="resnet50", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4, image_size=224),
-    "places_lt_r152": dict(arch="resnet152", epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4, image_size=224,
-                           backbone_lr_scale=0.01),
+    "imagenet_lt_r10": dict(arch="resnet10", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4,
+                            image_size=224),
+    "imagenet_lt_r50": dict(arch="resnet50", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4,
+                            image_size=224),
+    "places_lt_r152": dict(arch="resnet152", epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4,
+                           image_size=224, backbone_lr_scale=0.01),
     "places_lt_r152_2019": dict(arch="resnet152", epochs=30, batch_size=256, lr=0.1, weight_decay=5e-4,
                                 image_size=224, backbone_lr_scale=0.1, freeze_backbone=True),
-    "places_lt_r50": dict(arch="resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4, image_size=224),
+    "places_lt_r50": dict(arch="resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4,
+                          image_size=224),
     "cifar10_lt": dict(arch="resnet32", epochs=200, batch_size=120, per_class=12, lr=0.1, weight_decay=2e-4,
                        image_size=32),
     "cifar100_lt": dict(arch="resnet32", epochs=200, batch_size=128, per_class=4, lr=0.1, weight_decay=2e-4,
                         image_size=32),
     # the embedded default (no --data): 30 synthetic classes of 32 px
-    "demo": dict(arch="resnet10", epochs=8, batch_size=64, lr=0.1, weight_decay=5e-4, image_size=32, workers=1,
-                 print_freq=20),
+    "demo": dict(arch="resnet10", epochs=8, batch_size=64, lr=0.1, weight_decay=5e-4, image_size=32,
+                 workers=1, print_freq=20),
 }
 SMALL_IMAGES = 64  # --image-size below this: the CIFAR recipe's augmentation (pad + crop) and --in-memory;
 # from it on: the ImageNet-LT recipe's (random resized crop, flip, colour jitter) and --decode gpu
@@ -50,7 +53,8 @@ PAPER = {  # recipe: {row key: (table, values)}; row keys: see paper_key()
         "rrs": ("Table 1", (53.4, 23.5, 4.3, 32.4)), "cbs": ("Table 1", (35.4, 31.5, 18.6, 31.2)),
         "cbs_rrs": ("Table 1", (51.0, 38.5, 21.0, 40.9)), "cbs_rrs_ss": ("Table 1", (52.4, 39.5, 21.0, 41.9)),
         "ft_cbs": ("Table 3", (48.3, 35.2, 16.4, 37.6)), "cbs_rrs 1:1": ("Table 4", (49.4, 37.7, 19.8, 39.6)),
-        "cbs_rrs 1:0.5": ("Table 4", (46.0, 35.5, 17.8, 37.0)), "rotation_aug": ("Table 5", (50.5, 39.1, 22.1, 41.0)),
+        "cbs_rrs 1:0.5": ("Table 4", (46.0, 35.5, 17.8, 37.0)),
+        "rotation_aug": ("Table 5", (50.5, 39.1, 22.1, 41.0)),
     },
     "places_lt_r152": {
         "rrs": ("Table 1", (47.4, 27.1, 10.5, 31.0)), "cbs": ("Table 1", (46.9, 34.9, 18.1, 35.7)),
@@ -64,13 +68,15 @@ PAPER = {  # recipe: {row key: (table, values)}; row keys: see paper_key()
         "rrs": ("Table 2", (39.1, 12.0, 0.3, 19.3)), "cbs": ("Table 2", (32.1, 22.9, 4.6, 22.4)),
         "cbs_rrs": ("Table 2", (35.6, 29.3, 11.3, 27.8)), "cbs_rrs_ss": ("Table 2", (35.8, 31.0, 12.7, 28.9)),
         "ft_cbs": ("Table 3", (29.3, 27.6, 10.3, 24.6)), "cbs_rrs 1:1": ("Table 4", (37.8, 27.6, 7.8, 27.1)),
-        "cbs_rrs 1:0.5": ("Table 4", (34.9, 26.9, 6.9, 25.6)), "rotation_aug": ("Table 5", (35.3, 28.2, 11.4, 27.2)),
+        "cbs_rrs 1:0.5": ("Table 4", (34.9, 26.9, 6.9, 25.6)),
+        "rotation_aug": ("Table 5", (35.3, 28.2, 11.4, 27.2)),
     },
 }
 PAPER["places_lt_r152_2019"] = PAPER["places_lt_r152"]
 SETTING = {"imagenet_lt_r10": _IN10, "imagenet_lt_r50": _IN50, "places_lt_r152": _PL152,
            "places_lt_r152_2019": _PL152, "places_lt_r50": _PL50}
-TEST_LISTS = {r: ("ImageNet_LT_test.txt" if r.startswith("imagenet") else "Places_LT_test.txt") for r in SETTING}
+TEST_LISTS = {r: ("ImageNet_LT_test.txt" if r.startswith("imagenet") else "Places_LT_test.txt")
+              for r in SETTING}
 TRAIN_LISTS = {r: name.replace("_test.txt", "_train.txt") for r, name in TEST_LISTS.items()}
 # The flags of a recipe that make a run the paper's protocol. Not --amp: precision is how the arithmetic
 # is done, and the paper states none (OLTR's code is fp32; ltaux defaults to bf16, docs/recipes.md).
@@ -187,7 +193,8 @@ def flag_value(value):
 # ----------------------------------------------------------------------------------------------
 # train.py's command line
 
-ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet32")  # LTResNet.ARCHS
+# LTResNet.ARCHS
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet32")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -202,14 +209,16 @@ def training_parser(description=None):
     g.add_argument("--data", default=None, help="dataset root; split paths are relative to it "
                    "(unset: run the demo on synthetic data written to --demo-dir)")
     g.add_argument("--split", default=None, help="training split list, 'relative/path label' per line")
-    g.add_argument("--val-split", default=None, help="validation list (None: the sibling *_val.txt of --split)")
+    g.add_argument("--val-split", default=None,
+                   help="validation list (None: the sibling *_val.txt of --split)")
     g.add_argument("--test-split", default=None, help="test list, evaluated with best.pt after training "
                    "(None: the sibling *_test.txt of --split)")
     g.add_argument("--demo-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
         "~/.cache")), "ltaux", "demo"), help="where the demo writes its synthetic dataset (20 MB, once)")
     g.add_argument("--check-files", action="store_true", help="open every listed image before training "
                    "and report all unreadable ones at once")
-    g.add_argument("--allow-unsafe-paths", action="store_true", help="accept absolute paths and '..' in lists")
+    g.add_argument("--allow-unsafe-paths", action="store_true",
+                   help="accept absolute paths and '..' in lists")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per GPU")
     g.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="where training JPEGs are "
@@ -222,8 +231,9 @@ def training_parser(description=None):
     g.add_argument("--image-size", type=int, default=224, help="training crop; >= 64 uses the ImageNet-LT "
                    "augmentation, smaller the CIFAR one (pad 4 + random crop)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="cbs_rrs_ss", choices=list(METHODS), help="rrs: RRS-Only, cbs: CBS-Only, "
-                   "cbs_rrs: CBS+RRS (auxiliary head h_a), cbs_rrs_ss: CBS+RRS+SS (plus rotation head h_s)")
+    g.add_argument("--method", default="cbs_rrs_ss", choices=list(METHODS), help="rrs: RRS-Only, "
+                   "cbs: CBS-Only, cbs_rrs: CBS+RRS (auxiliary head h_a), cbs_rrs_ss: CBS+RRS+SS (plus "
+                   "rotation head h_s)")
     g.add_argument("--recipe", default=None, choices=list(RECIPES), help="preset of the paper's settings "
                    "(docs/recipes.md; demo: the one without --data); explicit flags override it")
     g.add_argument("--lambdas", type=float, nargs=3, default=[0.5, 1.0, 1.0], metavar=("L1", "L2", "L3"),
@@ -240,9 +250,9 @@ def training_parser(description=None):
     g.add_argument("--embed-dim", type=int, default=None, help="Linear + ReLU after pooling, 0 for none "
                    "(None: 512 for the ImageNet ResNets as OLTR, 0 for resnet32)")
     g.add_argument("--pretrained", default=None, help="torchvision-format backbone weights (local .pth)")
-    g.add_argument("--freeze-backbone", action="store_true", help="train only phi's 512-d layer and the heads: "
-                   "the backbone's weights stay fixed, its BatchNorm statistics keep updating (OLTR's Places-LT "
-                   "stage 1 before 2020-02-11)")
+    g.add_argument("--freeze-backbone", action="store_true", help="train only phi's 512-d layer and the "
+                   "heads: the backbone's weights stay fixed, its BatchNorm statistics keep updating "
+                   "(OLTR's Places-LT stage 1 before 2020-02-11)")
     g.add_argument("--init", default=None, help="initialise phi (backbone + embed) from an ltaux "
                    "checkpoint, heads fresh: ftRRS+CBS of Table 3")
     g = p.add_argument_group("optimisation")
@@ -250,18 +260,20 @@ def training_parser(description=None):
     g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (the recipes use 0.1 for "
                    "S = 256; if you change S, scale --lr yourself: lr = 0.1 * S / 256)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay, on every parameter as OLTR")
+    g.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="SGD weight decay, on every parameter as OLTR")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine decay")
     g.add_argument("--backbone-lr-scale", type=float, default=1.0, help="lr of phi (backbone and embed) = "
                    "scale * lr, e.g. 0.01 to fine-tune pretrained weights")
-    g.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast precision (None: bf16 "
-                   "on CUDA and on CPUs that run bf16 natively, else off = fp32); fp16 adds a gradient scaler")
+    g.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast precision "
+                   "(None: bf16 on CUDA and on CPUs that run bf16 natively, else off = fp32); fp16 adds a "
+                   "gradient scaler")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs: one all-reduce "
                    "per BN layer per step; matters when per-GPU batches are small")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder (None: runs/<date>-<time>-<method>; with --resume "
-                   "the checkpoint's folder)")
+    g.add_argument("--out", default=None, help="output folder "
+                   "(None: runs/<date>-<time>-<method>; with --resume the checkpoint's folder)")
     g.add_argument("--resume", default=None, help="continue from a last.pt (model, optimiser, "
                    "schedule, sampler position, RNG); its settings are the defaults")
     g.add_argument("--overwrite", action="store_true", help="replace the run held in --out (kept aside until "
@@ -270,8 +282,9 @@ def training_parser(description=None):
     g.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
     g.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
     g.add_argument("--eval-freq", type=int, default=1, help="epochs between validations")
-    g.add_argument("--many", type=int, default=100, help="many-shot classes: at least this many training images "
-                   "(the paper's >= 100; Decoupling's code counts > 100 and < 20: --many 101 --few 19)")
+    g.add_argument("--many", type=int, default=100, help="many-shot classes: at least this many "
+                   "training images (the paper's >= 100; Decoupling's code counts > 100 and < 20: "
+                   "--many 101 --few 19)")
     g.add_argument("--few", type=int, default=20, help="few-shot classes: at most this many training images "
                    "(the paper's <= 20)")
     return p
@@ -280,14 +293,16 @@ def training_parser(description=None):
 # ----------------------------------------------------------------------------------------------
 # train.py's arguments, checked
 
-NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files", "decode",
-               "in_memory", "demo_dir")  # this machine's or this command's: never taken from a checkpoint
+# this machine's or this command's: never taken from a checkpoint
+NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files",
+               "decode", "in_memory", "demo_dir")
 FIXED_ON_RESUME = ("method", "arch", "embed_dim", "batch_size", "per_class", "seed", "image_size", "rotation",
                    "rotation_aug", "freeze_backbone")  # a resume continues the same run
 INT_RANGE = dict(epochs=(1, 10**5), batch_size=(1, 2**20), per_class=(1, 2**20), image_size=(8, 4096),
                  workers=(0, 1024), print_freq=(1, 2**31), eval_freq=(1, 2**31), seed=(0, 2**63 - 1),
                  embed_dim=(0, 2**16))
-FLOAT_RANGE = dict(lr=(0, 1e30), momentum=(0, 1), weight_decay=(0, 1e30), backbone_lr_scale=(0, 1e6))  # SGD: fp32
+# SGD: fp32
+FLOAT_RANGE = dict(lr=(0, 1e30), momentum=(0, 1), weight_decay=(0, 1e30), backbone_lr_scale=(0, 1e6))
 
 
 def check_args(args, saved):
@@ -305,8 +320,8 @@ def check_args(args, saved):
     if not all(v >= 0 and abs(v) != float("inf") for v in args.lambdas):
         raise ValueError(f"--lambdas {l1:g} {l2:g} {l3:g}: weights must be finite and >= 0")
     if args.init and args.resume:
-        raise ValueError(f"--init {args.init} with --resume {args.resume}: a resume continues its own weights; "
-                         "--init starts a new run from another run's phi (pass one of them)")
+        raise ValueError(f"--init {args.init} with --resume {args.resume}: a resume continues its own "
+                         "weights; --init starts a new run from another run's phi (pass one of them)")
     if args.recipe in PRETRAINED and not (args.pretrained or args.init or args.resume):
         raise ValueError(f"--recipe {args.recipe} fine-tunes ImageNet-pretrained ResNet-152 weights: pass "
                          "--pretrained ~/.cache/torch/hub/checkpoints/resnet152-394f9c45.pth (torchvision's "
@@ -314,22 +329,24 @@ def check_args(args, saved):
                          "torchvision.models.resnet152(weights='IMAGENET1K_V1')\" downloads there)")
     small = args.image_size < SMALL_IMAGES
     if args.in_memory == "on" and not small:
-        raise ValueError(f"--in-memory on is for the CIFAR recipe's small images (--image-size < {SMALL_IMAGES}, "
-                         f"here {args.image_size}): use --in-memory off or auto")
+        raise ValueError(f"--in-memory on is for the CIFAR recipe's small images (--image-size < "
+                         f"{SMALL_IMAGES}, here {args.image_size}): use --in-memory off or auto")
     if args.decode == "gpu" and small:
         raise ValueError(f"--decode gpu is for the ImageNet-LT recipe (--image-size >= {SMALL_IMAGES}, here "
                          f"{args.image_size}): use --decode cpu")
     if args.rotation_aug and args.method != "cbs_rrs":
-        raise ValueError("--rotation-aug is the augmentation baseline of Table 5: use it with --method cbs_rrs")
-    if len(method.heads) > 1:  # Table 4's endpoints are the baselines: run those, not a head that never learns
+        raise ValueError("--rotation-aug is the augmentation baseline of Table 5: use it with "
+                         "--method cbs_rrs")
+    # Table 4's endpoints are the baselines: run those, not a head that never learns
+    if len(method.heads) > 1:
         if l1 == 0 or l2 == 0:
             head, base = ("h", "0:1 is RRS-Only") if l1 == 0 else ("h_a", "1:0 is CBS-Only")
-            raise ValueError(f"--lambdas {l1:g} {l2:g} {l3:g} leaves {head} untrained: CBS:RRS = {base} (Table 4), "
-                             f"run it with --method {'rrs' if l1 == 0 else 'cbs'}")
+            raise ValueError(f"--lambdas {l1:g} {l2:g} {l3:g} leaves {head} untrained: CBS:RRS = {base} "
+                             f"(Table 4), run it with --method {'rrs' if l1 == 0 else 'cbs'}")
         if method.rotation and l3 == 0:
             raise ValueError(f"--lambdas {l1:g} {l2:g} 0 turns the rotation task off: use --method cbs_rrs")
     changed = [k for k in FIXED_ON_RESUME if k in saved and saved[k] != getattr(args, k)]
     if changed:
         k = changed[0]
-        raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)}: the resumed run has {saved[k]}; a resume "
-                         "continues the same run (start a new one with --init to change it)")
+        raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)}: the resumed run has {saved[k]}; "
+                         "a resume continues the same run (start a new one with --init to change it)")

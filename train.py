@@ -4,13 +4,14 @@
 examples:
   python train.py                                    # the demo: synthetic long-tailed data, no dataset needed
   python train.py --recipe imagenet_lt_r10 --data /imagenet --split data_lists/ImageNet_LT_train.txt
-  torchrun --nproc_per_node=8 train.py --recipe imagenet_lt_r50 --data /imagenet --split data_lists/ImageNet_LT_train.txt
+  torchrun --nproc_per_node=8 train.py --recipe imagenet_lt_r50 --data /imagenet \
+--split data_lists/ImageNet_LT_train.txt
   python train.py --resume runs/<date>-<time>-cbs_rrs_ss/last.pt            # continue where it stopped
 
-The defaults below are the ImageNet-LT ones. Without --data the demo recipe replaces them (ResNet-10, 8 epochs,
-S = 64, 32 px); --recipe sets a setting of the paper (docs/recipes.md); explicit flags override both.
-Every epoch: validation (overall / many / medium / few top-1), <out>/best.pt, <out>/last.pt and one JSON line
-in <out>/log.jsonl; at the end, best.pt on the test list. The method itself lives in ltaux.py.
+The defaults below are the ImageNet-LT ones. Without --data the demo recipe replaces them (ResNet-10,
+8 epochs, S = 64, 32 px); --recipe sets a setting of the paper (docs/recipes.md); explicit flags override
+both. Every epoch: validation (overall / many / medium / few top-1), <out>/best.pt, <out>/last.pt and one JSON
+line in <out>/log.jsonl; at the end, best.pt on the test list. The method itself lives in ltaux.py.
 """
 
 import argparse
@@ -84,7 +85,8 @@ def build_model(args, num_classes, device):
     its running statistics, as OLTR's frozen stage does)."""
     model = ltaux.LTResNet(args.arch, num_classes, args.embed_dim, args.pretrained)
     if args.init:  # the whole of phi (backbone + embed), heads fresh: ftRRS+CBS (Table 3)
-        bookkeeping.load_weights(model, bookkeeping.load_checkpoint(args.init), args.init, ("backbone.", "embed."))
+        bookkeeping.load_weights(model, bookkeeping.load_checkpoint(args.init), args.init,
+                                 ("backbone.", "embed."))
     for head in {"fc", "aux_fc", "rot_fc"} - set(METHODS[args.method].heads):
         getattr(model, head).requires_grad_(False)
     if args.freeze_backbone:
@@ -95,12 +97,15 @@ def build_model(args, num_classes, device):
 
 
 def build_optimizer(model, args, device):
-    """SGD with momentum and weight decay on every trained parameter (as OLTR); phi at backbone_lr_scale * lr."""
-    phi = [p for n, p in model.named_parameters() if n.startswith(("backbone.", "embed.")) and p.requires_grad]
+    """SGD with momentum and weight decay on every trained parameter (as OLTR); phi at
+    backbone_lr_scale * lr."""
+    phi = [p for n, p in model.named_parameters()
+           if n.startswith(("backbone.", "embed.")) and p.requires_grad]
     heads = [p for n, p in model.named_parameters() if not n.startswith(("backbone.", "embed."))]
     groups = [dict(params=phi, lr_scale=args.backbone_lr_scale), dict(params=heads, lr_scale=1.0)]
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, **fused)
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                           **fused)
 
 
 def lr_factor(step, total, warmup):
@@ -147,8 +152,10 @@ def train_step(run, images, labels, step, gen):
     jitter come from `gen` (a generator on the device), seeded by (seed, step, rank): a resume repeats them.
     Returns the loss parts (detached, on the device: no host sync)."""
     args, steps = run.args, run.batches.batch_sampler.num_batches
-    for g in run.optimizer.param_groups:  # the schedule is per step, so a mid-epoch resume continues it exactly
-        g["lr"] = args.lr * g["lr_scale"] * lr_factor(step, steps * args.epochs, round(args.warmup_epochs * steps))
+    # the schedule is per step, so a mid-epoch resume continues it exactly
+    for g in run.optimizer.param_groups:
+        g["lr"] = args.lr * g["lr_scale"] * lr_factor(step, steps * args.epochs,
+                                                      round(args.warmup_epochs * steps))
     gen.manual_seed(ltaux.AuxBatchSampler.derive_seed(args.seed, "rotation", step, args.rank))
     jitter = gen if pipeline.jitter_on_device(args.image_size, train=True) else None
     x, y = pipeline.to_device(images, run.device, jitter), labels.to(run.device, non_blocking=True)
@@ -161,8 +168,8 @@ def train_step(run, images, labels, step, gen):
     else:
         cbs, rrs = (x[:s], y[:s]), (x[s:], y[s:])  # S / W rows of B_cbs, then S / W of B_rrs
     with torch.autocast(run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
-        loss, parts = ltaux.aux_loss(run.net, cbs, rrs, args.lambdas, args.rotation if method.rotation else "off",
-                                     gen)
+        loss, parts = ltaux.aux_loss(run.net, cbs, rrs, args.lambdas,
+                                     args.rotation if method.rotation else "off", gen)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)
@@ -187,8 +194,8 @@ def train_one_epoch(run, epoch, first_step, partial):
         done, seen, i = done + 1, seen + images_per_step(run.args), i + 1
         if i % run.args.print_freq == 0 or i == steps:
             means = check_finite(sums, done, epoch, i)  # the only host sync: every --print-freq steps
-            eta = datetime.timedelta(seconds=round((steps * (run.args.epochs - epoch) - i) * (time.time() - t0)
-                                                   / (i - first_step)))
+            eta = datetime.timedelta(seconds=round((steps * (run.args.epochs - epoch) - i)
+                                                   * (time.time() - t0) / (i - first_step)))
             run.log(f"epoch {epoch} [{i:>{len(str(steps))}}/{steps}] " + " ".join(f"{k} {v:.4f}" for k, v in
                     means.items()) + f" lr {run.optimizer.param_groups[-1]['lr']:.5f} img/s "
                     f"{seen / (time.time() - t0):.0f} eta {eta}")
@@ -217,8 +224,8 @@ def check_finite(sums, n, epoch, step_in_epoch):
     means = {k: float(v) / max(n, 1) for k, v in sums.items()}
     if not all(math.isfinite(v) for v in means.values()):
         parts = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
-        raise RunError(f"non-finite loss at step {step_in_epoch} of epoch {epoch} or before it ({parts}): nothing "
-                       "saved; lower --lr or check the data")
+        raise RunError(f"non-finite loss at step {step_in_epoch} of epoch {epoch} or before it ({parts}): "
+                       "nothing saved; lower --lr or check the data")
     return means
 
 
@@ -253,27 +260,29 @@ def run_epochs(run, ckpt, has_val):
             m.update({f"val_{k}": acc[k] for k in ("overall", "many", "medium", "few", "mean_per_class")})
         improved = force_best or not has_val or m.get("val_overall", -1.0) > best_acc
         best_acc, force_best = max(best_acc, m.get("val_overall", best_acc)), False
-        if args.rank == 0:  # best.pt, then the log line, then last.pt: last.pt never records a best.pt not there
+        # best.pt, then the log line, then last.pt: last.pt never records a best.pt not there
+        if args.rank == 0:
             if improved:
                 save_checkpoint(run, "best.pt", epoch + 1, 0, best_acc)
             write(run, "log.jsonl", json.dumps(m) + "\n", append=True)
             save_checkpoint(run, "last.pt", epoch + 1, 0, best_acc)
         log(f"epoch {epoch} done in {m['epoch_time_s']:.0f}s: loss {m['loss']:.4f}" + "".join(
-            f", val {k} {m['val_' + k]:.2f}" for k in ("overall", "many", "medium", "few") if m.get("val_" + k)
-            is not None))
+            f", val {k} {m['val_' + k]:.2f}" for k in ("overall", "many", "medium", "few")
+            if m.get("val_" + k) is not None))
         if run.stop.agreed():
-            log(f"stopped after epoch {epoch}: saved {args.out}/last.pt; continue with python train.py --resume "
-                f"{args.out}/last.pt")
+            log(f"stopped after epoch {epoch}: saved {args.out}/last.pt; continue with python train.py "
+                f"--resume {args.out}/last.pt")
             return epoch
     if force_best and "test" in run.evals and args.rank == 0:  # resumed elsewhere after its last epoch
-        log("the resumed run's best.pt was not beside its checkpoint: testing the resumed weights (now best.pt)")
+        log("the resumed run's best.pt was not beside its checkpoint: testing the resumed weights "
+            "(now best.pt)")
         save_checkpoint(run, "best.pt", args.epochs, 0, best_acc)
     return final_test(run) if "test" in run.evals else None
 
 
 def resume(run, ckpt):
-    """Load a --resume checkpoint into the run and log the optimisation flags changed since (applied from now).
-    Returns (epoch, step_in_epoch, best_acc, partial epoch metrics)."""
+    """Load a --resume checkpoint into the run and log the optimisation flags changed since
+    (applied from now). Returns (epoch, step_in_epoch, best_acc, partial epoch metrics)."""
     args, steps = run.args, run.batches.batch_sampler.num_batches
     bookkeeping.restore(ckpt, args.resume, run.model, run.optimizer, run.scaler)
     for g in run.optimizer.param_groups:  # load_state_dict brought the old values back
@@ -282,11 +291,12 @@ def resume(run, ckpt):
     for k in ("lr", "momentum", "weight_decay", "backbone_lr_scale", "epochs", "warmup_epochs", "lambdas"):
         if ckpt["args"].get(k) != getattr(args, k):
             run.log(f"resume: --{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's run had "
-                    f"{ckpt['args'].get(k)}); " + ("the cosine schedule is recomputed over the new length from "
-                                                   "the current step" if "epochs" in k else "applied from now"))
+                    f"{ckpt['args'].get(k)}); " + (
+                        "the cosine schedule is recomputed over the new length from the current step"
+                        if "epochs" in k else "applied from now"))
     if ckpt["step_in_epoch"] >= steps:
-        raise LTauxError(f"{args.resume}: step {ckpt['step_in_epoch']} of an epoch of {steps} steps (a damaged "
-                         "checkpoint)")
+        raise LTauxError(f"{args.resume}: step {ckpt['step_in_epoch']} of an epoch of {steps} steps "
+                         "(a damaged checkpoint)")
     if args.rank == 0:
         bookkeeping.trim_log(args.out, ckpt["epoch"])
     run.log(f"resumed from {args.resume}: epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']} of {steps} "
@@ -299,7 +309,8 @@ def save_checkpoint(run, name, epoch, step_in_epoch, best_acc, partial=None):
     host sync per save): no checkpoint ever holds non-finite weights."""
     bad = bookkeeping.first_non_finite(run.model.state_dict())
     if bad:
-        at = f"at the end of epoch {epoch - 1}" if step_in_epoch == 0 else f"after step {step_in_epoch} of epoch {epoch}"
+        at = (f"at the end of epoch {epoch - 1}" if step_in_epoch == 0
+              else f"after step {step_in_epoch} of epoch {epoch}")
         raise RunError(f"non-finite weights ({bad}) {at} (the update diverged): nothing saved; lower --lr or "
                        "check the data")
     steps = run.batches.batch_sampler.num_batches
@@ -307,8 +318,9 @@ def save_checkpoint(run, name, epoch, step_in_epoch, best_acc, partial=None):
         format=bookkeeping.CKPT_FORMAT, args=plain_args(run.args), model=run.model.state_dict(),
         optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), train_counts=run.counts,
         epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * steps + step_in_epoch,
-        best_acc=float(best_acc), shot_rule=bookkeeping.SHOT_RULE, data=run.fingerprint, partial=partial or {},
-        rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+        best_acc=float(best_acc), shot_rule=bookkeeping.SHOT_RULE, data=run.fingerprint,
+        partial=partial or {}, rng_cpu=torch.get_rng_state(),
+        rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
     run.folder.commit()
 
 
@@ -344,8 +356,8 @@ def final_test(run):
                 f"python train.py --resume {args.out}/last.pt runs the test")
         return "test"
     paper = recipes.paper_row(plain_args(args), vars(get_args_parser().parse_args([])), args.test_split)
-    run.log(f"\ntest ({args.test_split}) with {best}:\n" + runtime.format_table({f"{args.method} (best.pt)": acc})
-            + runtime.paper_lines(acc, paper))
+    run.log(f"\ntest ({args.test_split}) with {best}:\n"
+            + runtime.format_table({f"{args.method} (best.pt)": acc}) + runtime.paper_lines(acc, paper))
     if args.rank == 0:
         metrics = {k: acc[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
         if paper:
@@ -375,15 +387,17 @@ def setup_processes(args):
 def make_sampler(train_set, args):
     """AuxBatchSampler of the method's mode; its argument errors (S vs Z, k vs C, S vs W) name the flags."""
     try:
-        return ltaux.AuxBatchSampler(train_set.labels, args.batch_size, args.per_class, METHODS[args.method].sampler,
-                                     seed=args.seed, rank=args.rank, world_size=args.world_size, with_seeds=True)
+        return ltaux.AuxBatchSampler(train_set.labels, args.batch_size, args.per_class,
+                                     METHODS[args.method].sampler, seed=args.seed, rank=args.rank,
+                                     world_size=args.world_size, with_seeds=True)
     except ValueError as e:
-        raise LTauxError(f"--batch-size {args.batch_size} --per-class {args.per_class} with {args.split}: {e}") from None
+        raise LTauxError(f"--batch-size {args.batch_size} --per-class {args.per_class} with {args.split}: "
+                         f"{e}") from None
 
 
 def claim_out(args, ckpt):
-    """Rank 0 makes and locks --out (bookkeeping.OutputFolder); resuming into another folder brings the resumed
-    run's best.pt and log along (bookkeeping.carry_over)."""
+    """Rank 0 makes and locks --out (bookkeeping.OutputFolder); resuming into another folder brings the
+    resumed run's best.pt and log along (bookkeeping.carry_over)."""
     here = bool(ckpt) and os.path.isdir(args.out) and os.path.samefile(os.path.dirname(os.path.abspath(
         args.resume)), args.out)
     folder = bookkeeping.OutputFolder(args.out, RUN_FILES, "training", args.overwrite, own=here)
@@ -400,19 +414,22 @@ def run_header(run):
     args, n, steps = run.args, len(run.batches.batch_sampler.labels), run.batches.batch_sampler.num_batches
     defaults = vars(get_args_parser().parse_args([]))
     changed = {k: v for k, v in plain_args(args).items() if k in defaults and defaults[k] != v}
-    run.log("args not at their defaults (all are saved in every checkpoint): " + json.dumps(changed, sort_keys=True))
+    run.log("args not at their defaults (all are saved in every checkpoint): "
+            + json.dumps(changed, sort_keys=True))
     run.log(f"device: {run.device}, {args.world_size} process{'es' if args.world_size > 1 else ''}, amp "
             f"{runtime.amp_dtype(args.amp, run.device)[0]}; {n} train images, {len(run.counts)} classes, "
             f"{steps} steps/epoch of {images_per_step(args)} images; writing to {args.out}")
     groups = torch.bincount(ltaux.shot_groups(run.counts, args.many, args.few), minlength=3).tolist()
-    run.log(f"shot groups: {groups[0]} many-shot (>= {args.many} training images), {groups[1]} medium, {groups[2]} "
-            f"few-shot (<= {args.few}) classes")
+    run.log(f"shot groups: {groups[0]} many-shot (>= {args.many} training images), {groups[1]} medium, "
+            f"{groups[2]} few-shot (<= {args.few}) classes")
     if "val" not in run.evals:
-        run.log("no validation list: best.pt is the last epoch's weights (--val-split selects by validation accuracy)")
+        run.log("no validation list: best.pt is the last epoch's weights "
+                "(--val-split selects by validation accuracy)")
 
 
 def train(args, ckpt):
-    """The whole run: inputs first (nothing is written until all are checked), then the epochs, then the test."""
+    """The whole run: inputs first (nothing is written until all are checked), then the epochs, then the
+    test."""
     t_start, device = time.time(), setup_processes(args)
     log = functools.partial(print_rank0, args.rank)
     amp = runtime.amp_dtype(args.amp, device)[1]
@@ -420,14 +437,16 @@ def train(args, ckpt):
     torch.backends.cudnn.benchmark = device.type == "cuda"
     stop = bookkeeping.StopFlag(device, args.world_size)
     try:
-        train_set, evals, counts = pipeline.open_inputs(args, log, dist.barrier if args.world_size > 1 else None)
+        train_set, evals, counts = pipeline.open_inputs(args, log,
+                                                        dist.barrier if args.world_size > 1 else None)
         sampler = make_sampler(train_set, args)
         model = build_model(args, train_set.num_classes, device)
         optimizer = build_optimizer(model, args, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         fingerprint = bookkeeping.data_fingerprint(train_set)
-        args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
-                                os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
+        args.out = args.out or (
+            os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+            os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
         if ckpt:
             bookkeeping.check_same_data(ckpt, args.resume, train_set, counts, fingerprint)
             bookkeeping.check_resume(args.resume, ckpt, args.out, args.epochs)
@@ -446,8 +465,8 @@ def train(args, ckpt):
         try:
             args.out = share_out(args, folder)
             net = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
-            run = Run(args, device, amp, model, torch.compile(net) if args.compile else net, optimizer, scaler,
-                      batches, eval_batches, counts, fingerprint, folder, stop, log)
+            run = Run(args, device, amp, model, torch.compile(net) if args.compile else net, optimizer,
+                      scaler, batches, eval_batches, counts, fingerprint, folder, stop, log)
             run_header(run)
             stopped = run_epochs(run, ckpt, "val" in evals)
             failed = False
@@ -456,17 +475,17 @@ def train(args, ckpt):
         except RuntimeError as e:  # a DataLoader worker that died (killed, out of memory), noticed anywhere
             if "DataLoader worker" not in str(e):
                 raise
-            raise LTauxError(f"a data-loader worker died ({str(e).splitlines()[0]}); lower --workers if memory "
-                             f"is short; {last_good(args.out)}") from None
+            raise LTauxError(f"a data-loader worker died ({str(e).splitlines()[0]}); lower --workers if "
+                             f"memory is short; {last_good(args.out)}") from None
         finally:
             if folder:
                 folder.close(failed)
     finally:
         stop.restore()
     if stopped is None:
-        log(f"\ndone in {datetime.timedelta(seconds=round(time.time() - t_start))}; best.pt: {args.out}/best.pt\n"
-            f"next: python evaluate.py --checkpoint {args.out}/best.pt" + (f" --split {args.test_split}" if
-                                                                          args.test_split else " --split LIST"))
+        log(f"\ndone in {datetime.timedelta(seconds=round(time.time() - t_start))}; "
+            f"best.pt: {args.out}/best.pt\nnext: python evaluate.py --checkpoint {args.out}/best.pt"
+            + (f" --split {args.test_split}" if args.test_split else " --split LIST"))
     return 0
 
 
@@ -506,10 +525,13 @@ def main(argv=None):
         return e.args[0]
     except bookkeeping.Interrupted as e:
         name = signal.Signals(e.args[0]).name
-        print(f"error: {name} before training started: stopped, nothing was written", file=sys.stderr, flush=True)
+        print(f"error: {name} before training started: stopped, nothing was written", file=sys.stderr,
+              flush=True)
         return 128 + e.args[0]
-    except RuntimeError as e:  # a collective broke because a peer failed first and printed its one error line:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (isinstance(e, dist.DistError) or "closed by peer" in str(e)):
+    except RuntimeError as e:
+        # a collective broke because a peer failed first and printed its one error line:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (
+                isinstance(e, dist.DistError) or "closed by peer" in str(e)):
             return 2  # no collective traceback from the ranks it left waiting
         raise
     finally:
