@@ -158,8 +158,8 @@ def training_settings(args):
 
 
 def settings_note(main, baselines):
-    """One `note:` line naming the training settings (training_settings) in which compared runs differ
-    from the evaluated one, or None: a gain over a 1-epoch baseline is not the method's gain."""
+    """One `note:` line naming the training settings (training_settings) in which the compared runs and
+    the evaluated one differ, or None: a gain over a 1-epoch baseline is not the method's gain."""
     ours, theirs, keys = training_settings(main.args), [], []
     for b in baselines:
         other = training_settings(b.args)
