@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import ltaux
+import recipes
 from ltaux import LTauxError
 
 CKPT_FORMAT, CKPT_VERSION = "ltaux-checkpoint-v2", 2  # v2: phi ends in Linear + ReLU (embed.0.*)
@@ -418,9 +419,7 @@ def trim_log(out, epoch):
 def data_fingerprint(ds, samples=8):
     """The training data in brief, stored in checkpoints: the list's sha256 (its content and order) and, for
     `samples` images spread evenly through it, the file size and the sha256 of its first 64 KiB."""
-    with open(ds.split_file, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    files = []
+    digest, files = recipes.file_sha256(ds.split_file), []
     for i in sorted({k * len(ds) // samples for k in range(samples)}):
         path, size, head = os.path.join(ds.root, ds.paths[i]), -1, b""
         if os.path.isfile(path):
@@ -460,13 +459,11 @@ class Interrupted(Exception):
 
 
 class StopFlag:
-    """SIGTERM / SIGINT ask the run to stop: before training it ends at once (Interrupted), during training
-    after the current step (last.pt is saved), during the final test at the next batch. A signal within a
-    second of the previous one is the same request delivered again (Slurm signals every process, torchrun
-    forwards it, supervisors repeat it); one more than a second after the previous exits at once with status
-    128 + signal, without saving, but never in the middle of writing a file. With W processes the flag is
-    all-reduced every step, read one step later (no stall of the GPU queue), so every rank stops after the
-    same step."""
+    """SIGTERM / SIGINT ask the run to stop: before training at once (Interrupted), in training after the
+    step (last.pt is saved), in the final test at the next batch. A signal within a second of the last is the
+    same request again (Slurm, torchrun and supervisors repeat it); a later one exits at once, 128 + signal,
+    but never mid-write. With W processes the flag is all-reduced every step and read one step later (no
+    GPU stall), so every rank stops after the same step."""
 
     def __init__(self, device, world_size):
         self.signum, self.last, self.device, self.world_size, self.pending = (

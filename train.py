@@ -431,7 +431,7 @@ def train(args, ckpt):
     """The whole run: inputs first (nothing is written until all are checked), then the epochs, then the
     test."""
     t_start, device = time.time(), setup_processes(args)
-    log = functools.partial(print_rank0, args.rank)
+    log = functools.partial(print, flush=True) if args.rank == 0 else (lambda msg: None)  # rank 0 speaks
     amp = runtime.amp_dtype(args.amp, device)[1]
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -487,11 +487,6 @@ def train(args, ckpt):
             f"best.pt: {args.out}/best.pt\nnext: python evaluate.py --checkpoint {args.out}/best.pt"
             + (f" --split {args.test_split}" if args.test_split else " --split LIST"))
     return 0
-
-
-def print_rank0(rank, msg):
-    if rank == 0:
-        print(msg, flush=True)
 
 
 def share_out(args, folder):
