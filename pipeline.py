@@ -1,13 +1,9 @@
-"""The input pipeline: image files -> uint8 tensors -> normalised batches on the training device.
-
-Workers read and crop (decode_jpeg for JPEGs, Pillow for the rest); what needs no worker runs batched on
-the device: float conversion, the ImageNet-LT recipe's colour jitter, normalisation. Three ways to feed a
-step, all giving a sample the same pixels for the same (seed, epoch, position):
+"""The input pipeline: image files -> uint8 tensors (workers read and crop) -> normalised batches on the
+training device (with the ImageNet-LT recipe's colour jitter). Three ways to feed a step, all giving a
+sample the same pixels for the same (seed, epoch, position):
     training_loader            DataLoader workers (ImageNet-LT recipe; the CIFAR recipe with --in-memory off)
     DeviceDecodeDataset        --decode gpu: workers send file bytes; decode_jpeg and the crop on the GPU
     MemoryBatches, MemoryEval  --in-memory: small images decoded once into one tensor on the device
-                               (in_memory_plan: whether they fit the memory there is)
-Used by train.py, evaluate.py and bench.py; the method itself is ltaux.py.
 """
 
 import functools
@@ -43,13 +39,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics,
 # reading images: JPEGs by torchvision.io.decode_jpeg (in the workers, or on the GPU), the rest by Pillow
 
 
-JPEG_MODES = ("RGB", "L", "CMYK")  # decode_jpeg(mode=RGB) gives Pillow's convert("RGB") pixels for these
-
-
-def read_encoded(path, max_aspect=50):
+def read_encoded(path):
     """An image file's bytes and header -> (data uint8 (N,), is_jpeg, (H, W)). Only the header is
     parsed (Pillow: format, size, its decompression-bomb check, and load_rgb's aspect limit)."""
-    data, is_jpeg, size = _read_header(path, max_aspect)
+    data, is_jpeg, size = _read_header(path)
     return torch.frombuffer(data, dtype=torch.uint8), is_jpeg, size
 
 
@@ -64,14 +57,14 @@ def _read_header(path, max_aspect=50):
         w, h = img.size
         if max(w, h) > max_aspect * max(1, min(w, h)):
             raise ValueError(f"aspect ratio {w}x{h} exceeds {max_aspect}:1")
-        is_jpeg = img.format == "JPEG" and img.mode in JPEG_MODES and decode_jpeg is not None
+        # for these modes decode_jpeg(mode=RGB) gives Pillow's convert("RGB") pixels
+        is_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK") and decode_jpeg is not None
     return data, is_jpeg, (h, w)
 
 
 def read_image(path):
-    """An image file -> uint8 RGB (3, H, W). JPEGs are decoded by torchvision.io.decode_jpeg
-    (libjpeg-turbo: Pillow's pixels, bit for bit); other files, and JPEGs it rejects, by Pillow
-    (ltaux.load_rgb), whose error then names what is wrong. The file is read once."""
+    """An image file, read once -> uint8 RGB (3, H, W). JPEGs by decode_jpeg (libjpeg-turbo: Pillow's
+    pixels, bit for bit); other files, and JPEGs it rejects, by ltaux.load_rgb, whose error says why."""
     data, is_jpeg, _ = _read_header(path)
     if is_jpeg:
         try:
@@ -86,12 +79,9 @@ def read_image(path):
 
 
 def build_transform(size, train):
-    """uint8 image tensor (3, H, W) -> uint8 (3, size, size), as DataLoader workers run it. What needs no
-    worker runs later, batched, on the device (to_device): float conversion, the ImageNet-LT recipe's
-    ColorJitter (color_jitter), normalisation. Resizing is torchvision's antialiased bilinear on tensors
-    (within one grey level of PIL's, and faster: docs/implementation.md).
-    Below SMALL_IMAGES (64 px: the CIFAR recipe) the transform is the fixed resize + centre crop alone, for
-    training too: the random pad-4 crop and flip come from each sample's seed (cifar_augment), batched."""
+    """uint8 image tensor (3, H, W) -> uint8 (3, size, size), in the workers. Antialiased bilinear resizing
+    on tensors: within one grey level of PIL's, and faster (docs/implementation.md). Below SMALL_IMAGES
+    (the CIFAR recipe) it is fixed for training too: cifar_augment adds the random part."""
     if size >= SMALL_IMAGES:  # OLTR's ImageNet-LT recipe: RandomResizedCrop, flip (+ device ColorJitter 0.4)
         if train:
             return RandomResizedCropFlip(size)
@@ -100,16 +90,9 @@ def build_transform(size, train):
 
 
 class RandomResizedCropFlip:
-    """torchvision's RandomResizedCrop(size) then RandomHorizontalFlip() on uint8 tensors, with the random
-    draw (params) apart from the pixel work (apply): --decode gpu draws in the workers and applies on
-    the device. The draws are torchvision's own (get_params, then torch.rand(1) < 0.5), from torch's
-    global RNG, so that a seeded sample gives the same crop whichever half runs it.
-
-    Args:
-        size: output side (default: none, required).
-        scale: range of the crop's area, a fraction of the image's (default: (0.08, 1.0)).
-        ratio: range of the crop's aspect ratio (default: (3/4, 4/3)).
-    """
+    """torchvision's RandomResizedCrop(size, scale, ratio) then RandomHorizontalFlip() on uint8 tensors, the
+    draw (params: torchvision's own, from torch's global RNG) apart from the pixel work (apply): --decode
+    gpu draws in the workers and applies on the device, the same crop for a seeded sample."""
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, scale, ratio
@@ -131,18 +114,9 @@ class RandomResizedCropFlip:
 
 
 def cifar_augment(x, seeds, pad=4):
-    """The CIFAR recipe's augmentation (pad 4 with zeros, random crop back to H x W, random horizontal
-    flip), batched, on any device, drawn from each sample's seed: the crop offsets and the flip are
-    digits of the seed (top = seed mod 9, left = seed div 9 mod 9, flip = seed div 81 mod 2), so a
-    sample gets the same pixels alone in a DataLoader worker or in a batch on the GPU.
-
-    Args:
-        x: uint8 images (B, 3, H, W).
-        seeds: (B,) int64 >= 0, uniformly random (AuxBatchSampler.epoch_seeds).
-        pad: zero padding on each side (default: 4).
-    Returns:
-        uint8 images (B, 3, H, W) (a strided view in channels-last order).
-    """
+    """The CIFAR recipe's zero pad, random crop and flip: uint8 x (B, 3, H, W), seeds (B,) int64 >= 0 uniform
+    (AuxBatchSampler.epoch_seeds) -> uint8 (B, 3, H, W), a channels-last view. The crop and flip are digits
+    of the seed (top, left, flip = seed mod 9, div 9 mod 9, div 81 mod 2): alone or batched, same pixels."""
     B, _, H, W = x.shape
     n, dev = 2 * pad + 1, x.device
     seeds = seeds.to(dev)
@@ -152,20 +126,14 @@ def cifar_augment(x, seeds, pad=4):
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, 3, H + 2 pad, W + 2 pad)
     batch = torch.arange(B, device=dev)[:, None, None]
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, 3)
-    return out.permute(0, 3, 1, 2)
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # from (B, H, W, 3)
 
 
 class SeededCifar(torch.utils.data.Dataset):
-    """A training SplitDataset (fixed transform: build_transform(size < SMALL_IMAGES)) whose items
-    dataset[(i, seed)] get cifar_augment with that seed: what a DataLoader worker runs on the CIFAR recipe's
-    path."""
+    """The workers' CIFAR recipe: dataset[(i, seed)] is a training SplitDataset's item i, cifar_augment-ed."""
 
     def __init__(self, dataset):
         self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, item):
         i, seed = item
@@ -183,21 +151,10 @@ def jitter_on_device(size, train):
 
 
 def color_jitter(x, generator=None, brightness=0.4, contrast=0.4, saturation=0.4):
-    """torchvision's ColorJitter(brightness, contrast, saturation), batched on the images' device.
-
-    Every image draws its own factors, uniform in [1 - s, 1 + s] for each strength s, as ColorJitter
-    does; each operation is torchvision's tensor version (adjust_brightness: scale; adjust_contrast:
-    blend with the image's mean grey; adjust_saturation: blend with its grey image; grey = ITU-R 601
-    luma), clamped to [0, 255] after each. Differences: the operations run in a fixed order
-    (brightness, contrast, saturation), where torchvision draws a random order per image, and in float,
-    where PIL rounds to 8 bits after each operation.
-
-    Args:
-        x: float images (B, 3, H, W) with values in [0, 255].
-        generator: torch.Generator on x.device (default: the global RNG).
-    Returns:
-        float images (B, 3, H, W) in [0, 255].
-    """
+    """torchvision's ColorJitter(brightness, contrast, saturation), batched: float x (B, 3, H, W) in
+    [0, 255] -> float (B, 3, H, W) in [0, 255], drawn from `generator` (on x.device; default: global RNG).
+    Per-image factors uniform in [1 - s, 1 + s], torchvision's tensor operations, but in a fixed order
+    (torchvision draws one per image) and in float (PIL rounds to 8 bits after each operation)."""
     strength = torch.tensor([brightness, contrast, saturation], device=x.device).view(3, 1, 1, 1, 1)
     f = 1 + strength * (2 * torch.rand(3, x.shape[0], 1, 1, 1, device=x.device, generator=generator) - 1)
     x = (x * f[0]).clamp_(0, 255)  # brightness: (B, 3, H, W), the one new batch; the rest in place
@@ -208,9 +165,8 @@ def color_jitter(x, generator=None, brightness=0.4, contrast=0.4, saturation=0.4
 
 
 def grey(x):
-    """ITU-R 601 luma of RGB images: (B, 3, H, W) uint8 or float -> float (B, 1, H, W), by torchvision's
-    tensor rgb_to_grayscale, the one its adjust_saturation uses. uint8 comes out as float luma, not
-    truncated to uint8. (transforms.v2's rgb_to_grayscale sums in another order: 1-2 ulp apart.)"""
+    """ITU-R 601 luma: (B, 3, H, W) uint8 or float -> float (B, 1, H, W) (uint8 is not truncated), by the
+    rgb_to_grayscale adjust_saturation uses (transforms.v2's sums in another order: 1-2 ulp apart)."""
     return F1.rgb_to_grayscale(x if x.is_floating_point() else x.float())
 
 
@@ -222,9 +178,8 @@ def mean_std(device):
 
 
 def to_device(x, device, jitter=None):
-    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W) on the device, channels_last (faster for
-    these ResNets on CUDA and on CPUs alike: 1.30-1.36x for a ResNet-32 CPU step, bench.py).
-    With jitter = a torch.Generator on the device, color_jitter first (training, ImageNet-LT recipe)."""
+    """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W) on the device, after color_jitter with a
+    `jitter` generator; channels_last: faster on CUDA and CPUs alike (1.30-1.36x a ResNet-32 CPU step)."""
     x = x.to(device, non_blocking=True).float()
     if jitter is not None:
         x = color_jitter(x, jitter)
@@ -237,11 +192,9 @@ def to_device(x, device, jitter=None):
 
 
 def ignore_stop_signals(_worker_id):
-    """DataLoader workers ignore SIGINT, and SIGTERM unless the main process sends it (the DataLoader's
-    own terminate()): a signal sent to the whole process group (Slurm, systemd, kill -TERM -PGID,
-    Ctrl-C) then reaches the main process, which finishes the step and saves while workers keep serving.
-    A watcher thread reads each SIGTERM's sender (sigwaitinfo; where that is missing, e.g. macOS,
-    SIGTERM keeps its default action). Workers still exit when the main process dies (PyTorch's watchdog)."""
+    """DataLoader workers ignore SIGINT, and SIGTERM unless the main process sends it (its terminate()), so
+    the main process finishes the step and saves on a signal to the process group (Slurm, Ctrl-C). Without
+    sigwaitinfo (macOS), SIGTERM keeps its default action."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         return
@@ -257,10 +210,8 @@ def ignore_stop_signals(_worker_id):
 
 
 def training_loader(ds, sampler, device, workers, decode="cpu", size=224):
-    """DataLoader workers over a training SplitDataset with batch_sampler = AuxBatchSampler (with seeds):
-    uint8 batches [B_cbs; B_rrs]. decode "gpu": its batches are file bytes + crops, which
-    loader.dataset.decode finishes on the device (DeviceDecodeDataset); below SMALL_IMAGES (64 px) each
-    sample gets cifar_augment from its seed (SeededCifar)."""
+    """DataLoader workers over a training SplitDataset and an AuxBatchSampler: uint8 batches [B_cbs; B_rrs];
+    with decode "gpu", file bytes and crops for loader.dataset.decode (DeviceDecodeDataset)."""
     kw = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
               persistent_workers=workers > 0)
     if decode == "gpu":
@@ -279,24 +230,12 @@ def eval_loader(ds, batch_size, device, workers, rank=0, world_size=1):
 
 
 class DeviceDecodeDataset(torch.utils.data.Dataset):
-    """--decode gpu, the workers' half: a training SplitDataset's items as file bytes plus the crop to
-    apply after decoding, so that workers only read files and draw random numbers.
-
-    Args:
-        dataset: ltaux.SplitDataset of the training list (its labels, lines and error messages).
-        size: crop size of RandomResizedCropFlip.
-    Items:
-        dataset[(i, seed)] -> (data, params (6,) int64: i, top, left, h, w, flip; label). data is the
-        JPEG file's bytes (N,), or, for any other file, the finished uint8 image (3, size, size). The
-        seed gives the crop that SplitDataset's transform would draw for (i, seed).
-    Batches (collate): (list of data, params (B, 6), labels (B,)); decode() finishes them on the device.
-    """
+    """--decode gpu, the workers' half: dataset[(i, seed)] -> (data, params (6,) int64: i, top, left, h, w,
+    flip; label), data being a JPEG file's bytes (N,), any other file's finished uint8 image (3, size, size),
+    the seed drawing the crop the SplitDataset's transform would. collate: (list of data, params, labels)."""
 
     def __init__(self, dataset, size):
         self.dataset, self.crop = dataset, RandomResizedCropFlip(size)
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, item):
         i, seed = item
@@ -314,9 +253,8 @@ class DeviceDecodeDataset(torch.utils.data.Dataset):
         return list(data), torch.stack(params), torch.tensor(labels)
 
     def decode(self, batch, device):
-        """A collated batch -> (uint8 images (B, 3, size, size) on the device, labels (B,)). JPEGs are
-        decoded together by decode_jpeg(device=...); one the device decoder rejects is read on the CPU
-        (read_image); one that fails there too raises LTauxError naming its file and split line."""
+        """A collated batch -> (uint8 images (B, 3, size, size) on the device, labels (B,)). JPEGs the
+        device rejects are read on the CPU, whose LTauxError names the file and split line."""
         data, params, labels = batch
         rows = params.tolist()  # one conversion, not two tensor reads per image
         out = torch.empty(len(data), 3, self.crop.size, self.crop.size, dtype=torch.uint8, device=device)
@@ -332,37 +270,20 @@ class DeviceDecodeDataset(torch.utils.data.Dataset):
 
 
 def decode_many(data, device):
-    """JPEG bytes [(N_i,)] -> [uint8 (3, H_i, W_i) on the device, or None where decoding failed]: one
-    batched decode_jpeg call, or one call per image when the batch fails."""
-    if not data:
-        return []
+    """JPEG bytes [(N_i,)] -> [uint8 (3, H_i, W_i) on the device, or None where decoding failed]."""
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        pass
-    out = []
-    for d in data:
-        try:
-            out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
-            out.append(None)
-    return out
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
+    except RuntimeError:  # one bad image fails the whole batch
+        return [None] if len(data) == 1 else [x for part in data for x in decode_many([part], device)]
 
 
-DECODE_BATCH = 32  # images decoded between two asks of decode_all's `stop`: an ImageNet-sized photograph
-# (about 0.2 megapixels) takes a few milliseconds to decode and resize on one core, a CIFAR image far less,
-# so even a slow CPU asks several times a second
+DECODE_BATCH = 32  # images between two asks of decode_all's `stop`: a few ms each, so several asks a second
 
 
 def decode_all(dataset, device, workers=0, batch_size=DECODE_BATCH, stop=None):
-    """Every image of a SplitDataset through its (fixed) transform, once: (uint8 (N, 3, s, s), labels (N,)),
-    both on `device`. Each batch goes straight into one tensor there: no second copy of all the images
-    on the host. Errors name the file and split line as in training.
-
-    stop: a callable asked after every batch of `batch_size` images; when it returns true decoding ends
-    and decode_all returns None; an exception it raises (train.py: a stop signal) ends it too. The workers
-    ignore the signals sent to the whole process group (ignore_stop_signals): the main process decides.
-    """
+    """Every image of a SplitDataset through its (fixed) transform, once, each batch straight into one
+    tensor on `device` (no second copy on the host): (uint8 (N, 3, s, s), labels (N,)). stop: asked after
+    every batch; true ends decoding and returns None, and an exception it raises ends it too."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          worker_init_fn=ignore_stop_signals)
     images, done, batches = None, 0, iter(loader)
@@ -387,11 +308,7 @@ def decode_all(dataset, device, workers=0, batch_size=DECODE_BATCH, stop=None):
 
 GiB = 2**30
 MARGIN_MIN, MARGIN_FRACTION = 1 * GiB, 4  # kept free: the larger of 1 GiB and a quarter of the free memory
-# The run needs memory after the images are in: each step's activations and gradients (they grow with
-# the batch), evaluation batches, the caching allocator's rounding on CUDA; on the host, other processes
-# and the page cache the image files refill. Without the margin `auto` could fill memory to the last
-# byte and the run would then swap or be killed (the out-of-memory killer, a CUDA allocator error)
-# in its first step instead of using DataLoader workers.
+# for the run's activations, evaluation batches, other processes: else the first step could swap or be killed
 UNKNOWN_BUDGET = 2 * GiB  # --in-memory auto where no free memory can be read (no /proc: macOS, Windows)
 NO_LIMIT = 2**60  # a cgroup limit this high means none (cgroup v1 writes 2^63 rounded down to a page)
 CGROUPS = (("", "memory.max", "memory.current", "inactive_file"),  # v2: the unified hierarchy
@@ -399,118 +316,72 @@ CGROUPS = (("", "memory.max", "memory.current", "inactive_file"),  # v2: the uni
 
 
 def memory_available(device, root="/"):
-    """Bytes the decoded images may take on `device`, None where unknown: its free memory less the
-    margin above. CUDA: torch.cuda.mem_get_info's free bytes. CPU: host_memory_free (root: where proc/
-    and sys/ are; tests pass a fake tree)."""
+    """Bytes the decoded images may take on `device`, None where unknown: its free memory (CUDA:
+    mem_get_info; CPU: host_memory_free, root: where proc/ and sys/ are) less the margin above."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_memory_free(root)
-    if free is None:
-        return None
-    return max(0, free - max(MARGIN_MIN, free // MARGIN_FRACTION))
+    return None if free is None else max(0, free - max(MARGIN_MIN, free // MARGIN_FRACTION))
 
 
 def host_memory_free(root="/"):
     """Bytes this process can still allocate on the host, None where nothing says (not Linux): the
-    smaller of /proc/meminfo's MemAvailable (MemFree on kernels without it) and the room under each
-    memory limit of its cgroup and the cgroup's ancestors (v2 memory.max - memory.current; v1
-    memory.limit_in_bytes - memory.usage_in_bytes), usage counted without the inactive file cache
-    (memory.stat), which the kernel reclaims before it would kill anything."""
-    found = [v for v in (_meminfo_available(root), *_cgroup_rooms(root)) if v is not None]
-    return min(found) if found else None
+    smaller of /proc/meminfo's MemAvailable (else MemFree) and the room under every cgroup memory limit."""
+    meminfo = _fields(os.path.join(root, "proc", "meminfo"))
+    found = [meminfo.get("MemAvailable", meminfo.get("MemFree")), *_cgroup_rooms(root)]
+    return min((v for v in found if v is not None), default=None)
 
 
-def _meminfo_available(root):
+def _read(path):
+    """A /proc or cgroup file's text, stripped; "" where absent or unreadable."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _fields(path):
+    """{key: bytes} of a file of "key: 123 kB" (/proc/meminfo) or "key 123" (memory.stat) lines."""
     fields = {}
-    try:
-        with open(os.path.join(root, "proc", "meminfo")) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                value = value.split()
-                if value and value[0].isdigit():
-                    fields[key] = int(value[0]) * (1024 if value[1:] == ["kB"] else 1)
-    except (OSError, UnicodeDecodeError):
-        return None
-    return fields.get("MemAvailable", fields.get("MemFree"))
-
-
-def _cgroup_paths(root):
-    """{"": this process's cgroup v2 path, "memory": its cgroup v1 memory path}, from /proc/self/cgroup."""
-    paths = {}
-    try:
-        with open(os.path.join(root, "proc", "self", "cgroup")) as f:
-            for line in f:  # hierarchy-id:controllers:path; v2 is "0::/path"
-                parts = line.rstrip("\n").split(":", 2)
-                if len(parts) == 3 and parts[0] == "0" and not parts[1]:
-                    paths[""] = parts[2]
-                elif len(parts) == 3 and "memory" in parts[1].split(","):
-                    paths["memory"] = parts[2]
-    except (OSError, UnicodeDecodeError):
-        pass
-    return paths
+    for line in _read(path).splitlines():
+        parts = line.replace(":", " ").split()
+        if len(parts) > 1 and parts[1].isdigit():
+            fields[parts[0]] = int(parts[1]) * (1024 if parts[2:] == ["kB"] else 1)
+    return fields
 
 
 def _cgroup_rooms(root):
-    """Room left under every cgroup memory limit found, this process's cgroup and its ancestors, up to the
-    mount's root: in a container the mount shows the container's own cgroup as the root, whatever path
-    /proc/self/cgroup names."""
-    paths, rooms = _cgroup_paths(root), []
+    """Room under the memory limit (v2, v1) of this process's cgroup and each ancestor up to the mount's root
+    (a container's own), usage less the inactive file cache, which the kernel reclaims before killing."""
+    paths, rooms = {}, []
+    for line in _read(os.path.join(root, "proc", "self", "cgroup")).splitlines():
+        parts = line.split(":", 2)  # hierarchy-id:controllers:path; v2 is "0::/path"
+        if len(parts) == 3 and (parts[:2] == ["0", ""] or "memory" in parts[1].split(",")):
+            paths["memory" if parts[1] else ""] = parts[2]
     for sub, limit_file, usage_file, inactive_key in CGROUPS:
-        mount = os.path.join(root, "sys", "fs", "cgroup", sub)
         parts = [p for p in paths.get(sub, "/").split("/") if p and p != ".."]
         for depth in range(len(parts), -1, -1):
-            folder = os.path.join(mount, *parts[:depth])
-            limit = _read_number(os.path.join(folder, limit_file))
-            if limit is None or limit >= NO_LIMIT:
+            folder = os.path.join(root, "sys", "fs", "cgroup", sub, *parts[:depth])
+            limit, usage = (_read(os.path.join(folder, f)) for f in (limit_file, usage_file))
+            if not limit.isdigit() or int(limit) >= NO_LIMIT:  # "max" or absent: no limit here
                 continue
-            usage = _read_number(os.path.join(folder, usage_file)) or 0
-            inactive = _stat_value(os.path.join(folder, "memory.stat"), inactive_key) or 0
-            rooms.append(max(0, limit - max(0, usage - inactive)))
+            used = int(usage) if usage.isdigit() else 0
+            inactive = _fields(os.path.join(folder, "memory.stat")).get(inactive_key, 0)
+            rooms.append(max(0, int(limit) - max(0, used - inactive)))
     return rooms
 
 
-def _read_number(path):
-    """The integer a cgroup file holds; None if absent, unreadable or not a number ("max": no limit)."""
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _stat_value(path, key):
-    try:
-        with open(path) as f:
-            for line in f:
-                name, _, value = line.partition(" ")
-                if name == key and value.strip().isdigit():
-                    return int(value)
-    except (OSError, UnicodeDecodeError):
-        pass
-    return None
-
-
-def local_processes():
-    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE, else 1)."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def in_memory_plan(mode, nbytes, device, log=None, root="/"):
-    """--in-memory `mode` (auto, on, off) -> whether to decode the images into memory, decided before any
-    is decoded. nbytes: what they take decoded in one process (N x 3 x s x s uint8 over every list).
-    On the CPU each of this machine's processes (local_processes) holds its own copy, all filled at once,
-    so they must fit together; on CUDA each process has its own device.
-    auto: when they fit memory_available (where unknown, UNKNOWN_BUDGET), else DataLoader workers (said
-    through `log`); on: LTauxError in one line when they do not fit; off: never."""
+def in_memory_plan(mode, nbytes, device, log=lambda line: None, root="/"):
+    """--in-memory `mode` -> whether to decode the images (nbytes in one process) into memory. auto: when
+    they fit memory_available (where unknown, UNKNOWN_BUDGET), else DataLoader workers (said through
+    `log`); on: LTauxError in one line when they do not fit; off: never."""
     if mode == "off":
         return False
-    copies = local_processes() if device.type == "cpu" else 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun's processes here: on the CPU, a copy each
+    copies = max(1, int(local)) if device.type == "cpu" and local.isdigit() else 1
     need, room = nbytes * copies, memory_available(device, root)
     needed = f"the decoded images need {_bytes(need)}{f' ({copies} processes)' if copies > 1 else ''}"
     if room is None:  # nothing says what is free: `on` is taken at its word, `auto` keeps to a fixed budget
-        if mode == "auto" and need > UNKNOWN_BUDGET and log is not None:
+        if mode == "auto" and need > UNKNOWN_BUDGET:
             log(f"in memory: no, {needed}, over {_bytes(UNKNOWN_BUDGET)} where free memory cannot be read: "
                 "DataLoader workers instead")
         return mode == "on" or need <= UNKNOWN_BUDGET
@@ -520,8 +391,7 @@ def in_memory_plan(mode, nbytes, device, log=None, root="/"):
     text = f"{needed}, {where} has {_bytes(room)} to spare (free memory less a safety margin)"
     if mode == "on":
         raise ltaux.LTauxError(f"--in-memory on: {text}: use --in-memory off (DataLoader workers)")
-    if log is not None:
-        log(f"in memory: no, {text}: DataLoader workers instead")
+    log(f"in memory: no, {text}: DataLoader workers instead")
     return False
 
 
@@ -530,11 +400,9 @@ def _bytes(n):
 
 
 class MemoryBatches:
-    """The training batches of a small dataset held in memory (--in-memory): the sampler's [B_cbs; B_rrs]
-    indices of each step gather the images from one uint8 tensor on the device, then cifar_augment draws
-    from the same per-sample seeds as a worker (SeededCifar) would: the same uint8 batches as the
-    DataLoader path, without worker processes. Iterating yields (uint8 (2S/W, 3, s, s), labels) per step
-    from the sampler's epoch and first step (set_epoch)."""
+    """--in-memory training batches: the DataLoader path's (gather, then cifar_augment from the seeds
+    SeededCifar uses) without workers. Yields (uint8 (2S/W, 3, s, s), labels) from the sampler's epoch
+    and first step (set_epoch) on."""
 
     def __init__(self, images, labels, sampler):
         self.images, self.labels, self.batch_sampler = images, labels, sampler
@@ -551,16 +419,14 @@ class MemoryBatches:
 
 
 class MemoryEval:
-    """An evaluation list held in memory: batches (uint8 images, labels) of this rank's shard (rank::W),
-    in list order, for predict()."""
+    """An evaluation list in memory: batches (uint8 images, labels) of this rank's shard (rank::W)."""
 
     def __init__(self, images, labels, batch_size, rank=0, world_size=1):
         self.images, self.labels = images[rank::world_size], labels[rank::world_size]
         self.batch_size = batch_size
 
     def __iter__(self):
-        for i in range(0, len(self.images), self.batch_size):
-            yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+        return zip(self.images.split(self.batch_size), self.labels.split(self.batch_size))
 
     def __len__(self):
         return -(-len(self.images) // self.batch_size)
@@ -571,48 +437,38 @@ class MemoryEval:
 
 
 def make_demo_data(root, classes=30, train=(500, 5), val=10, test=40, size=32):
-    """Write a small synthetic long-tailed image dataset (PNG files + split lists) under root.
-
-    Class c is a low-frequency colour pattern P_c = base + 0.6 * own_c; an image is P_c under a
-    random shift, brightness change and strong low-frequency noise, so classes overlap and a
-    classifier needs many images to separate them: tail classes (5 training images) are
-    learnable but hard. Train counts decay exponentially from train[0] (head) to train[1] (tail)
-    (many/medium/few groups 11/10/9 with thresholds 100/20); val and test are balanced (images per
-    class). Written whole or not at all (bookkeeping.atomic_folder). Always the same data (seed 0).
-    Returns the list paths.
-    """
+    """Write a synthetic long-tailed dataset (PNGs + split lists) under root, whole or not at all, always the
+    same; returns {split: list path}. Class c is a low-frequency colour pattern P_c = base + 0.6 * own_c
+    under a random shift, brightness and strong low-frequency noise: tail classes learnable but hard. Train
+    counts decay exponentially from train[0] to train[1] (groups 11/10/9); val, test: images per class."""
     (head, tail), g = train, torch.Generator().manual_seed(0)
+    upsample = functools.partial(torch.nn.functional.interpolate, size=size, mode="bilinear",
+                                 align_corners=False)  # smooth, low-frequency patterns
     lists = {s: os.path.join(root, f"demo_{s}.txt") for s in ("train", "val", "test")}
     if all(os.path.exists(p) for p in lists.values()):
         return lists
     if os.path.exists(root):  # never write into (or delete) a folder we did not make
         raise ltaux.LTauxError(f"{root}: exists but holds no demo lists; "
                                "remove it or pass another --demo-dir")
-    base = upsample(torch.randn(1, 3, 4, 4, generator=g), size)
-    protos = base + 0.6 * upsample(torch.randn(classes, 3, 4, 4, generator=g), size)
+    base = upsample(torch.randn(1, 3, 4, 4, generator=g))
+    protos = base + 0.6 * upsample(torch.randn(classes, 3, 4, 4, generator=g))
     counts = [round(head * (tail / head) ** (c / (classes - 1))) for c in range(classes)]
     with bookkeeping.atomic_folder(root) as tmp:
         for split, per_class in (("train", counts), ("val", [val] * classes), ("test", [test] * classes)):
-            rows = []
-            for c, n in enumerate(per_class):
-                noise = upsample(torch.randn(n, 3, 8, 8, generator=g), size) * 0.9
-                noise += torch.randn(n, 3, size, size, generator=g) * 0.2
-                x = protos[c] * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)) + noise
-                shifts = torch.randint(-4, 5, (n, 2), generator=g).tolist()
-                imgs = ((x.tanh() + 1) * 127.5).round().to(torch.uint8)
-                os.makedirs(os.path.join(tmp, split, f"class{c:02d}"), exist_ok=True)
-                for i in range(n):
-                    rel = f"{split}/class{c:02d}/{i:04d}.png"
-                    save_png(torch.roll(imgs[i], shifts[i], dims=(1, 2)), os.path.join(tmp, rel))
-                    rows.append(f"{rel} {c}\n")
+            os.makedirs(os.path.join(tmp, split))
             with open(os.path.join(tmp, f"demo_{split}.txt"), "w") as f:
-                f.writelines(rows)
+                for c, n in enumerate(per_class):
+                    noise = upsample(torch.randn(n, 3, 8, 8, generator=g)) * 0.9
+                    noise += torch.randn(n, 3, size, size, generator=g) * 0.2
+                    x = protos[c] * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)) + noise
+                    shifts = torch.randint(-4, 5, (n, 2), generator=g).tolist()
+                    imgs = ((x.tanh() + 1) * 127.5).round().to(torch.uint8)
+                    os.makedirs(os.path.join(tmp, split, f"class{c:02d}"), exist_ok=True)
+                    for i in range(n):
+                        rel = f"{split}/class{c:02d}/{i:04d}.png"
+                        save_png(torch.roll(imgs[i], shifts[i], dims=(1, 2)), os.path.join(tmp, rel))
+                        f.write(f"{rel} {c}\n")
     return lists
-
-
-def upsample(x, size):
-    """(B, 3, h, w) -> (B, 3, size, size), bilinear: smooth, low-frequency patterns for the demo."""
-    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def save_png(x, path):
@@ -621,10 +477,9 @@ def save_png(x, path):
 
 
 def open_inputs(args, log, barrier=None):
-    """Every list of a train.py run, the image root and the labels, checked: (train set, {"val"/"test": set},
-    counts (C,)). The demo's data is written first (by rank 0: `barrier` waits for it); the sibling
-    *_val.txt / *_test.txt of a *_train.txt fill --val-split / --test-split when those are not given; paths
-    become absolute, as checkpoints keep them."""
+    """A train.py run's lists, root and labels, checked: (train set, {"val"/"test": set}, counts (C,)). Rank
+    0 writes the demo's data (`barrier` waits for it); a *_train.txt's siblings fill unset --val-split /
+    --test-split; paths become absolute, as checkpoints keep them."""
     if args.data is None:
         if args.rank == 0 and not os.path.exists(os.path.join(args.demo_dir, "demo_test.txt")):
             log(f"demo: writing its synthetic dataset (30 classes, 4,876 PNGs, about 20 MB) "
@@ -693,8 +548,7 @@ def check_root(ds, probe=8):
 
 
 def describe_lists(paths):
-    """One line per official list (its sha256 is in data_lists/SHA256SUMS); a warning for a list named
-    like an official one whose checksum differs; nothing for the user's own lists."""
+    """A line per official list (sha256 as in data_lists/SHA256SUMS); a warning for one only named so."""
     lines, names = [], {os.path.basename(n) for n in recipes.official_sums().values()}
     for path in paths:
         name = recipes.official_name(path)
@@ -707,47 +561,40 @@ def describe_lists(paths):
 
 
 def check_files(datasets, stop, log, shown=20):
-    """Open every listed image (rank 0 only); report all failures at once (the first `shown` inline, every
-    one in a file of the system's temporary folder when there are more: --out is not touched before the
-    inputs are known good). stop() is called as it goes (it raises to end the check)."""
-    failures, done = [], 0
-    total = sum(len(d) for d in datasets)
-    for ds in datasets:
-        for i in range(len(ds)):
-            try:
-                ds.load(i)
-            except ltaux.LTauxError as e:
-                failures.append(str(e))
-            done += 1
-            if done % 5000 == 0 or done == total:
-                log(f"check-files: {done}/{total} images, {len(failures)} unreadable")
-            stop()
+    """Open every listed image, calling stop() after each; report all failures at once: the first `shown`
+    inline and, when there are more, all in a temporary file (--out is untouched until inputs are good)."""
+    items, failures = [(ds, i) for ds in datasets for i in range(len(ds))], []
+    for done, (ds, i) in enumerate(items, 1):
+        try:
+            ds.load(i)
+        except ltaux.LTauxError as e:
+            failures.append(str(e))
+        if done % 5000 == 0 or done == len(items):
+            log(f"check-files: {done}/{len(items)} images, {len(failures)} unreadable")
+        stop()
     if not failures:
         return
     more = ""
     if len(failures) > shown:
-        fd, path = tempfile.mkstemp(prefix="ltaux-unreadable-", suffix=".txt")
-        with os.fdopen(fd, "w") as f:
+        with tempfile.NamedTemporaryFile("w", prefix="ltaux-unreadable-", suffix=".txt", delete=False) as f:
             f.write("\n".join(failures) + "\n")
-        more = f"\n  ... and {len(failures) - shown} more: all are listed in {path}"
+        more = f"\n  ... and {len(failures) - shown} more: all are listed in {f.name}"
     raise ltaux.LTauxError(f"{len(failures)} unreadable images:\n  " + "\n  ".join(failures[:shown]) + more)
 
 
 def make_batches(train_set, evals, sampler, args, device, log, stop=None):
     """A run's training batches and {name: evaluation batches}: in memory (MemoryBatches, decoded once here
     when in_memory_plan says they fit; see --in-memory) or DataLoader workers. stop: as decode_all's."""
-    size = sum(len(d) for d in [train_set, *evals.values()]) * 3 * args.image_size ** 2
+    images = sum(len(d) for d in [train_set, *evals.values()])
+    size, per_rank = images * 3 * args.image_size ** 2, max(1, args.batch_size // args.world_size)
     if args.image_size >= SMALL_IMAGES or not in_memory_plan(args.in_memory, size, device, log):
-        per_rank = max(1, args.batch_size // args.world_size)
         return (training_loader(train_set, sampler, device, args.workers, args.decode, args.image_size),
                 {k: eval_loader(d, per_rank, device, args.workers, args.rank, args.world_size)
                  for k, d in evals.items()})
     t0 = time.time()
     decoded = {k: decode_all(d, device, args.workers, stop=stop)
                for k, d in dict(evals, train=train_set).items()}
-    log(f"in memory: {len(train_set) + sum(len(d) for d in evals.values())} images decoded once "
-        f"({size / 2**20:.0f} MiB on {device}, {time.time() - t0:.1f}s); batches gathered and augmented on "
-        f"{device}, no loader workers")
-    evals = {k: MemoryEval(*d, max(1, args.batch_size // args.world_size), args.rank, args.world_size)
-             for k, d in decoded.items() if k != "train"}
-    return MemoryBatches(*decoded["train"], sampler), evals
+    log(f"in memory: {images} images decoded once ({size / 2**20:.0f} MiB on {device}, "
+        f"{time.time() - t0:.1f}s); batches gathered and augmented on {device}, no loader workers")
+    train = MemoryBatches(*decoded.pop("train"), sampler)
+    return train, {k: MemoryEval(*d, per_rank, args.rank, args.world_size) for k, d in decoded.items()}
