@@ -25,25 +25,23 @@ import recipes
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=recipes.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="an ltaux checkpoint (best.pt or last.pt)")
-    p.add_argument("--data", default=None, help="dataset root (None: the one the checkpoint was trained on)")
-    p.add_argument("--split", default=None,
-                   help="evaluation list (None: the run's --test-split, else --val-split)")
-    p.add_argument("--out", default=None,
-                   help="output folder (None: eval-<split name> next to the checkpoint)")
-    p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
+    p.add_argument("--data", help="dataset root (None: the one the checkpoint was trained on)")
+    p.add_argument("--split", help="evaluation list (None: the run's --test-split, else --val-split)")
+    p.add_argument("--out", help="output folder (None: eval-<split name> next to the checkpoint)")
+    p.add_argument("--compare", nargs="+", metavar="CKPT",
                    help="checkpoints of baseline runs (e.g. RRS-Only and CBS-Only) of the same training "
                         "list, evaluated on the same split with the same settings: gain.png and tsne.png")
     p.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes")
-    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+    p.add_argument("--device", choices=["cuda", "cpu"], help="None: cuda when available")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"],
                    help="autocast precision (None: the run's --amp, else bf16 on CUDA and on CPUs that run "
                         "bf16 natively, off elsewhere)")
-    p.add_argument("--many", type=int, default=None, help="many-shot classes: at least this many training "
-                   "images (None: the run's --many, else 100; Decoupling's groups: --many 101 --few 19)")
-    p.add_argument("--few", type=int, default=None, help="few-shot classes: at most this many training "
-                   "images (None: the run's --few, else 20)")
+    p.add_argument("--many", type=int, help="many-shot classes: at least this many training images (None: "
+                   "the run's --many, else 100; Decoupling's groups: --many 101 --few 19)")
+    p.add_argument("--few", type=int, help="few-shot classes: at most this many training images (None: "
+                   "the run's --few, else 20)")
     p.add_argument("--allow-unsafe-paths", action="store_true",
                    help="accept absolute paths and '..' in lists")
     p.add_argument("--overwrite", action="store_true", help="replace the files of another evaluation "
@@ -81,8 +79,7 @@ TSNE_CLASSES, TSNE_IMAGES = 6, 50  # Section 4.6: 6 classes per shot group, 50 t
 
 @dataclasses.dataclass
 class Run:
-    """One checkpoint to evaluate: the deployed model (phi + h, on the CPU until its turn), its run
-    arguments, training-class counts (C,), a short label for tables and legends, and then its results."""
+    """One checkpoint to evaluate: the deployed model (phi + h, on the CPU until its turn) and its results."""
     path: str
     model: torch.nn.Module
     args: dict
@@ -123,8 +120,7 @@ def load_run(path, reference=None):
 
 
 def label_runs(runs):
-    """'<method> (<run folder>)', e.g. 'RRS-Only (in_r10_rrs)'; with the file name where two would clash,
-    and a number on the repeats of the same file."""
+    """'<method> (<run folder>)', e.g. 'RRS-Only (in_r10_rrs)'; '(<folder>/<file>)' where two clash."""
     names = []
     for r in runs:
         method = r.args.get("method")
@@ -176,8 +172,7 @@ def settings_note(main, baselines):
 
 
 def settings(args, run, device):
-    """Fill the None arguments from the run's own (data, split, amp, many, few) and pick --out; check them.
-    Returns (the --amp name, its autocast dtype or None)."""
+    """Fill the None arguments from the run's own (data, split, amp, many, few) and pick --out; check them."""
     args.data = args.data or run.get("data")
     args.split = args.split or run.get("test_split") or run.get("val_split")
     if not args.split:
@@ -284,15 +279,10 @@ def per_class_rows(main, names, many, few):
             for c in range(len(names))]
 
 
-def summary(run):
-    return {k: run.metrics[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
-
-
 def claim_out(args, files):
-    """Create and lock --out for this evaluation (bookkeeping.OutputFolder). Its own earlier outputs
-    (metrics.json names the same checkpoint and list) are replaced, and those this one does not write
-    (e.g. gain.png without --compare) removed; another evaluation's files, or files named like its
-    outputs, only with --overwrite."""
+    """Create and lock --out (bookkeeping.OutputFolder). Its own earlier outputs (metrics.json names the same
+    checkpoint and list) are replaced, those it does not write now (gain.png without --compare) removed;
+    another evaluation's files, or files named like its outputs, only with --overwrite."""
     earlier = bookkeeping.read_json(os.path.join(args.out, "metrics.json"))
     own = isinstance(earlier, dict) and earlier.get("checkpoint") == os.path.abspath(args.checkpoint) and \
         earlier.get("split") == os.path.abspath(args.split)
@@ -304,8 +294,10 @@ def claim_out(args, files):
 
 
 def write_tables(args, main, baselines, rows, files, paper):
-    """metrics.json (this run, the paper's row for a recipe run, a 'compare' entry per baseline, the files
-    this evaluation writes) and per_class.csv."""
+    """metrics.json (this run, the paper's row, a 'compare' entry per baseline, its files), per_class.csv."""
+    def summary(run):
+        return {k: run.metrics[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
+
     meta = dict(checkpoint=os.path.abspath(main.path), split=os.path.abspath(args.split), data=args.data,
                 method=main.args.get("method"), label=main.label, amp=args.amp_name,
                 thresholds=dict(many=args.many, few=args.few), files=files)
@@ -326,8 +318,7 @@ def write_tables(args, main, baselines, rows, files, paper):
 
 
 def result_table(main, baselines, paper):
-    """runtime.format_table's rows: this run, the paper's row and the difference (a recipe run), then each
-    baseline, then one row per baseline with this run's gain over it, in points."""
+    """This run (with the paper's row for a recipe run), each baseline, this run's gain over each (points)."""
     table = runtime.format_table({main.label: main.metrics}) + runtime.paper_lines(main.metrics, paper)
     if baselines:
         table += "\n" + "\n".join(
@@ -366,8 +357,7 @@ def ticks(lo, hi):
     span = (hi - lo) or 1.0
     step = min(m * 10 ** e for e in range(math.floor(math.log10(span)) - 1, math.floor(math.log10(span)) + 1)
                for m in (1, 2, 5) if span / (m * 10 ** e) <= 10)
-    first = math.floor(lo / step + 1e-9)
-    return [k * step for k in range(first, math.ceil(hi / step - 1e-9) + 1)]
+    return [k * step for k in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
 
 
 class Chart:
@@ -381,9 +371,8 @@ class Chart:
     def __init__(self, title, ylabel, ylim, counts, groups):
         self.img = Image.new("RGB", SIZE, "white")
         self.d, self.f, self.fs = ImageDraw.Draw(self.img), font(16), font(13)
-        self.n, self.lo, self.hi, self.groups = len(counts), ylim[0], ylim[1], groups
-        self.counts, self.curve_drawn = list(counts), False
-        self.legend = [("training images per class (right axis)", FREQ_COLOR)]
+        self.n, self.lo, self.hi, self.groups, self.counts = len(counts), ylim[0], ylim[1], groups, counts
+        self.legend, self.lines = [("training images per class (right axis)", FREQ_COLOR)], []
         lo, hi = math.log10(max(1, min(counts))), math.log10(max(1, max(counts)))
         self.log_lo, self.log_hi = min(lo, hi - 1) - 0.05, hi + 0.05  # >= a decade, ends clear of the frame
         self.d.text((SIZE[0] / 2, 8), title, fill="black", font=self.f, anchor="ma")
@@ -403,26 +392,11 @@ class Chart:
         """The height of `count` training images on the log right axis."""
         return self.T + self.H * (self.log_hi - math.log10(max(count, 1))) / (self.log_hi - self.log_lo)
 
-    def frequency_curve(self):
-        """Training images per class in orange on the log right axis, ticks at 1-2-5 x 10^k; drawn once, by
-        the first line() or by save()."""
-        if self.curve_drawn:
-            return
-        self.curve_drawn = True
-        self.d.line([(self.x(i + 0.5), self.cy(c)) for i, c in enumerate(self.counts)] * (1 + (self.n == 1)),
-                    fill=FREQ_COLOR, width=3)
-        for c in (m * 10 ** e for e in range(0, 8) for m in (1, 2, 5)):
-            if self.log_lo <= math.log10(c) <= self.log_hi:
-                self.d.text((SIZE[0] - self.R + 6, self.cy(c)), f"{c:g}", fill=(200, 100, 0), font=self.fs,
-                            anchor="lm")
-        self.d.text((SIZE[0] - self.R, self.T - 28), "training images per class (log)", fill=(200, 100, 0),
-                    font=self.fs, anchor="rs")
-
     def bars(self, series, mark_zero=False):
         """series: [(values, colour or per-slot colours, legend label or None)], None = no bar. Side by side
         where a slot holds >= 3 px per series, else overlaid, the largest |value| first so each stays visible.
-        mark_zero: a value of exactly 0 gets a small triangle (4 to 8 px wide) on the zero line (a 0-height
-        bar is invisible there, and would look like None, a class without test images)."""
+        mark_zero: a triangle (4 to 8 px wide) on the zero line marks a value of 0 (a 0-height bar, unseen,
+        would look like None: a class without test images)."""
         slot, y0 = self.W / self.n, self.y(0)
         wide, r = slot >= 3 * len(series), min(4.0, max(2.0, 0.4 * self.W / self.n))
         for i in range(self.n):
@@ -438,16 +412,25 @@ class Chart:
         self.legend += [(label, c) for _, c, label in series if label]
 
     def line(self, values, color, label):
-        """A polyline through the slot centres, with a legend entry."""
-        self.frequency_curve()
-        self.d.line([(self.x(i + 0.5), self.y(v)) for i, v in enumerate(values)] * (1 + (self.n == 1)),
-                    fill=color, width=2 if self.n > 200 else 3)
+        """A polyline through the slot centres, drawn by save() over the frequency curve."""
+        self.lines.append((values, color))
         self.legend.append((label, color))
 
+    def polyline(self, ys, **kw):
+        """Through the slot centres at heights ys (one point drawn twice: Pillow draws no 1-point line)."""
+        self.d.line([(self.x(i + 0.5), y) for i, y in enumerate(ys)] * (1 + (self.n == 1)), **kw)
+
     def save(self):
-        """Frame, zero line, shot groups, class ranks and the legend; returns the image."""
-        self.frequency_curve()
+        """The frequency curve, the lines, frame, zero line, shot groups, class ranks, legend; the image."""
         d, L, T, right, bottom = self.d, self.L, self.T, SIZE[0] - self.R, SIZE[1] - self.B
+        self.polyline([self.cy(c) for c in self.counts], fill=FREQ_COLOR, width=3)
+        for c in (m * 10 ** e for e in range(0, 8) for m in (1, 2, 5)):
+            if self.log_lo <= math.log10(c) <= self.log_hi:
+                d.text((right + 6, self.cy(c)), f"{c:g}", fill=(200, 100, 0), font=self.fs, anchor="lm")
+        d.text((right, T - 28), "training images per class (log)", fill=(200, 100, 0), font=self.fs,
+               anchor="rs")
+        for values, color in self.lines:
+            self.polyline([self.y(v) for v in values], fill=color, width=2 if self.n > 200 else 3)
         d.line([(L, self.y(0)), (right, self.y(0))], fill="black")
         d.rectangle([L, T, right, bottom], outline="black")
         for g, name in enumerate(GROUPS):
@@ -470,7 +453,6 @@ class Chart:
             d.text((x + 18, 40), label, fill="black", font=self.fs, anchor="lm")
             x += 40 + (self.fs.getlength(label) if hasattr(self.fs, "getlength") else 7 * len(label))
         return self.img
-
 
 
 def draw_figures(main, baselines, rows, split, picked):
@@ -509,13 +491,10 @@ def draw_figures(main, baselines, rows, split, picked):
 
 def marker(d, x, y, group, color, r=4):
     """many: circle, medium: square, few: triangle; a thin dark outline keeps light colours visible."""
-    box, edge = [x - r, y - r, x + r, y + r], (60, 60, 60)
-    if group == 0:
-        d.ellipse(box, fill=color, outline=edge)
-    elif group == 1:
-        d.rectangle(box, fill=color, outline=edge)
+    if group == 2:
+        d.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=color, outline=(60, 60, 60))
     else:
-        d.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=color, outline=edge)
+        (d.rectangle if group else d.ellipse)([x - r, y - r, x + r, y + r], fill=color, outline=(60, 60, 60))
 
 
 def class_colors(n):
