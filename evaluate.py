@@ -135,15 +135,12 @@ def label_runs(runs):
         r.label += f" #{seen[r.label]}" if seen[r.label] > 1 else ""
 
 
-TRAINING = tuple(k for k in recipes.PROTOCOL if k not in ("many", "few"))  # shape training: not the groups
-
-
 def training_settings(args):
     """{argument: value} of a run's saved arguments that shape what it trains, as its method uses them: the
     recipe flags (recipes.PROTOCOL less the shot thresholds; not --seed, not --amp) and the lambdas its loss
     weighs (none for a baseline, 2 for cbs_rrs), e.g. {'epochs': 8, ..., 'lambdas': [0.5, 1.0]}."""
     method = recipes.METHODS.get(args.get("method"))
-    values = {k: args.get(k) for k in TRAINING}
+    values = {k: args.get(k) for k in recipes.PROTOCOL if k not in ("many", "few")}
     if method is not None and method.sampler == "rrs":
         del values["per_class"]  # no class-balanced batch
     if method is not None and not (method.rotation or args.get("rotation_aug")):
@@ -203,8 +200,7 @@ def tsne_indices(labels, counts, many, few):
     of each, in list order. Returns (list indices, [(class, group)] in plot order)."""
     by_class = collections.defaultdict(list)
     for i, y in enumerate(labels):
-        if len(by_class[y]) < TSNE_IMAGES:
-            by_class[y].append(i)
+        by_class[y].append(i)
     groups = ltaux.shot_groups(counts, many, few).tolist()
     order = sorted(by_class, key=lambda c: (-int(counts[c]), c))  # most frequent first
     picked = []
@@ -212,12 +208,11 @@ def tsne_indices(labels, counts, many, few):
         members = [c for c in order if groups[c] == g]
         k, n = min(TSNE_CLASSES, len(members)), len(members)
         picked += [(members[(2 * i + 1) * n // (2 * k)], g) for i in range(k)]  # the centres of k equal parts
-    return [i for c, _ in picked for i in by_class[c]], picked
+    return [i for c, _ in picked for i in by_class[c][:TSNE_IMAGES]], picked
 
 
 def evaluate(run, ds, subset, device, amp, args):
-    """Run the model over the evaluation list ds, read with the run's own test transform, and over its
-    `subset` (the t-SNE images): fills run.metrics, .norms, .feats and .tsne_labels."""
+    """Fill run.metrics, .norms, .feats, .tsne_labels from ds and its t-SNE subset, in the run's transform."""
     ds.transform = pipeline.build_transform(run.args["image_size"], train=False)
     kw = dict(batch_size=args.eval_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     model = run.model.to(device)
@@ -233,23 +228,19 @@ def evaluate(run, ds, subset, device, amp, args):
 
 def class_names(lists, num_classes):
     """Each class's name: the folder of its first listed image (train/n01440764/x.JPEG -> n01440764),
-    lengthened by parent folders where classes share it (apartment_building/outdoor). Lists are tried
-    in turn for the classes still unnamed (a flat list such as Places' val_256/ names none; None: skipped);
-    else the class index."""
+    lengthened by parent folders where classes share it (apartment_building/outdoor). Lists (None: skipped)
+    name in turn the classes still unnamed (a flat list like Places' val_256/ names none); else the index."""
     names = {}
     for paths, labels in filter(None, lists):
         dirs = {}
         for p, y in zip(paths, labels):
             dirs.setdefault(y, p.replace("\\", "/").split("/")[:-1])
-        depth = dict.fromkeys(dirs, 1)
-        while True:
+        depth, grow = dict.fromkeys(dirs, 1), True
+        while grow:
             name = {y: "/".join(d[-depth[y]:]) for y, d in dirs.items() if d}
             seen = collections.Counter(name.values())
             grow = [y for y, s in name.items() if seen[s] > 1 and depth[y] < len(dirs[y])]
-            if not grow:
-                break
-            for y in grow:
-                depth[y] += 1
+            depth.update((y, depth[y] + 1) for y in grow)
         for y, s in name.items():
             if seen[s] == 1 and y < num_classes:
                 names.setdefault(y, s)
@@ -588,8 +579,7 @@ def tsne(x, dims=2, perplexity=30.0, iters=500, seed=0):
     if n < 3:
         return torch.zeros(n, dims)
     p = affinities(x, min(perplexity, (n - 1) / 3)).float()  # the search in float64, the descent in float32
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randn(n, dims, generator=gen) * 1e-4
+    y = torch.randn(n, dims, generator=torch.Generator().manual_seed(seed)) * 1e-4
     step, gains = torch.zeros_like(y), torch.ones_like(y)
     lr, early, p_early = max(n / 48, 50.0), min(250, iters // 4), 12 * p  # lr: N / (4 * exaggeration), >= 50
     for it in range(iters):
