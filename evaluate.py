@@ -25,25 +25,23 @@ import recipes
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=recipes.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="an ltaux checkpoint (best.pt or last.pt)")
-    p.add_argument("--data", default=None, help="dataset root (None: the one the checkpoint was trained on)")
-    p.add_argument("--split", default=None,
-                   help="evaluation list (None: the run's --test-split, else --val-split)")
-    p.add_argument("--out", default=None,
-                   help="output folder (None: eval-<split name> next to the checkpoint)")
-    p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
+    p.add_argument("--data", help="dataset root (None: the one the checkpoint was trained on)")
+    p.add_argument("--split", help="evaluation list (None: the run's --test-split, else --val-split)")
+    p.add_argument("--out", help="output folder (None: eval-<split name> next to the checkpoint)")
+    p.add_argument("--compare", nargs="+", metavar="CKPT",
                    help="checkpoints of baseline runs (e.g. RRS-Only and CBS-Only) of the same training "
                         "list, evaluated on the same split with the same settings: gain.png and tsne.png")
     p.add_argument("--eval-batch-size", type=int, default=256, help="images per evaluation batch")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes")
-    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+    p.add_argument("--device", choices=["cuda", "cpu"], help="None: cuda when available")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"],
                    help="autocast precision (None: the run's --amp, else bf16 on CUDA and on CPUs that run "
                         "bf16 natively, off elsewhere)")
-    p.add_argument("--many", type=int, default=None, help="many-shot classes: at least this many training "
-                   "images (None: the run's --many, else 100; Decoupling's groups: --many 101 --few 19)")
-    p.add_argument("--few", type=int, default=None, help="few-shot classes: at most this many training "
-                   "images (None: the run's --few, else 20)")
+    p.add_argument("--many", type=int, help="many-shot classes: at least this many training images (None: "
+                   "the run's --many, else 100; Decoupling's groups: --many 101 --few 19)")
+    p.add_argument("--few", type=int, help="few-shot classes: at most this many training images (None: "
+                   "the run's --few, else 20)")
     p.add_argument("--allow-unsafe-paths", action="store_true",
                    help="accept absolute paths and '..' in lists")
     p.add_argument("--overwrite", action="store_true", help="replace the files of another evaluation "
@@ -81,19 +79,18 @@ TSNE_CLASSES, TSNE_IMAGES = 6, 50  # Section 4.6: 6 classes per shot group, 50 t
 
 @dataclasses.dataclass
 class Run:
-    """One checkpoint to evaluate: the deployed model (phi + h, on the CPU until its turn), its run
-    arguments, training-class counts (C,), a short label for tables and legends, and then its results."""
+    """One checkpoint to evaluate: the deployed model (phi + h, on the CPU until its turn) and its results."""
     path: str
     model: torch.nn.Module
     args: dict
     counts: torch.Tensor
     old_groups: bool  # written before ltaux counted many / few inclusively
     label: str = ""
+    split_sha256: str = None  # the sha256 of its training list, as the checkpoint records it
     metrics: dict = None  # ltaux.shot_accuracy's dict
     norms: list = None  # (C,) L2 norm of each row of h's weight
     feats: torch.Tensor = None  # (n, D) phi's features of the t-SNE images
     tsne_labels: list = None  # (n,) their classes
-    split_sha256: str = None  # the sha256 of its training list, as the checkpoint records it
 
 
 def load_run(path, reference=None):
@@ -106,8 +103,9 @@ def load_run(path, reference=None):
     model = ltaux.LTResNet(ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0],
                            ckpt["args"].get("embed_dim"))
     bookkeeping.load_weights(model, ckpt, path)
-    run = Run(path, model.eval(), ckpt["args"], ckpt["train_counts"].long(), "shot_rule" not in ckpt)
-    run.split_sha256 = ckpt["data"].get("list_sha256") if isinstance(ckpt.get("data"), dict) else None
+    data = ckpt.get("data")
+    run = Run(path, model.eval(), ckpt["args"], ckpt["train_counts"].long(), "shot_rule" not in ckpt,
+              split_sha256=data.get("list_sha256") if isinstance(data, dict) else None)
     if reference is not None:
         C, ref = len(run.counts), reference.counts
         if C != len(ref):
@@ -122,24 +120,19 @@ def load_run(path, reference=None):
 
 
 def label_runs(runs):
-    """'<method> (<run folder>)', e.g. 'RRS-Only (in_r10_rrs)'; with the file name where two would clash."""
+    """'<method> (<run folder>)', e.g. 'RRS-Only (in_r10_rrs)'; '(<folder>/<file>)' where two clash."""
+    names = []
     for r in runs:
         method = r.args.get("method")
         name = recipes.METHODS[method].name if method in recipes.METHODS else str(method)
-        name += "+rot.aug" if r.args.get("rotation_aug") else ""
-        r.label = f"{name} ({os.path.basename(os.path.dirname(os.path.abspath(r.path)))})"
-    clash = collections.Counter(r.label for r in runs)
-    for r in runs:
-        if clash[r.label] > 1:
-            folder = os.path.basename(os.path.dirname(os.path.abspath(r.path)))
-            r.label = r.label[:r.label.rindex("(")] + f"({folder}/{os.path.basename(r.path)})"
-    seen = collections.Counter()
-    for r in runs:  # the same file twice: number the repeats
+        names.append((name + ("+rot.aug" if r.args.get("rotation_aug") else ""),
+                      os.path.basename(os.path.dirname(os.path.abspath(r.path)))))
+    clash, seen = collections.Counter(names), collections.Counter()
+    for r, (name, folder) in zip(runs, names):
+        where = f"{folder}/{os.path.basename(r.path)}" if clash[name, folder] > 1 else folder
+        r.label = f"{name} ({where})"
         seen[r.label] += 1
         r.label += f" #{seen[r.label]}" if seen[r.label] > 1 else ""
-
-
-TRAINING = tuple(k for k in recipes.PROTOCOL if k not in ("many", "few"))  # shape training: not the groups
 
 
 def training_settings(args):
@@ -147,7 +140,7 @@ def training_settings(args):
     recipe flags (recipes.PROTOCOL less the shot thresholds; not --seed, not --amp) and the lambdas its loss
     weighs (none for a baseline, 2 for cbs_rrs), e.g. {'epochs': 8, ..., 'lambdas': [0.5, 1.0]}."""
     method = recipes.METHODS.get(args.get("method"))
-    values = {k: args.get(k) for k in TRAINING}
+    values = {k: args.get(k) for k in recipes.PROTOCOL if k not in ("many", "few")}
     if method is not None and method.sampler == "rrs":
         del values["per_class"]  # no class-balanced batch
     if method is not None and not (method.rotation or args.get("rotation_aug")):
@@ -158,8 +151,8 @@ def training_settings(args):
 
 
 def settings_note(main, baselines):
-    """One `note:` line naming the training settings (training_settings) in which the compared runs and
-    the evaluated one differ, or None: a gain over a 1-epoch baseline is not the method's gain."""
+    """One `note:` line naming the training settings in which the compared runs and the evaluated one
+    differ, or None: a gain over a 1-epoch baseline is not the method's gain."""
     ours, theirs, keys = training_settings(main.args), [], []
     for b in baselines:
         other = training_settings(b.args)
@@ -207,8 +200,7 @@ def tsne_indices(labels, counts, many, few):
     of each, in list order. Returns (list indices, [(class, group)] in plot order)."""
     by_class = collections.defaultdict(list)
     for i, y in enumerate(labels):
-        if len(by_class[y]) < TSNE_IMAGES:
-            by_class[y].append(i)
+        by_class[y].append(i)
     groups = ltaux.shot_groups(counts, many, few).tolist()
     order = sorted(by_class, key=lambda c: (-int(counts[c]), c))  # most frequent first
     picked = []
@@ -216,59 +208,39 @@ def tsne_indices(labels, counts, many, few):
         members = [c for c in order if groups[c] == g]
         k, n = min(TSNE_CLASSES, len(members)), len(members)
         picked += [(members[(2 * i + 1) * n // (2 * k)], g) for i in range(k)]  # the centres of k equal parts
-    return [i for c, _ in picked for i in by_class[c]], picked
+    return [i for c, _ in picked for i in by_class[c][:TSNE_IMAGES]], picked
 
 
-def evaluate(run, loaders, device, amp, args):
-    """Run the model over the evaluation list (and the t-SNE images): fills run.metrics, .norms, .feats."""
-    loader, tsne_loader = loaders(run.args["image_size"])
+def evaluate(run, ds, subset, device, amp, args):
+    """Fill run.metrics, .norms, .feats, .tsne_labels from ds and its t-SNE subset, in the run's transform."""
+    ds.transform = pipeline.build_transform(run.args["image_size"], train=False)
+    kw = dict(batch_size=args.eval_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     model = run.model.to(device)
-    pred, target = runtime.predict(model, loader, device, amp)
+    pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, **kw), device, amp)
     run.metrics = ltaux.shot_accuracy(pred, target, run.counts, args.many, args.few)
     run.norms = model.fc.weight.detach().float().norm(dim=1).cpu().tolist()  # Fig. 4 right: ||w_c|| of h
-    if tsne_loader is not None:
-        # (n, D) phi's features
-        run.feats = runtime.predict(model, tsne_loader, device, amp, features=True)[2]
+    if subset:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, subset), **kw)
+        run.feats = runtime.predict(model, loader, device, amp, features=True)[2]  # (n, D) phi's features
+    run.tsne_labels = [ds.labels[i] for i in subset]
     run.model = model.cpu()  # frees the device for the next run
-
-
-def make_loaders(args, device, subset):
-    """image size -> (loader over the evaluation list, loader over its `subset` indices or None), made once
-    per size: each run is evaluated with its own test transform, all on the same list."""
-    made = {}
-
-    def loaders(size):
-        if size not in made:
-            ds = ltaux.SplitDataset(args.data, args.split, pipeline.build_transform(size, train=False),
-                                    allow_unsafe_paths=args.allow_unsafe_paths, read=pipeline.read_image)
-            kw = dict(batch_size=args.eval_batch_size, num_workers=args.workers,
-                      pin_memory=device.type == "cuda")
-            sub = torch.utils.data.Subset(ds, subset) if subset else None
-            made[size] = (torch.utils.data.DataLoader(ds, **kw),
-                          sub and torch.utils.data.DataLoader(sub, **kw))
-        return made[size]
-    return loaders
 
 
 def class_names(lists, num_classes):
     """Each class's name: the folder of its first listed image (train/n01440764/x.JPEG -> n01440764),
-    lengthened by parent folders where classes share it (apartment_building/outdoor). Lists are tried
-    in turn for the classes still unnamed (a flat list such as Places' val_256/ names none); else the
-    class index."""
+    lengthened by parent folders where classes share it (apartment_building/outdoor). Lists (None: skipped)
+    name in turn the classes still unnamed (a flat list like Places' val_256/ names none); else the index."""
     names = {}
-    for paths, labels in lists:
+    for paths, labels in filter(None, lists):
         dirs = {}
         for p, y in zip(paths, labels):
             dirs.setdefault(y, p.replace("\\", "/").split("/")[:-1])
-        depth = dict.fromkeys(dirs, 1)
-        while True:
+        depth, grow = dict.fromkeys(dirs, 1), True
+        while grow:
             name = {y: "/".join(d[-depth[y]:]) for y, d in dirs.items() if d}
             seen = collections.Counter(name.values())
             grow = [y for y, s in name.items() if seen[s] > 1 and depth[y] < len(dirs[y])]
-            if not grow:
-                break
-            for y in grow:
-                depth[y] += 1
+            depth.update((y, depth[y] + 1) for y in grow)
         for y, s in name.items():
             if seen[s] == 1 and y < num_classes:
                 names.setdefault(y, s)
@@ -298,15 +270,10 @@ def per_class_rows(main, names, many, few):
             for c in range(len(names))]
 
 
-def summary(run):
-    return {k: run.metrics[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
-
-
 def claim_out(args, files):
-    """Create and lock --out for this evaluation (bookkeeping.OutputFolder). Its own earlier outputs
-    (metrics.json names the same checkpoint and list) are replaced, and those this one does not write
-    (e.g. gain.png without --compare) removed; another evaluation's files, or files named like its
-    outputs, only with --overwrite."""
+    """Create and lock --out (bookkeeping.OutputFolder). Its own earlier outputs (metrics.json names the same
+    checkpoint and list) are replaced, those it does not write now (gain.png without --compare) removed;
+    another evaluation's files, or files named like its outputs, only with --overwrite."""
     earlier = bookkeeping.read_json(os.path.join(args.out, "metrics.json"))
     own = isinstance(earlier, dict) and earlier.get("checkpoint") == os.path.abspath(args.checkpoint) and \
         earlier.get("split") == os.path.abspath(args.split)
@@ -317,18 +284,11 @@ def claim_out(args, files):
     return folder
 
 
-def save(out, name, data):
-    """<out>/<name> written atomically from bytes, or from a PIL image (PNG)."""
-    if isinstance(data, Image.Image):
-        buffer = io.BytesIO()
-        data.save(buffer, "PNG")
-        data = buffer.getvalue()
-    bookkeeping.atomic_write(os.path.join(out, name), data)
-
-
 def write_tables(args, main, baselines, rows, files, paper):
-    """metrics.json (this run, the paper's row for a recipe run, a 'compare' entry per baseline, the files
-    this evaluation writes) and per_class.csv."""
+    """metrics.json (this run, the paper's row, a 'compare' entry per baseline, its files), per_class.csv."""
+    def summary(run):
+        return {k: run.metrics[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
+
     meta = dict(checkpoint=os.path.abspath(main.path), split=os.path.abspath(args.split), data=args.data,
                 method=main.args.get("method"), label=main.label, amp=args.amp_name,
                 thresholds=dict(many=args.many, few=args.few), files=files)
@@ -336,21 +296,20 @@ def write_tables(args, main, baselines, rows, files, paper):
         meta.update(paper=paper, paper_difference=recipes.paper_difference(main.metrics, paper))
     compare = [dict(checkpoint=os.path.abspath(b.path), method=b.args.get("method"), label=b.label,
                     **summary(b), per_class=b.metrics["per_class"], weight_norms=b.norms) for b in baselines]
-    save(args.out, "metrics.json", json.dumps(dict(
+    bookkeeping.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(dict(
         summary(main), per_class=main.metrics["per_class"], test_counts=main.metrics["counts"],
         train_counts=main.counts.tolist(), weight_norms=main.norms, class_names=[r["name"] for r in rows],
-        **meta, compare=compare), indent=1).encode())
+        **meta, compare=compare), indent=1))
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows([{**r, "accuracy": "" if r["accuracy"] is None else f"{r['accuracy']:.2f}",
                   "weight_norm": f"{r['weight_norm']:.4f}"} for r in rows])
-    save(args.out, "per_class.csv", text.getvalue().encode())
+    bookkeeping.atomic_write(os.path.join(args.out, "per_class.csv"), text.getvalue())
 
 
 def result_table(main, baselines, paper):
-    """runtime.format_table's rows: this run, the paper's row and the difference (a recipe run), then each
-    baseline, then one row per baseline with this run's gain over it, in points."""
+    """This run (with the paper's row for a recipe run), each baseline, this run's gain over each (points)."""
     table = runtime.format_table({main.label: main.metrics}) + runtime.paper_lines(main.metrics, paper)
     if baselines:
         table += "\n" + "\n".join(
@@ -369,12 +328,10 @@ def result_table(main, baselines, paper):
 GROUP_COLORS = ((31, 119, 180), (44, 160, 44), (148, 103, 189))  # many, medium, few bars: blue, green, purple
 FREQ_COLOR = (255, 140, 0)  # the training-frequency curve (right axis), orange everywhere
 RUN_COLORS = ((31, 119, 180), (214, 39, 40), (140, 86, 75), (23, 190, 207), (227, 119, 194), (188, 189, 34))
-# this run's series in weight_norms.png; the baselines take RUN_COLORS (blue, red as Fig. 3)
-THIS_COLOR = (20, 20, 20)
-# tSNE classes
+THIS_COLOR = (20, 20, 20)  # this run's series in weight_norms.png; the baselines take RUN_COLORS (as Fig. 3)
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
-           (0, 128, 128), (255, 215, 0), (0, 0, 0), (154, 205, 50), (255, 105, 180), (160, 82, 45))
+           (0, 128, 128), (255, 215, 0), (0, 0, 0), (154, 205, 50), (255, 105, 180), (160, 82, 45))  # t-SNE
 SIZE = (1200, 560)  # accuracy.png, weight_norms.png, gain.png
 TSNE_PANEL, TSNE_LEGEND = 440, 300  # tsne.png: a square panel per run, then the class legend
 
@@ -391,8 +348,7 @@ def ticks(lo, hi):
     span = (hi - lo) or 1.0
     step = min(m * 10 ** e for e in range(math.floor(math.log10(span)) - 1, math.floor(math.log10(span)) + 1)
                for m in (1, 2, 5) if span / (m * 10 ** e) <= 10)
-    first = math.floor(lo / step + 1e-9)
-    return [k * step for k in range(first, math.ceil(hi / step - 1e-9) + 1)]
+    return [k * step for k in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
 
 
 class Chart:
@@ -401,12 +357,13 @@ class Chart:
     the plot, where no bar reaches), a legend row under the title. Draw series, then save(). The frequency
     curve goes over the bars and under the lines: bars are wide and would hide it, lines are thin data."""
     L, R, T, B = 70, 70, 100, 50  # margins; the band [T - 22, T) holds the group names
+    W, H = SIZE[0] - L - R, SIZE[1] - T - B  # the plot
 
     def __init__(self, title, ylabel, ylim, counts, groups):
         self.img = Image.new("RGB", SIZE, "white")
         self.d, self.f, self.fs = ImageDraw.Draw(self.img), font(16), font(13)
-        self.n, self.lo, self.hi, self.groups, self.legend = len(counts), ylim[0], ylim[1], groups, []
-        self.counts, self.curve_drawn = list(counts), False
+        self.n, self.lo, self.hi, self.groups, self.counts = len(counts), ylim[0], ylim[1], groups, counts
+        self.legend, self.lines = [("training images per class (right axis)", FREQ_COLOR)], []
         lo, hi = math.log10(max(1, min(counts))), math.log10(max(1, max(counts)))
         self.log_lo, self.log_hi = min(lo, hi - 1) - 0.05, hi + 0.05  # >= a decade, ends clear of the frame
         self.d.text((SIZE[0] / 2, 8), title, fill="black", font=self.f, anchor="ma")
@@ -414,70 +371,57 @@ class Chart:
         for t in ticks(self.lo, self.hi):
             self.d.line([(self.L, self.y(t)), (SIZE[0] - self.R, self.y(t))], fill=(228, 228, 228))
             self.d.text((self.L - 6, self.y(t)), f"{t:g}", fill="black", font=self.fs, anchor="rm")
-        self.legend.append(("training images per class (right axis)", FREQ_COLOR))
 
     def x(self, i):
         """Left edge of class slot i (fractional i: inside the slot)."""
-        return self.L + (SIZE[0] - self.L - self.R) * i / self.n
+        return self.L + self.W * i / self.n
 
     def y(self, v):
-        v = min(max(v, self.lo), self.hi)
-        return self.T + (SIZE[1] - self.T - self.B) * (self.hi - v) / (self.hi - self.lo)
+        return self.T + self.H * (self.hi - min(max(v, self.lo), self.hi)) / (self.hi - self.lo)
 
     def cy(self, count):
         """The height of `count` training images on the log right axis."""
-        return self.T + (SIZE[1] - self.T - self.B) * (self.log_hi - math.log10(max(count, 1))) / (
-            self.log_hi - self.log_lo)
-
-    def frequency_curve(self):
-        """Training images per class (most first) in orange on a log right axis, ticks at 1-2-5 x 10^k;
-        drawn once, by the first line() or by save()."""
-        if self.curve_drawn:
-            return
-        self.curve_drawn = True
-        self.d.line([(self.x(i + 0.5), self.cy(c)) for i, c in enumerate(self.counts)] * (1 + (self.n == 1)),
-                    fill=FREQ_COLOR, width=3)
-        for c in (m * 10 ** e for e in range(0, 8) for m in (1, 2, 5)):
-            if self.log_lo <= math.log10(c) <= self.log_hi:
-                self.d.text((SIZE[0] - self.R + 6, self.cy(c)), f"{c:g}", fill=(200, 100, 0), font=self.fs,
-                            anchor="lm")
-        self.d.text((SIZE[0] - self.R, self.T - 28), "training images per class (log)", fill=(200, 100, 0),
-                    font=self.fs, anchor="rs")
+        return self.T + self.H * (self.log_hi - math.log10(max(count, 1))) / (self.log_hi - self.log_lo)
 
     def bars(self, series, mark_zero=False):
         """series: [(values, colour or per-slot colours, legend label or None)], None = no bar. Side by side
         where a slot holds >= 3 px per series, else overlaid, the largest |value| first so each stays visible.
-        mark_zero: a value of exactly 0 gets a small triangle on the zero line (a 0-height bar is invisible
-        there, and would look like None, a class without test images)."""
-        slot = (SIZE[0] - self.L - self.R) / self.n
-        wide = slot >= 3 * len(series)
+        mark_zero: a triangle (4 to 8 px wide) on the zero line marks a value of 0 (a 0-height bar, unseen,
+        would look like None: a class without test images)."""
+        slot, y0 = self.W / self.n, self.y(0)
+        wide, r = slot >= 3 * len(series), min(4.0, max(2.0, 0.4 * self.W / self.n))
         for i in range(self.n):
             drawn = [(v[i], c if isinstance(c[0], int) else c[i], k) for k, (v, c, _) in enumerate(series)
                      if v[i] is not None]
             for v, color, k in (drawn if wide else sorted(drawn, key=lambda t: -abs(t[0]))):
                 x0 = self.x(i) + (slot * (0.1 + 0.8 * k / len(series)) if wide else 0)
                 x1 = x0 + max((slot * 0.8 / len(series) if wide else slot) - 1, 0)
-                self.d.rectangle([x0, min(self.y(v), self.y(0)), x1, max(self.y(v), self.y(0))], fill=color)
+                self.d.rectangle([x0, min(self.y(v), y0), x1, max(self.y(v), y0)], fill=color)
                 if mark_zero and v == 0:
-                    self.zero_marker((x0 + x1) / 2, color)
+                    xm, ym = (x0 + x1) / 2, y0 - 1
+                    self.d.polygon([(xm - r, ym), (xm + r, ym), (xm, ym - 6)], fill=color)
         self.legend += [(label, c) for _, c, label in series if label]
 
-    def zero_marker(self, x, color):
-        """A triangle, apex up, standing on the zero line at x: 6 px high, 4 to 8 px wide."""
-        y0, r = self.y(0) - 1, min(4.0, max(2.0, 0.4 * (SIZE[0] - self.L - self.R) / self.n))
-        self.d.polygon([(x - r, y0), (x + r, y0), (x, y0 - 6)], fill=color)
-
     def line(self, values, color, label):
-        """A polyline through the slot centres, with a legend entry."""
-        self.frequency_curve()
-        self.d.line([(self.x(i + 0.5), self.y(v)) for i, v in enumerate(values)] * (1 + (self.n == 1)),
-                    fill=color, width=2 if self.n > 200 else 3)
+        """A polyline through the slot centres, drawn by save() over the frequency curve."""
+        self.lines.append((values, color))
         self.legend.append((label, color))
 
+    def polyline(self, ys, **kw):
+        """Through the slot centres at heights ys (one point drawn twice: Pillow draws no 1-point line)."""
+        self.d.line([(self.x(i + 0.5), y) for i, y in enumerate(ys)] * (1 + (self.n == 1)), **kw)
+
     def save(self):
-        """Frame, zero line, shot groups, class ranks and the legend; returns the image."""
-        self.frequency_curve()
+        """The frequency curve, the lines, frame, zero line, shot groups, class ranks, legend; the image."""
         d, L, T, right, bottom = self.d, self.L, self.T, SIZE[0] - self.R, SIZE[1] - self.B
+        self.polyline([self.cy(c) for c in self.counts], fill=FREQ_COLOR, width=3)
+        for c in (m * 10 ** e for e in range(0, 8) for m in (1, 2, 5)):
+            if self.log_lo <= math.log10(c) <= self.log_hi:
+                d.text((right + 6, self.cy(c)), f"{c:g}", fill=(200, 100, 0), font=self.fs, anchor="lm")
+        d.text((right, T - 28), "training images per class (log)", fill=(200, 100, 0), font=self.fs,
+               anchor="rs")
+        for values, color in self.lines:
+            self.polyline([self.y(v) for v in values], fill=color, width=2 if self.n > 200 else 3)
         d.line([(L, self.y(0)), (right, self.y(0))], fill="black")
         d.rectangle([L, T, right, bottom], outline="black")
         for g, name in enumerate(GROUPS):
@@ -523,8 +467,9 @@ def draw_figures(main, baselines, rows, split, picked):
     figures["weight_norms.png"] = chart.save()
     if not baselines:
         return figures
-    gains = [[None if main.metrics["per_class"][c] is None or b.metrics["per_class"][c] is None else
-              main.metrics["per_class"][c] - b.metrics["per_class"][c] for c in order] for b in baselines]
+    ours = main.metrics["per_class"]
+    gains = [[None if ours[c] is None or b.metrics["per_class"][c] is None else
+              ours[c] - b.metrics["per_class"][c] for c in order] for b in baselines]
     vals = [v for g in gains for v in g if v is not None] or [0.0]
     span = ticks(min(0.0, min(vals)), max(0.0, max(vals)) or 1.0)
     chart = Chart(f"Per-class accuracy gain (Fig. 3) of {where}", "accuracy gain (points)",
@@ -537,13 +482,10 @@ def draw_figures(main, baselines, rows, split, picked):
 
 def marker(d, x, y, group, color, r=4):
     """many: circle, medium: square, few: triangle; a thin dark outline keeps light colours visible."""
-    box, edge = [x - r, y - r, x + r, y + r], (60, 60, 60)
-    if group == 0:
-        d.ellipse(box, fill=color, outline=edge)
-    elif group == 1:
-        d.rectangle(box, fill=color, outline=edge)
+    if group == 2:
+        d.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=color, outline=(60, 60, 60))
     else:
-        d.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=color, outline=edge)
+        (d.rectangle if group else d.ellipse)([x - r, y - r, x + r, y + r], fill=color, outline=(60, 60, 60))
 
 
 def class_colors(n):
@@ -563,13 +505,11 @@ def draw_tsne(runs, rows, picked, split):
     P, head = TSNE_PANEL, 60
     img = Image.new("RGB", (P * len(runs) + TSNE_LEGEND, P + head + 10), "white")
     d, f, fs = ImageDraw.Draw(img), font(16), font(13)
-    drawn = collections.Counter(runs[0].tsne_labels)  # images per picked class actually drawn
-    per = (f"{min(drawn.values())}" if len(set(drawn.values())) == 1
-           else f"{min(drawn.values())}-{max(drawn.values())}")
+    drawn = collections.Counter(runs[0].tsne_labels).values()  # images per picked class actually drawn
+    per = f"{min(drawn)}" if min(drawn) == max(drawn) else f"{min(drawn)}-{max(drawn)}"
     d.text((img.width / 2, 8), f"t-SNE of phi's test features (Fig. 4): {len(picked)} classes, "
            f"{per} test images each ({os.path.basename(split)})", fill="black", font=f, anchor="ma")
-    color_of = dict(zip([c for c, _ in picked], class_colors(len(picked))))
-    group_of = dict(picked)
+    color_of, group_of = dict(zip([c for c, _ in picked], class_colors(len(picked)))), dict(picked)
     for k, run in enumerate(runs):
         x0 = P * k
         d.text((x0 + P / 2, 36), run.label, fill="black", font=f, anchor="ma")
@@ -611,13 +551,11 @@ def pairwise_sq(x):
 def affinities(x, perplexity):
     """The symmetrised input affinities P (N, N): per point, a Gaussian whose width is found by binary
     search so that the conditional distribution has the given perplexity; then (P + P^T) / 2N."""
-    n = len(x)
-    d = pairwise_sq(x)
+    n, d = len(x), pairwise_sq(x)
     if bool((d > 0).any()):
         d = d / d[d > 0].mean()  # scale-free: beta starts near the right range
-    # stability
-    d = d - d.masked_fill(torch.eye(n, dtype=torch.bool), float("inf")).min(1, keepdim=True).values
     d.fill_diagonal_(float("inf"))  # p_ii = 0
+    d = d - d.min(1, keepdim=True).values  # the nearest neighbour at 0: exp(-d beta) cannot all underflow
     target = math.log(perplexity)  # the entropy H(P_i) of perplexity 2^H, in nats
     beta = torch.ones(n, 1, dtype=x.dtype)  # 1 / (2 sigma_i^2)
     lo, hi = torch.zeros_like(beta), torch.full_like(beta, float("inf"))
@@ -641,8 +579,7 @@ def tsne(x, dims=2, perplexity=30.0, iters=500, seed=0):
     if n < 3:
         return torch.zeros(n, dims)
     p = affinities(x, min(perplexity, (n - 1) / 3)).float()  # the search in float64, the descent in float32
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randn(n, dims, generator=gen) * 1e-4
+    y = torch.randn(n, dims, generator=torch.Generator().manual_seed(seed)) * 1e-4
     step, gains = torch.zeros_like(y), torch.ones_like(y)
     lr, early, p_early = max(n / 48, 50.0), min(250, iters // 4), 12 * p  # lr: N / (4 * exaggeration), >= 50
     for it in range(iters):
@@ -672,24 +609,22 @@ def run(args):
               f"many / few inclusively (>= --many, <= --few: the paper's rule); evaluated with that rule now "
               f"(the run's own table used > / <: --many {args.many + 1} --few {args.few - 1} "
               "gives those groups)")
-    ds = ltaux.SplitDataset(args.data, args.split, None, allow_unsafe_paths=args.allow_unsafe_paths)
+    ds = ltaux.SplitDataset(args.data, args.split, allow_unsafe_paths=args.allow_unsafe_paths,
+                            read=pipeline.read_image)
     pipeline.check_label_range(ds, len(main.counts), f"the checkpoint {args.checkpoint}")
     subset, picked = tsne_indices(ds.labels, main.counts, args.many, args.few) if baselines else ([], [])
     files = list(OUTPUTS if baselines else OUTPUTS[:4])
     folder, failed = claim_out(args, files), True
     try:
-        loaders = make_loaders(args, device, subset)
         for r in [main] + baselines:
-            evaluate(r, loaders, device, amp, args)
-            r.tsne_labels = [ds.labels[i] for i in subset]  # (n,) the class of each t-SNE point
-        lists = [(ds.paths, ds.labels)] + [training_list(main.args, args.allow_unsafe_paths)]
-        rows = per_class_rows(main, class_names([x for x in lists if x], len(main.counts)),
-                              args.many, args.few)
+            evaluate(r, ds, subset, device, amp, args)
+        lists = [(ds.paths, ds.labels), training_list(main.args, args.allow_unsafe_paths)]
+        rows = per_class_rows(main, class_names(lists, len(main.counts)), args.many, args.few)
         run_args = dict(main.args, many=args.many, few=args.few, split_sha256=main.split_sha256)
         paper = recipes.paper_row(run_args, vars(recipes.training_parser().parse_args([])), args.split)
         write_tables(args, main, baselines, rows, files, paper)
         for name, image in draw_figures(main, baselines, rows, args.split, picked).items():
-            save(args.out, name, image)
+            bookkeeping.atomic_write(os.path.join(args.out, name), lambda f, im=image: im.save(f, "PNG"))
         folder.commit()
         failed = False
     finally:
