@@ -216,11 +216,14 @@ class OutputFolder:
                 raise LTauxError(f"{aside}: holds the files that an interrupted --overwrite was replacing, "
                                  f"and {self.path} holds that job's own ({', '.join(self.taken())}): "
                                  "move one of them away, then run again")
-            for f in os.listdir(aside):
-                os.replace(os.path.join(aside, f), os.path.join(self.path, f))
-            os.rmdir(aside)
+            self.put_back(aside)
             print(f"note: {self.path}: put back the files that an interrupted --overwrite had moved to {d}",
                   file=sys.stderr, flush=True)
+
+    def put_back(self, aside):
+        for f in os.listdir(aside):
+            os.replace(os.path.join(aside, f), os.path.join(self.path, f))
+        os.rmdir(aside)
 
     def commit(self):
         """The new job has written its first file: the replaced one goes."""
@@ -236,9 +239,7 @@ class OutputFolder:
                 for f in self.files:
                     if os.path.exists(os.path.join(self.path, f)):
                         os.remove(os.path.join(self.path, f))
-                for f in os.listdir(self.aside):
-                    os.replace(os.path.join(self.aside, f), os.path.join(self.path, f))
-                os.rmdir(self.aside)
+                self.put_back(self.aside)
                 print(f"note: the files that --overwrite was replacing are back in {self.path}",
                       file=sys.stderr, flush=True)
         except OSError:  # the folder was deleted, renamed or made read-only under the job: leave it as it is
@@ -348,14 +349,15 @@ def load_weights(model, ckpt, path, prefixes=None):
                          "--arch)") from None
 
 
-def model_from_checkpoint(path, device):
-    """The deployed classifier (phi + h) of a checkpoint, in eval mode, with its run arguments and
-    training-class counts: (model, run_args, train_counts (C,))."""
+def model_from_checkpoint(path):
+    """(the deployed classifier of a checkpoint: phi + h in eval mode, on the CPU; the checkpoint), its saved
+    arguments checked as train.py's command line would check them."""
     ckpt = load_checkpoint(path)
+    check_saved_args(ckpt["args"], recipes.training_parser(), path)
     run = ckpt["args"]
     model = ltaux.LTResNet(run["arch"], ckpt["model"]["fc.weight"].shape[0], run.get("embed_dim"))
     load_weights(model, ckpt, path)
-    return model.to(device).eval(), run, ckpt["train_counts"]
+    return model.eval(), ckpt
 
 
 def check_resume(path, ckpt, out, epochs):

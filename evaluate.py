@@ -98,13 +98,9 @@ def load_run(path, reference=None):
     if path.endswith(".json"):
         raise LTauxError(f"{path}: --compare takes the checkpoints (best.pt) of the baseline runs, "
                          "not metrics")
-    ckpt = bookkeeping.load_checkpoint(path)
-    bookkeeping.check_saved_args(ckpt["args"], recipes.training_parser(), path)
-    model = ltaux.LTResNet(ckpt["args"]["arch"], ckpt["model"]["fc.weight"].shape[0],
-                           ckpt["args"].get("embed_dim"))
-    bookkeeping.load_weights(model, ckpt, path)
+    model, ckpt = bookkeeping.model_from_checkpoint(path)
     data = ckpt.get("data")
-    run = Run(path, model.eval(), ckpt["args"], ckpt["train_counts"].long(), "shot_rule" not in ckpt,
+    run = Run(path, model, ckpt["args"], ckpt["train_counts"].long(), "shot_rule" not in ckpt,
               split_sha256=data.get("list_sha256") if isinstance(data, dict) else None)
     if reference is not None:
         C, ref = len(run.counts), reference.counts

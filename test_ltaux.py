@@ -2559,7 +2559,8 @@ def test_torchrun_two_processes_on_cpu(tiny, tmp_path):
     assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "log.jsonl", "test_metrics.json"]  # rank 0 alone writes
     ckpt = bookkeeping.load_checkpoint(str(out / "last.pt"))
     assert ckpt["global_step"] == 12 and ckpt["args"]["batch_size"] == 8
-    model, _, counts = bookkeeping.model_from_checkpoint(str(out / "best.pt"), torch.device("cpu"))
+    model, ckpt = bookkeeping.model_from_checkpoint(str(out / "best.pt"))
+    counts = ckpt["train_counts"]
     ds = ltaux.SplitDataset(tiny[0], tiny[1]["test"], pipeline.build_transform(16, train=False),
                             read=pipeline.read_image)
     pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, batch_size=7), torch.device("cpu"))
@@ -2680,7 +2681,8 @@ def test_metrics_and_csv(eval_runs, flat_tiny, tmp_path, capsys):
     assert m["split"] == flat_tiny[1]["test"] and m["checkpoint"] == os.path.abspath(eval_runs["cbs_rrs_ss"])
     fc = torch.load(eval_runs["cbs_rrs_ss"], weights_only=True)["model"]["fc.weight"]  # h, not h_a
     assert m["weight_norms"] == pytest.approx(fc.norm(dim=1).tolist(), rel=1e-5)
-    model, _, counts = bookkeeping.model_from_checkpoint(eval_runs["cbs_rrs_ss"], torch.device("cpu"))
+    model, ckpt = bookkeeping.model_from_checkpoint(eval_runs["cbs_rrs_ss"])
+    counts = ckpt["train_counts"]
     ds = ltaux.SplitDataset(flat_tiny[0], flat_tiny[1]["test"], pipeline.build_transform(16, train=False),
                             read=pipeline.read_image)
     pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, batch_size=7), torch.device("cpu"))

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     runtime.check_thresholds(args.many, args.few)
     for k in ("init", "pretrained", "demo_dir"):  # checkpoints keep absolute paths: valid from any folder
         setattr(args, k, getattr(args, k) and os.path.abspath(getattr(args, k)))
+    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else os.path.join(
+        "runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
     return args, ckpt
 
 
@@ -444,9 +446,6 @@ def train(args, ckpt):
         optimizer = build_optimizer(model, args, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         fingerprint = bookkeeping.data_fingerprint(train_set)
-        args.out = args.out or (
-            os.path.dirname(os.path.abspath(args.resume)) if args.resume else
-            os.path.join("runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
         if ckpt:
             bookkeeping.check_same_data(ckpt, args.resume, train_set, counts, fingerprint)
             bookkeeping.check_resume(args.resume, ckpt, args.out, args.epochs)
