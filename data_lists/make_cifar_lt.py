@@ -35,11 +35,8 @@ import sys
 
 from PIL import Image
 
-# name: torchvision's dataset class (its files, their MD5s, the reader), images of the largest class, list tag
-DATASETS = {
-    "cifar10": dict(cls="CIFAR10", n_max=5000, tag="CIFAR10"),
-    "cifar100": dict(cls="CIFAR100", n_max=500, tag="CIFAR100"),
-}
+# name: (torchvision's dataset class, also the lists' tag; training images of its largest class)
+DATASETS = {"cifar10": ("CIFAR10", 5000), "cifar100": ("CIFAR100", 500)}
 MANY, FEW = 100, 20  # the paper's shot groups (Section 4.2): many >= 100 training images, few <= 20
 SAVE = {"png": {}, "jpg": dict(quality=95, subsampling=0)}  # Pillow save options per --format
 
@@ -73,26 +70,16 @@ def get_args_parser():
     return p
 
 
-# ----------------------------------------------------------------------------------------------
-# reading the download with torchvision's dataset classes
-
-
 def dataset_class(name):
     """torchvision.datasets.CIFAR10 or CIFAR100: its file names, their MD5s and the reader of the batches."""
     import torchvision.datasets  # here, not at the top: --help and argument errors need no torch
-    return getattr(torchvision.datasets, DATASETS[name]["cls"])
-
-
-def download_files(cls):
-    """[(file name, MD5)] of a download: the training batches, the test batch, the class names."""
-    return [*map(tuple, cls.train_list), *map(tuple, cls.test_list), (cls.meta["filename"], cls.meta["md5"])]
+    return getattr(torchvision.datasets, DATASETS[name][0])
 
 
 def check_download(folder, cls):
-    """Refuse a missing file, or one whose MD5 is not torchvision's (damaged, edited, another dataset's),
-    naming it: the dataset class unpickles the files, so only the published ones may reach it."""
+    """Refuse by name a missing file or one whose MD5 is not torchvision's: unpickling can run its code."""
     from torchvision.datasets.utils import check_integrity
-    for fname, md5 in download_files(cls):
+    for fname, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
         path = os.path.join(folder, fname)
         if not os.path.isfile(path):
             raise UserError(path, f"missing: not a whole {cls.__name__} download")
@@ -116,13 +103,12 @@ def find_source(src, dataset):
         raise UserError(src, "is a file, not the folder holding CIFAR's download (cifar-10-batches-py / "
                         "cifar-100-python)" if os.path.isfile(src) else "no such folder")
     found = []
-    for name in DATASETS:
+    for name in [dataset] if dataset else DATASETS:
         cls = dataset_class(name)
         for d in (src, os.path.join(src, cls.base_folder)):
             if all(os.path.isfile(os.path.join(d, f)) for f in (cls.meta["filename"], cls.test_list[0][0])):
                 found.append((name, d))
                 break
-    found = [f for f in found if dataset in (None, f[0])]
     if not found:
         want = dataset_class(dataset).base_folder if dataset else "cifar-10-batches-py or cifar-100-python"
         raise UserError(src, f"no {want} here (the folder torchvision downloads, or the folder holding it)")
@@ -131,32 +117,22 @@ def find_source(src, dataset):
     return found[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# the long-tailed split
-
 def ldam_counts(C, n_max, imbalance):
     """Training images per class, LDAM's exponential profile: n_c = int(n_max * (1/imbalance)^(c/(C-1)))."""
     return [int(n_max * (1.0 / imbalance) ** (c / max(C - 1, 1))) for c in range(C)]
 
 
 def select(labels, counts, seed, where):
-    """Kept training rows, class by class: random.Random(seed) shuffles each class's rows, the first n_c
-    stay."""
-    rng = random.Random(seed)
-    by_class = [[] for _ in counts]
-    for i, y in enumerate(labels):
-        by_class[y].append(i)
-    keep = []
-    for c, (rows, n) in enumerate(zip(by_class, counts)):
+    """Kept training rows: random.Random(seed) shuffles each class's rows in turn, the first n_c stay."""
+    rng, keep = random.Random(seed), []
+    for c, n in enumerate(counts):
+        rows = [i for i, y in enumerate(labels) if y == c]
         if n > len(rows):
             raise UserError(where, f"class {c} has {len(rows)} training images, the profile asks for {n}")
         rng.shuffle(rows)
         keep += sorted(rows[:n])
     return keep
 
-
-# ----------------------------------------------------------------------------------------------
-# writing
 
 def to_image(images, i):
     """Row i of a split's uint8 array N x 32 x 32 x 3 (torchvision's H x W x C) -> 32 x 32 RGB image."""
@@ -183,8 +159,7 @@ def check_out(out):
 
 
 def write_tree(out, lists_fn):
-    """Run lists_fn(tmp) -> {list file: lines} in a hidden sibling of out, write the lists, rename tmp to
-    out."""
+    """Run lists_fn(tmp) -> {list file: lines} in a hidden sibling tmp of out, write the lists, rename tmp."""
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.part-{os.getpid()}")
@@ -201,10 +176,9 @@ def write_tree(out, lists_fn):
         raise
 
 
-# ----------------------------------------------------------------------------------------------
-
 def convert(args):
-    """The whole conversion; returns the summary to print."""
+    """The whole conversion; returns the summary to print: what was written, with the shot groups and the
+    command to train on it."""
     if not args.imbalance >= 1:  # also NaN
         raise UserError("--imbalance", f"{args.imbalance:g} is not a ratio >= 1")
     if args.max_per_class is not None and args.max_per_class < 1:
@@ -212,36 +186,28 @@ def convert(args):
     out = os.path.abspath(args.out)
     check_out(out)
     name, folder = find_source(args.src, args.dataset)
-    spec = DATASETS[name]
+    tag, n_max = DATASETS[name]
     names, train, test = load(folder, dataset_class(name))
-    counts = ldam_counts(len(names), args.max_per_class or spec["n_max"], args.imbalance)
+    counts = ldam_counts(len(names), args.max_per_class or n_max, args.imbalance)
     if min(counts) < 1:
         raise UserError("--imbalance", f"{args.imbalance:g} leaves the last class no training image")
     keep = select(train[1], counts, args.seed, folder)
-    train_list = f"{spec['tag']}_LT_r{args.imbalance:g}_train.txt"
-    test_list = f"{spec['tag']}_test.txt"
+    train_list, test_list = f"{tag}_LT_r{args.imbalance:g}_train.txt", f"{tag}_test.txt"
     write_tree(out, lambda tmp: {
         train_list: write_split(tmp, "train", train, keep, names, args.format),
         test_list: write_split(tmp, "test", test, range(len(test[1])), names, args.format)})
     lists = [os.path.join(out, train_list), os.path.join(out, test_list)]
-    return summary(spec, args, counts, len(test[1]), lists)
-
-
-def summary(spec, args, counts, n_test, lists):
-    """What was written, with the shot groups and the command to train on it."""
-    many = sum(n >= MANY for n in counts)
-    few = sum(n <= FEW for n in counts)
-    q = shlex.quote
+    many, few = sum(n >= MANY for n in counts), sum(n <= FEW for n in counts)
     return "\n".join([
-        f"{spec['tag']}-LT, imbalance {args.imbalance:g}: {len(counts)} classes, {sum(counts)} train images "
-        f"({min(counts)} ... {max(counts)} per class), {n_test} test images",
+        f"{tag}-LT, imbalance {args.imbalance:g}: {len(counts)} classes, {sum(counts)} train images "
+        f"({min(counts)} ... {max(counts)} per class), {len(test[1])} test images",
         f"  many-shot (>= {MANY}): {many} classes, medium: {len(counts) - many - few}, "
         f"few-shot (<= {FEW}): {few}",
         f"  train list: {lists[0]}",
         f"  test list:  {lists[1]}",
         "train with:",
-        f"  python train.py --recipe {spec['tag'].lower()}_lt --data {q(os.path.abspath(args.out))} --split "
-        f"{q(lists[0])} --test-split {q(lists[1])}"])
+        f"  python train.py --recipe {tag.lower()}_lt --data {shlex.quote(out)} --split "
+        f"{shlex.quote(lists[0])} --test-split {shlex.quote(lists[1])}"])
 
 
 def main(argv=None):

@@ -4,17 +4,13 @@
     python data_lists/make_lt_split.py --root /data/flowers --prefix data_lists/Flowers_LT --imbalance 100
     python data_lists/make_lt_split.py --root /data/cub --prefix data_lists/CUB_LT --profile pareto --alpha 6
 
-<root>/<class name>/<image> -> <prefix>_val.txt and <prefix>_test.txt (balanced: --val-per-class, default 20,
-and --test-per-class, default 50, images of every class, as ImageNet-LT; 0 skips that list), drawn first, and
-<prefix>_train.txt (long-tailed) from the images left, so the three lists never share an image. One
-`relative/path label` per line, labels = index of the class name in sorted order. Which classes become head
-or tail is a seeded shuffle, as is the choice of images (--seed). Profiles: "exp" gives
-n_i = max * imbalance^(-i / (C - 1)) as in CIFAR-LT (Cui et al. 2019); "pareto" sorts C Pareto(alpha) draws
-and maps them onto [min, max], after OLTR's ImageNet-LT (alpha = 6). The smallest class gets --min training
-images, or max / --imbalance (give one of the two; default --min 5). Every class needs val + test + 1 images;
-a class with fewer images than its training target keeps what it has (reported). Existing lists are not
-overwritten without --force; each list is written to a temporary file and renamed into place, in the folder
-of --prefix (created when it does not exist). User errors print one line `error: ...` and exit with status 2.
+<root>/<class name>/<image> -> balanced <prefix>_val.txt and <prefix>_test.txt (as ImageNet-LT) drawn first,
+and a long-tailed <prefix>_train.txt from the images left: no image is in two lists. One `relative/path label`
+per line, label = index of the class name in sorted order. Profiles: "exp" gives
+n_i = max * imbalance^(-i / (C - 1)) as in CIFAR-LT (Cui et al. 2019); "pareto" maps C sorted Pareto(alpha)
+draws onto [min, max], after OLTR's ImageNet-LT (alpha 6). Every class needs val + test + 1 images; one short
+of its training target keeps what it has (reported). Each list is written to a temporary file renamed into
+place, in the folder of --prefix (made when missing). User errors print one line `error: ...`, exit status 2.
 """
 
 import argparse
@@ -22,11 +18,9 @@ import math
 import os
 import random
 import sys
-import tempfile
 
 EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DEFAULT_MIN = 5
-SHOW = 5  # names listed in a message before "first N of M"
 
 
 class UserError(Exception):
@@ -35,15 +29,13 @@ class UserError(Exception):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line and status 2, like every other user error
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)" / "(default: False)"
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
+        hide = action.default is None or action.default is False
+        return action.help if hide else super()._get_help_string(action)
 
 
 def get_args_parser():
@@ -70,14 +62,12 @@ def get_args_parser():
 
 def check_args(args):
     """Raise UserError for a value the split cannot be made with; fills in args.min."""
-    for name in ("alpha", "imbalance"):
-        value = getattr(args, name)
+    for flag, value in (("--alpha", args.alpha), ("--imbalance", args.imbalance)):
         if value is not None and not math.isfinite(value):
-            raise UserError(f"--{name} {value}: must be a finite number")
-    if args.max < 1:
-        raise UserError(f"--max {args.max}: must be >= 1")
-    if args.min is not None and args.min < 1:
-        raise UserError(f"--min {args.min}: must be >= 1")
+            raise UserError(f"{flag} {value}: must be a finite number")
+    for flag, value in (("--max", args.max), ("--min", args.min)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
     if args.imbalance is not None:
         if args.min is not None:
             raise UserError("--imbalance and --min both set the smallest class: give one of them")
@@ -97,48 +87,38 @@ def check_args(args):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0 (0: no list)")
     if not os.path.basename(args.prefix):
-        raise UserError(f"--prefix {args.prefix}: needs a file name part, e.g. "
-                        f"{os.path.join(args.prefix, 'My_LT')}")
-    out_dir = os.path.dirname(args.prefix)
-    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--prefix {args.prefix}: needs a file name part, e.g. {args.prefix}My_LT")
+    if os.path.exists(out_dir := os.path.dirname(args.prefix)) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir}: not a folder (from --prefix {args.prefix})")
 
 
 def target_counts(C, args, rng):
-    """Training images per class rank (largest first) for --profile / --max / --min / --imbalance / --alpha:
-    list of C ints in [min, max], first max."""
-    max_n, min_n = args.max, args.min
+    """Training images per class rank, largest first: C ints in [--min, --max] on --profile's curve."""
     if C == 1:
-        return [max_n]
+        return [args.max]
     if args.profile == "exp":
-        ratio = args.imbalance or max_n / min_n
-        return [max(1, min_n, round(max_n * ratio ** (-i / (C - 1)))) for i in range(C)]
+        ratio = args.imbalance or args.max / args.min
+        return [max(1, args.min, round(args.max * ratio ** (-i / (C - 1)))) for i in range(C)]
     draws = sorted((rng.paretovariate(args.alpha) for _ in range(C)), reverse=True)
     lo, hi = draws[-1], draws[0]
-    return [round(min_n + (d - lo) / ((hi - lo) or 1) * (max_n - min_n)) for d in draws]
+    return [round(args.min + (d - lo) / ((hi - lo) or 1) * (args.max - args.min)) for d in draws]
 
 
-def names(items, show=SHOW):
+def names(items, show=5):
     """'a; b; c' or 'first 5 of 8: a; ...': the count always agrees with what is listed."""
     head = "; ".join(items[:show])
     return head if len(items) <= show else f"first {show} of {len(items)}: {head}"
 
 
 def usable(name):
-    """A path the list format can hold: no whitespace (fields are whitespace-separated), valid UTF-8."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return not any(ch.isspace() for ch in name)
+    """A path a list can hold: no whitespace (the field separator) nor undecodable byte (a lone surrogate)."""
+    return not any(ch.isspace() or "\ud800" <= ch <= "\udfff" for ch in name)
 
 
 def scan(root):
     """Sorted class names and {class: sorted relative image paths}. Hidden files and folders are skipped."""
-    if not os.path.exists(root):
-        raise UserError(f"{root}: no such folder (--root)")
     if not os.path.isdir(root):
-        raise UserError(f"{root}: not a folder (--root)")
+        raise UserError(f"{root}: {'not a folder' if os.path.exists(root) else 'no such folder'} (--root)")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise UserError(f"{root}: no class folders")
@@ -154,8 +134,7 @@ def scan(root):
 
 
 def make_rows(args, classes, images):
-    rng = random.Random(args.seed)
-    held = args.val_per_class + args.test_per_class
+    rng, held = random.Random(args.seed), args.val_per_class + args.test_per_class
     few = [f"{c} ({len(images[c])})" for c in classes if len(images[c]) < held + 1]
     if few:
         raise UserError(f"{args.root}: {len(few)} of {len(classes)} classes have fewer than {held + 1} "
@@ -164,8 +143,7 @@ def make_rows(args, classes, images):
     targets = target_counts(len(classes), args, rng)
     ranks = list(range(len(classes)))
     rng.shuffle(ranks)  # ranks[label] = position of the class on the curve
-    rows = {"train": [], "val": [], "test": []}
-    short = []
+    rows, short = {"train": [], "val": [], "test": []}, []
     for label, c in enumerate(classes):
         files = images[c][:]
         rng.shuffle(files)
@@ -181,28 +159,21 @@ def make_rows(args, classes, images):
 
 def write_lists(outputs):
     """Write {path: rows} atomically: every list to a temporary file first, then all renamed into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    temps = {}
-    path = None
+    temps = {p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{os.getpid()}.tmp")
+             for p in outputs}  # beside each list: a rename within one file system
     try:
-        for path, rows in outputs.items():
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
-                                       suffix=".tmp")
-            temps[path] = tmp
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.writelines(f"{p} {y}\n" for p, y in rows)
+        for path, tmp in temps.items():
+            with open(tmp, "x", encoding="utf-8", newline="\n") as f:  # "x": a new file, mode 0666 & ~umask
+                f.writelines(f"{p} {y}\n" for p, y in outputs[path])
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a list is an ordinary file
         for path, tmp in temps.items():
             os.replace(tmp, path)
     except OSError as e:  # name the list, not the temporary file
         raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        for tmp in filter(os.path.exists, temps.values()):
+            os.remove(tmp)
 
 
 def run(args):
@@ -222,10 +193,9 @@ def run(args):
     write_lists(outputs)
     for path, r in outputs.items():
         print(f"{path}: {len(r)} images")
-    for path in stale:
-        if os.path.exists(path):
-            print(f"warning: {path} is from an earlier run and was left as it is (this run writes no such "
-                  f"list); it may overlap the new training list: delete it", file=sys.stderr)
+    for path in filter(os.path.exists, stale):
+        print(f"warning: {path} is from an earlier run and was left as it is (this run writes no such "
+              f"list); it may overlap the new training list: delete it", file=sys.stderr)
     counts = sorted((sum(1 for _, y in rows["train"] if y == k) for k in range(len(classes))), reverse=True)
     print(f"{len(classes)} classes, train images per class {counts[0]} ... {counts[-1]}")
     if short:
@@ -242,8 +212,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # unreadable folder, full disk, no permission to write: name the file, no traceback
-        where = e.filename if e.filename is not None else args.prefix
-        print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {e.filename or args.prefix}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 
