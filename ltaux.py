@@ -19,8 +19,7 @@ Glossary (the paper's letters, used in every docstring and shape comment below):
 
 In the order of the paper, each piece usable on its own (copy what you need):
     AuxBatchSampler                Algorithm 1 lines 2-8: one sampler that yields [B_cbs; B_rrs]
-    LTResNet                       phi (a ResNet + 512-d fc + ReLU) and the heads h (.fc), h_a (.aux_fc),
-                                   h_s (.rot_fc); forward(x, splits) is the head protocol
+    LTResNet                       phi and the heads h, h_a, h_s; forward(x, splits) is the head protocol
     rotate_batch, aux_loss         Algorithm 1 line 9 and Eq. 2 (lines 10-11), one backbone pass
     rotation_augment               Table 5's baseline: rotations as plain augmentation
     class_counts, shot_groups, shot_accuracy    Section 4.2: overall / many / medium / few top-1
@@ -56,32 +55,25 @@ class AuxBatchSampler(torch.utils.data.Sampler):
 
       * B_cbs, S indices: k = S / Z distinct classes, Z images each, laid out class by class
         (rows [c1 x Z, c2 x Z, ...]). Line 2: classes come from a cycle through a reshuffled list of the
-        classes that have images; line 5: each class's images from a cycle through its reshuffled
-        image list. Both cycles run over the whole training run, not per epoch (the algorithm has no
-        epochs), so over any number of epochs every image of a class is drawn equally often, +-1.
-        Strictly without replacement: the k classes of a batch are distinct and so are the Z images
-        of a class, also where a batch straddles two passes over a list. A class with fewer than Z
-        images is still drawn, and then repeats some of its images inside that draw.
+        classes that have images; line 5: each class's images from a cycle through its reshuffled image list.
+        Both cycles run over the whole training run, not per epoch (the algorithm has no epochs), so over any
+        number of epochs every image of a class is drawn equally often, +-1. Strictly without replacement:
+        the k classes of a batch are distinct and so are the Z images of a class, also where a batch straddles
+        two passes over a list. A class with fewer than Z images is still drawn, repeating some in that draw.
       * B_rrs, S indices (line 8): a fresh permutation of the training set per epoch, read in order
         (topped up from a second permutation to fill the last batch): an epoch sees every image once.
     mode "cbs_rrs" yields [B_cbs; B_rrs] (2S indices), "cbs" only B_cbs, "rrs" only B_rrs.
 
-    Batches depend only on (seed, epoch): set_epoch(e) alone reproduces epoch e (the cycles' state at
-    its start is replayed once, then carried from epoch to epoch). With W > 1 processes every rank
-    generates the same global batch and keeps its own slice of EACH part (S / W indices of B_cbs,
-    then S / W of B_rrs), so the union over ranks is the single-process batch, whatever W.
+    Batches depend only on (seed, epoch): set_epoch(e) alone reproduces epoch e (the cycles are replayed to
+    its start once, then carried on). With W > 1 processes every rank generates the same global batch and
+    keeps its slice of EACH part (S / W indices of B_cbs, then of B_rrs): their union is the W = 1 batch.
 
     Args:
-        labels: class label of every training image, a sequence of N ints.
-        batch_size: S, images per part of the global batch (train.py: 256).
-        per_class: Z, images per class in B_cbs (default: 4, Section 4.4).
-        mode: "cbs_rrs", "cbs" or "rrs" (default: "cbs_rrs").
-        seed: base seed of every random draw (default: 0).
-        rank, world_size: this process and W (default: 0, 1).
-        num_batches: M, batches per epoch (default: ceil(N / S)).
-        with_seeds: yield (index, sample_seed) pairs instead of indices, one seed per batch position
-            drawn from (seed, epoch), for augmentation that does not depend on the number of
-            DataLoader workers (default: False).
+        labels: class label of every training image, N ints; batch_size: S (train.py: 256).
+        per_class: Z (default: 4, Section 4.4); mode, seed, rank, world_size: as above (default: "cbs_rrs",
+            0, 0, 1), seed being the base of every random draw; num_batches: M (default: ceil(N / S)).
+        with_seeds: yield (index, sample_seed) pairs, one seed per batch position drawn from (seed, epoch),
+            so that augmentation does not depend on the number of DataLoader workers (default: False).
     """
 
     MODES = ("cbs_rrs", "cbs", "rrs")
@@ -107,11 +99,12 @@ class AuxBatchSampler(torch.utils.data.Sampler):
                                  f"{len(self.classes)} classes have images: lower S or raise Z")
         self.labels, self.batch_size, self.per_class, self.mode = labels, batch_size, per_class, mode
         self.seed, self.rank, self.world_size, self.with_seeds = seed, rank, world_size, with_seeds
+        self.rank_cols = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.num_batches = num_batches or -(-len(labels) // batch_size)
         self.by_class = torch.argsort(labels, stable=True)  # class c: by_class[start[c]:start[c] + counts[c]]
         self.counts, self.start = counts, torch.cumsum(counts, 0) - counts
         self.epoch, self.first = 0, 0
-        self._cycles = None  # (epoch whose start they are at, class cycle, {class: image cycle})
+        self._cycles = None  # [epoch whose start they are at, class cycle, {class: image cycle}]
         self._global = (None, None)  # (epoch, its global batches): epoch_batches() is called repeatedly
 
     @staticmethod
@@ -122,10 +115,9 @@ class AuxBatchSampler(torch.utils.data.Sampler):
         return int.from_bytes(digest, "little") >> 1  # 63 bits: valid for CPU and CUDA generators
 
     class Cycle:
-        """An endless stream over range(n) read from successive random permutations, taken in groups of
-        `group` items: no group holds an item twice (when group <= n), also a group that straddles two
-        permutations: then the head of the new permutation is stably re-ordered to avoid the open group.
-        Every permutation stays a permutation, so no item is taken twice before all n were taken."""
+        """An endless stream over range(n) from successive random permutations, taken in groups of `group`
+        items, without replacement as B_cbs above: a new permutation's head is stably re-ordered to avoid
+        the open group that straddles it (when group <= n)."""
 
         def __init__(self, n, group, seed):
             self.n, self.group, self.gen = n, group, torch.Generator().manual_seed(seed)
@@ -144,40 +136,34 @@ class AuxBatchSampler(torch.utils.data.Sampler):
 
         def _fresh(self, open_group):
             perm = torch.randperm(self.n, generator=self.gen).tolist()
-            need, taken = self.group - len(open_group), set(open_group)
-            if open_group and self.group <= self.n and not taken.isdisjoint(perm[:need]):
-                head, skipped, i = [], [], 0
-                while len(head) < need:  # the first `need` items not in the open group go first
-                    (skipped if perm[i] in taken else head).append(perm[i])
-                    i += 1
-                perm = head + skipped + perm[i:]
+            if open_group and self.group <= self.n:  # the first items not in the open group go first
+                taken = set(open_group)
+                head = set([p for p in perm if p not in taken][:self.group - len(open_group)])
+                perm.sort(key=lambda p: p not in head)  # stable: each side keeps its order
             return perm
 
     def set_epoch(self, epoch, start_batch=0):
         """Select the epoch to generate and the batch to start from (to resume mid-epoch)."""
         self.epoch, self.first = epoch, start_batch
 
-    def _cycles_at(self, epoch):
-        """The class and image cycles at the start of `epoch`: carried over, or replayed from epoch 0."""
-        if self._cycles is None or self._cycles[0] > epoch:
-            k = self.batch_size // self.per_class
-            self._cycles = (0, self.Cycle(len(self.classes), k, self.derive_seed(self.seed, "classes")), {})
-        while self._cycles[0] < epoch:
-            self._cbs(*self._cycles[1:])  # advances the cycles by one epoch
-            self._cycles = (self._cycles[0] + 1,) + self._cycles[1:]
-        return self._cycles[1:]
-
-    def _cbs(self, class_cycle, image_cycles):
-        """One epoch of class-balanced parts, advancing the cycles: LongTensor (M, S)."""
+    def _cbs(self, epoch):
+        """The class-balanced parts of `epoch`: LongTensor (M, S). The cycles carry on from the epoch
+        generated last, or are replayed from epoch 0."""
         S, Z, M = self.batch_size, self.per_class, self.num_batches
-        picks = self.classes[class_cycle.take(M * S // Z)]  # line 2: (M * k,) class ids, k distinct per batch
-        draws = torch.bincount(picks, minlength=len(self.counts))
-        local = []  # line 5: each class's next Z-image groups, in class order, then draw order
-        for c in torch.nonzero(draws).flatten().tolist():
-            if c not in image_cycles:
-                image_cycles[c] = self.Cycle(int(self.counts[c]), Z, self.derive_seed(self.seed, "images", c))
-            local += image_cycles[c].take(int(draws[c]) * Z)
-        images = self.by_class[torch.tensor(local) + self.start.repeat_interleave(draws * Z)]  # (M * S,)
+        if self._cycles is None or self._cycles[0] > epoch:
+            class_cycle = self.Cycle(len(self.classes), S // Z, self.derive_seed(self.seed, "classes"))
+            self._cycles = [0, class_cycle, {}]
+        for _ in range(self._cycles[0], epoch + 1):  # replays the epochs before `epoch`, if any
+            _, class_cycle, cycles = self._cycles
+            picks = self.classes[class_cycle.take(M * S // Z)]  # line 2: (M * k,), k distinct per batch
+            draws = torch.bincount(picks, minlength=len(self.counts))
+            local = []  # line 5: each class's next Z-image groups, in class order, then draw order
+            for c in torch.nonzero(draws).flatten().tolist():
+                if c not in cycles:
+                    cycles[c] = self.Cycle(int(self.counts[c]), Z, self.derive_seed(self.seed, "images", c))
+                local += cycles[c].take(int(draws[c]) * Z)
+            images = self.by_class[torch.tensor(local) + self.start.repeat_interleave(draws * Z)]  # (M * S,)
+            self._cycles[0] += 1
         out = torch.empty(len(picks), Z, dtype=torch.long)
         out[torch.argsort(picks, stable=True)] = images.view(-1, Z)  # back to batch order
         return out.view(M, S)
@@ -192,32 +178,24 @@ class AuxBatchSampler(torch.utils.data.Sampler):
     def epoch_batches(self):
         """This rank's batches of the current epoch: LongTensor (M, parts * S / W)."""
         if self._global[0] != self.epoch:
-            parts = []
-            if self.mode != "rrs":
-                parts.append(self._cbs(*self._cycles_at(self.epoch)))
-                self._cycles = (self.epoch + 1,) + self._cycles[1:]
+            parts = [self._cbs(self.epoch)] if self.mode != "rrs" else []
             if self.mode != "cbs":
                 parts.append(self._rrs(self.epoch))
             self._global = (self.epoch, parts)
-        s = self.batch_size // self.world_size
-        return torch.cat([p[:, self.rank * s:(self.rank + 1) * s] for p in self._global[1]], dim=1)
+        return torch.cat([p[:, self.rank_cols] for p in self._global[1]], dim=1)
 
     def epoch_seeds(self):
         """One augmentation seed per batch position of this rank: LongTensor like epoch_batches()."""
         gen = torch.Generator().manual_seed(self.derive_seed(self.seed, "augment", self.epoch))
         parts = 2 if self.mode == "cbs_rrs" else 1
         seeds = torch.randint(0, 2**62, (self.num_batches, parts, self.batch_size), generator=gen)
-        s = self.batch_size // self.world_size
-        return seeds[:, :, self.rank * s:(self.rank + 1) * s].reshape(self.num_batches, -1)
+        return seeds[:, :, self.rank_cols].reshape(self.num_batches, -1)
 
     def __iter__(self):
         batches = self.epoch_batches()[self.first:].tolist()
-        if not self.with_seeds:
-            yield from batches
-            return
-        seeds = self.epoch_seeds()[self.first:].tolist()
-        for b, s in zip(batches, seeds):
-            yield list(zip(b, s))
+        if self.with_seeds:
+            batches = (list(zip(b, s)) for b, s in zip(batches, self.epoch_seeds()[self.first:].tolist()))
+        yield from batches
 
     def __len__(self):
         return self.num_batches - self.first
@@ -237,15 +215,14 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        layers, inplanes = [], widths[0]
-        for i, w in enumerate(widths):
+        layers = []
+        for i, (inplanes, w) in enumerate(zip(widths[:1] + widths[:-1], widths)):  # stage i: inplanes -> w
             stride = 1 if i == 0 else 2
             down = None
             if stride != 1 or inplanes != w:
                 down = nn.Sequential(nn.Conv2d(inplanes, w, 1, stride, bias=False), nn.BatchNorm2d(w))
             stage = [block(inplanes, w, stride, down)] + [block(w, w) for _ in range(blocks - 1)]
             layers.append(nn.Sequential(*stage))
-            inplanes = w
         self.layer1, self.layer2, self.layer3 = layers
         self.avgpool = nn.AdaptiveAvgPool2d(1)
 
@@ -262,15 +239,11 @@ class LTResNet(nn.Module):
     forward(x) uses phi and h only: exactly the deployed model (Section 3.4).
 
     Args:
-        arch: resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | resnet32 (CIFAR)
-            (default: resnet10).
-        num_classes: C, width of h and h_a (default: 1000).
+        arch: one of ARCHS, resnet32 being the CIFAR one (default: resnet10); num_classes: C (default: 1000).
         embed_dim: width of the Linear + ReLU after pooling, 0 for none (default: None = 512 for the
-            ImageNet ResNets, as OLTR; 0 for resnet32, measured better on CIFAR-10-LT:
-            docs/implementation.md).
-        pretrained: path to a torchvision-format state dict for the backbone, e.g. the file
-            torchvision's ResNet152_Weights.IMAGENET1K_V1 downloads; its fc.* keys are ignored
-            (default: None, random initialisation).
+            ImageNet ResNets, as OLTR; 0 for resnet32, better on CIFAR-10-LT: docs/implementation.md).
+        pretrained: a torchvision-format state dict file for the backbone, e.g. what torchvision's
+            ResNet152_Weights.IMAGENET1K_V1 downloads; fc.* keys are ignored (default: None, random init).
     """
 
     ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet32")
@@ -296,13 +269,11 @@ class LTResNet(nn.Module):
         """A ResNet without its classifier: (module mapping (B, 3, H, W) -> (B, width), width)."""
         if arch == "resnet32":
             return CifarResNet(), 64
-        tv = torchvision.models
         if arch == "resnet10":  # the ImageNet-LT backbone of OLTR and the paper: one block per stage
-            net = tv.resnet.ResNet(tv.resnet.BasicBlock, [1, 1, 1, 1])
+            net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
         else:
-            net = getattr(tv, arch)(weights=None)
-        width = net.fc.in_features
-        net.fc = nn.Identity()
+            net = getattr(torchvision.models, arch)(weights=None)
+        width, net.fc = net.fc.in_features, nn.Identity()
         return net, width
 
     def load_backbone(self, path):
@@ -324,8 +295,8 @@ class LTResNet(nn.Module):
                              f"of another shape, e.g. {wrong[0]!r})")
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
         if bad:  # refused now: trained on, it would only surface later as a non-finite loss
-            raise LTauxError(f"{path}: pretrained weights hold NaN or inf (first in {bad[0]!r}): not usable "
-                             "weights")
+            raise LTauxError(f"{path}: pretrained weights hold NaN or inf (first in {bad[0]!r}): "
+                             "not usable weights")
         self.backbone.load_state_dict(state)
 
     def features(self, x):
@@ -339,7 +310,6 @@ class LTResNet(nn.Module):
         pass over x, then each head on its consecutive block of rows; returns a tuple of logits, e.g.
         model(x, [("fc", S), ("aux_fc", S), ("rot_fc", 2 * S)]) -> ((S, C), (S, C), (2S, 4)).
         Keeping the heads inside forward() lets DistributedDataParallel and torch.compile see them.
-        Another network works with aux_loss if its forward(x, splits) behaves the same way.
         """
         if splits is None:
             return self.fc(self.features(x))
@@ -360,14 +330,9 @@ def rotate_batch(x, mode="random", generator=None):
         angle's probability is within 3 / (4B) of 1/4), and every shape is static (no host sync).
     mode "all": all four rotations of every image (Table 5 / [8]), rows [x@0; x@90; x@180; x@270],
         src(i) = i mod B.
-
-    Args:
-        x: images (B, C, H, W) with H == W.
-        mode: "random" or "all" (default: "random").
-        generator: torch.Generator on x.device for the random angles (default: the global RNG).
-    Returns:
-        x_rot (B', C, H, W) and y_rot (B',) long, the angle 90 * y_rot counter-clockwise in dims (2, 3);
-        B' = B ("random") or 4B ("all").
+    x: images (B, C, H, W) with H == W; generator: on x.device (default: the global RNG).
+    Returns x_rot (B', C, H, W) and y_rot (B',) long, the angle 90 * y_rot counter-clockwise in dims (2, 3);
+    B' = B ("random") or 4B ("all").
     """
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"rotation needs square images, got {tuple(x.shape[-2:])}")
@@ -395,54 +360,39 @@ def aux_loss(model, cbs, rrs, lambdas=(0.5, 1.0, 1.0), rotation=None, generator=
     with weight 1, and there is no rotation term unless `rotation` asks for one.
 
     Args:
-        model: an LTResNet, or anything with its head protocol (LTResNet.forward), possibly wrapped
-            by DistributedDataParallel or torch.compile.
+        model: an LTResNet or anything with its head protocol (LTResNet.forward), maybe in DDP or compiled.
         cbs, rrs: B_cbs and B_rrs as (images (S, 3, H, W), labels (S,) long), or None.
-        lambdas: (l1, l2, l3), the weights of the CBS, RRS and rotation losses (default: (0.5, 1.0, 1.0),
-            the paper's 0.5 : 1 : 1).
+        lambdas: (l1, l2, l3) (default: (0.5, 1.0, 1.0), the paper's 0.5 : 1 : 1).
         rotation: "random" (one angle per image), "all" (four per image) or "off" (default: None =
-            "random" for [B_cbs; B_rrs], "off" for a baseline).
-        generator: torch.Generator on the images' device for the rotation angles (default: global RNG).
-    Returns:
-        loss: scalar tensor; parts: dict of detached scalar tensors "cbs", "rrs", "ss" (those computed).
+            "random" for [B_cbs; B_rrs], "off" for a baseline); generator: as rotate_batch.
+    Returns loss, a scalar tensor, and parts, detached scalar tensors "cbs", "rrs", "ss" (those computed).
     """
     l1, l2, l3 = lambdas
-    if cbs is None or rrs is None:  # a baseline: h alone on the one batch
-        if cbs is None and rrs is None:
-            raise ValueError("aux_loss needs at least one of cbs, rrs")
-        name, (x, y) = ("rrs", rrs) if cbs is None else ("cbs", cbs)
-        if rotation in (None, "off"):
-            l_cls = F.cross_entropy(model(x), y)  # h(phi(B)): (S, C) logits
-            return l_cls, {name: l_cls.detach()}
-        x_rot, y_rot = rotate_batch(x, rotation, generator)  # (S or 4S, 3, H, W), (S or 4S,)
-        z, z_rot = model(torch.cat([x, x_rot]), [("fc", len(x)), ("rot_fc", len(x_rot))])
-        l_cls, l_ss = F.cross_entropy(z, y), F.cross_entropy(z_rot, y_rot)
-        return l_cls + l3 * l_ss, {name: l_cls.detach(), "ss": l_ss.detach()}
-    (x_cbs, y_cbs), (x_rrs, y_rrs) = cbs, rrs
-    x = torch.cat([x_cbs, x_rrs])  # [B_cbs; B_rrs]: (2S, 3, H, W)
-    heads = [("fc", len(x_cbs)), ("aux_fc", len(x_rrs))]
+    if cbs is None and rrs is None:
+        raise ValueError("aux_loss needs at least one of cbs, rrs")
+    if cbs is not None and rrs is not None:  # line 10: h on B_cbs, h_a on B_rrs
+        names, heads, weights, batches = ("cbs", "rrs"), ("fc", "aux_fc"), (l1, l2), (cbs, rrs)
+        rotation = rotation or "random"
+    else:  # a baseline: h alone on the one batch
+        names, heads, weights = ("rrs" if cbs is None else "cbs",), ("fc",), (1,)
+        batches, rotation = (cbs if rrs is None else rrs,), rotation or "off"
+    x = torch.cat([b[0] for b in batches])  # [B_cbs; B_rrs]: (2S, 3, H, W), or the one batch
+    splits = [(head, len(b[0])) for head, b in zip(heads, batches)]
     if rotation != "off":
-        x_rot, y_rot = rotate_batch(x, rotation or "random", generator)  # line 9, B_rot: (2S or 8S, 3, H, W)
-        x, heads = torch.cat([x, x_rot]), heads + [("rot_fc", len(x_rot))]  # (4S or 10S, 3, H, W)
-    z_cbs, z_rrs, *z_rot = model(x, heads)  # one backbone pass: (S, C), (S, C), [(2S or 8S, 4)]
-    l_cbs = F.cross_entropy(z_cbs, y_cbs)  # line 10: h on B_cbs
-    l_rrs = F.cross_entropy(z_rrs, y_rrs)  # line 10: h_a on B_rrs
-    loss, parts = l1 * l_cbs + l2 * l_rrs, {"cbs": l_cbs.detach(), "rrs": l_rrs.detach()}
-    if z_rot:
-        l_ss = F.cross_entropy(z_rot[0], y_rot)  # line 11: h_s on B_rot
-        loss, parts["ss"] = loss + l3 * l_ss, l_ss.detach()  # Eq. 2
-    return loss, parts
+        x_rot, y_rot = rotate_batch(x, rotation, generator)  # line 9, B_rot: (2S or 8S, 3, H, W)
+        x, splits = torch.cat([x, x_rot]), splits + [("rot_fc", len(x_rot))]  # (4S or 10S, 3, H, W)
+        names, weights, batches = names + ("ss",), weights + (l3,), batches + ((x_rot, y_rot),)  # line 11
+    z = model(x, splits)  # one backbone pass: (S, C), (S, C), [(2S or 8S, 4)]
+    losses = [F.cross_entropy(z_b, b[1]) for z_b, b in zip(z, batches)]
+    loss = sum(w * l for w, l in zip(weights, losses))  # Eq. 2
+    return loss, {name: l.detach() for name, l in zip(names, losses)}
 
 
 def rotation_augment(x, y, mode="random", generator=None):
     """Table 5's baseline, rotations as plain data augmentation (no h_s): [x; rotate_batch(x)] with the
     class labels repeated, so that phi sees the same images as CBS+RRS+SS with the same `mode`.
-
-    Args:
-        x: images (B, 3, H, W); y: labels (B,).
-        mode, generator: as rotate_batch (default: "random", global RNG).
-    Returns:
-        x_aug (2B or 5B, 3, H, W) and y_aug (2B or 5B,): rows [x; x_rot], labels [y; y of each source row].
+    x: images (B, 3, H, W); y: labels (B,); mode, generator: as rotate_batch. Returns x_aug (2B or 5B,
+    3, H, W) and y_aug (2B or 5B,): rows [x; x_rot], labels [y; y of each source row].
     """
     x_rot, _ = rotate_batch(x, mode, generator)  # (B or 4B, ...), source row of x_rot[i] is i mod B
     return torch.cat([x, x_rot]), torch.cat([y, y.repeat(len(x_rot) // len(x))])
@@ -477,14 +427,9 @@ def shot_accuracy(pred, target, train_counts, many=100, few=20):
     Group accuracy is the mean per-class accuracy over the group's classes that occur in `target`
     (the OLTR protocol); an empty group reports None. `overall` is plain top-1 over all samples,
     `mean_per_class` the mean over classes that occur in `target` (they differ on unbalanced lists).
-
-    Args:
-        pred, target: predicted and true labels, (N,) long.
-        train_counts: training images per class, (C,).
-        many, few: group thresholds (many: count >= many, few: count <= few; default 100, 20).
-    Returns:
-        dict: overall, mean_per_class, many, medium, few (float or None), per_class (list of C floats,
-        None for classes absent from target), counts (list of C test counts).
+    pred, target: (N,) long; train_counts: training images per class (C,); many, few: as shot_groups.
+    Returns a dict: overall, mean_per_class, many, medium, few (float or None), per_class (list of C
+    floats, None for classes absent from target), counts (list of C test counts).
     """
     pred, target = torch.as_tensor(pred).flatten().cpu(), torch.as_tensor(target).flatten().cpu()
     train_counts = torch.as_tensor(train_counts).cpu()
@@ -496,7 +441,7 @@ def shot_accuracy(pred, target, train_counts, many=100, few=20):
     n = torch.bincount(target, minlength=C).double()  # (C,) test images per class
     hit = torch.bincount(target[pred == target], minlength=C).double()  # (C,) correct per class
     present = n > 0
-    acc = torch.where(present, 100.0 * hit / n.clamp(min=1), torch.zeros_like(n))
+    acc = 100.0 * hit / n.clamp(min=1)  # (C,), 0 for classes absent from target
     groups = shot_groups(train_counts, many, few)
     out = {"overall": 100.0 * float(hit.sum() / n.sum()), "mean_per_class": float(acc[present].mean())}
     for g, name in enumerate(("many", "medium", "few")):
@@ -512,12 +457,9 @@ def shot_accuracy(pred, target, train_counts, many=100, few=20):
 
 
 class LTauxError(ValueError):
-    """An error the user can cause and fix (bad split list, unreadable image, wrong checkpoint).
-
-    The message always names the file (and line) at fault. Entry points print it on one line
-    instead of a traceback. It keeps a single-string constructor so that DataLoader workers can
-    re-raise it in the main process.
-    """
+    """An error the user can cause and fix (bad split list, unreadable image, wrong checkpoint): the message
+    names the file (and line) at fault, and entry points print it on one line instead of a traceback.
+    It keeps a single-string constructor so that DataLoader workers can re-raise it in the main process."""
 
 
 def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negative=False, max_label=10**6):
@@ -526,20 +468,11 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
     Blank lines (trailing or not) are skipped, a UTF-8 byte-order mark is dropped. A path that appears
     twice triggers a warning (it is kept: some users oversample on purpose). Paths must be relative and
     free of `..` unless allow_unsafe_paths=True, so that a list cannot make a program read outside the
-    dataset root.
-
-    Args:
-        path: the list file.
-        allow_unsafe_paths: accept absolute paths and `..` components (default: False).
-        return_lines: also return the 1-based line number of each entry (default: False).
-        allow_negative: accept label -1 as in the open-set lists (default: False).
-        max_label: largest label accepted, a guard against typos that would allocate C-sized
-            tensors (default: 10**6).
-    Returns:
-        (paths: list[str], labels: list[int]) or, with return_lines, (paths, labels, lines).
-    Raises:
-        LTauxError naming the file and line for a missing or empty file, a line without exactly
-        two fields, a non-integer, negative or too large label, or an unsafe path.
+    dataset root. allow_negative accepts label -1 as in the open-set lists; max_label guards against
+    typos that would allocate C-sized tensors.
+    Returns (paths: list[str], labels: list[int]), with return_lines also the 1-based line numbers.
+    Raises LTauxError naming the file and line for a missing or empty file, a line without exactly
+    two fields, a non-integer, negative or too large label, or an unsafe path.
     """
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isfile(path):
@@ -551,7 +484,7 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
         raise LTauxError(f"{path}: split list not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise LTauxError(f"{path}: cannot read split list ({e})") from None
-    paths, labels, lines, seen, dups = [], [], [], {}, []
+    entries, seen, dups = [], {}, []  # entries: (path, label, line)
     for n, line in enumerate(text.split("\n"), start=1):  # "\n" alone ends a line (not U+2028 and the like)
         fields = line.split()
         if not fields:
@@ -563,14 +496,12 @@ def read_split(path, allow_unsafe_paths=False, return_lines=False, allow_negativ
             raise LTauxError(f"{path}:{n}: path {p!r} is absolute or contains '..' "
                              "(lists are read relative to the dataset root; allow_unsafe_paths=True "
                              "or --allow-unsafe-paths accepts it)")
-        if p in seen:
+        if seen.setdefault(p, n) != n:  # listed before
             dups.append(f"{path}:{n}: duplicate path {p!r} (first on line {seen[p]})")
-        seen.setdefault(p, n)
-        paths.append(p)
-        labels.append(y)
-        lines.append(n)
-    if not paths:
+        entries.append((p, y, n))
+    if not entries:
         raise LTauxError(f"{path}: split list is empty")
+    paths, labels, lines = map(list, zip(*entries))
     if dups:  # one warning, however many
         more = f" (and {len(dups) - 1} more duplicate lines)" if len(dups) > 1 else ""
         warnings.warn(dups[0] + more, stacklevel=2)
@@ -596,48 +527,34 @@ def load_rgb(path, max_aspect=50):
     Greyscale, CMYK, palette and RGBA files work (transparency is dropped); 16-bit greyscale is scaled
     to 8 bits by its bit depth (v / 257: a dark image stays dark; Pillow alone would clip it to white),
     32-bit integer greyscale likewise (values above 65535 saturate), float greyscale is clipped to
-    0..255. Decoding happens here,
-    so a truncated file fails here and not later inside a transform. An aspect ratio above
-    `max_aspect` is refused: resizing its short side to the crop size would allocate a huge image.
+    0..255. Decoding happens here, so a truncated file fails here and not later inside a transform.
+    An aspect ratio above `max_aspect` is refused: resizing its short side would allocate a huge image.
     """
     with Image.open(path) as img:
         w, h = img.size
         if max(w, h) > max_aspect * max(1, min(w, h)):
             raise ValueError(f"aspect ratio {w}x{h} exceeds {max_aspect}:1")
         img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # wide greyscale: scale by the bit depth, not clip
-            # F -> L clips, truncates
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # by the bit depth; + 0.5: F -> L truncates
             return img.convert("F").point(lambda v: v / 257.0 + 0.5).convert("L").convert("RGB")
-        if img.mode == "F":
-            return img.convert("L").convert("RGB")
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")  # palette transparency must go through RGBA first
-        return img.convert("RGB")
+        return img.convert("RGB")  # Pillow converts F through L, which clips to 0..255
 
 
 class SplitDataset(torch.utils.data.Dataset):
-    """A dataset over a split list: images under `root`, read with Pillow (or `read`) in RGB.
+    """A dataset over a split list (see read_split, also for allow_unsafe_paths), paths joined under `root`.
 
-    Args:
-        root: dataset root; list paths are joined under it.
-        split_file: the split list (see read_split).
-        transform: callable applied to the image `read` returns (default: None, the image itself).
-        allow_unsafe_paths: see read_split (default: False).
-        read: path -> image (default: load_rgb, an RGB PIL image; train.py passes a tensor decoder).
-    Attributes:
-        paths, labels, lines: the parsed list (lines are 1-based line numbers).
-        num_classes: 1 + the largest label.
-    Items:
-        dataset[i] -> (transform(image), label). dataset[(i, seed)] seeds torch's RNG with `seed`
-        for this one sample (the caller's RNG state is restored), which makes random augmentation
-        independent of the number of DataLoader workers (see AuxBatchSampler(with_seeds=True)).
-    Raises:
-        LTauxError naming the image path and the split line if an image is missing or unreadable.
+    read: path -> image (default: load_rgb, an RGB PIL image; train.py passes a tensor decoder), then
+    `transform` if given. Attributes: paths, labels, lines (1-based) of the list; num_classes = 1 + the
+    largest label. dataset[i] -> (transform(image), label). dataset[(i, seed)] seeds torch's RNG with
+    `seed` for this one sample (the caller's RNG state is restored), which makes random augmentation
+    independent of the number of DataLoader workers (see AuxBatchSampler(with_seeds=True)).
+    A missing or unreadable image raises LTauxError naming its path and split line.
     """
 
     def __init__(self, root, split_file, transform=None, allow_unsafe_paths=False, read=load_rgb):
-        self.root = os.fspath(root)
-        self.split_file = os.fspath(split_file)
+        self.root, self.split_file = os.fspath(root), os.fspath(split_file)
         self.transform, self.read = transform, read
         self.paths, self.labels, self.lines = read_split(
             split_file, allow_unsafe_paths=allow_unsafe_paths, return_lines=True)
@@ -676,10 +593,8 @@ class SplitDataset(torch.utils.data.Dataset):
         i, seed = item if isinstance(item, tuple) else (item, None)
         img = self.load(i)
         if self.transform is not None:
-            if seed is None:
-                img = self.transform(img)
-            else:
-                with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
                     torch.manual_seed(seed)
-                    img = self.transform(img)
+                img = self.transform(img)
         return img, self.labels[i]
