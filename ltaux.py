@@ -368,24 +368,31 @@ def aux_loss(model, cbs, rrs, lambdas=(0.5, 1.0, 1.0), rotation=None, generator=
     Returns loss, a scalar tensor, and parts, detached scalar tensors "cbs", "rrs", "ss" (those computed).
     """
     l1, l2, l3 = lambdas
-    if cbs is None and rrs is None:
-        raise ValueError("aux_loss needs at least one of cbs, rrs")
-    if cbs is not None and rrs is not None:  # line 10: h on B_cbs, h_a on B_rrs
-        names, heads, weights, batches = ("cbs", "rrs"), ("fc", "aux_fc"), (l1, l2), (cbs, rrs)
-        rotation = rotation or "random"
-    else:  # a baseline: h alone on the one batch
-        names, heads, weights = ("rrs" if cbs is None else "cbs",), ("fc",), (1,)
-        batches, rotation = (cbs if rrs is None else rrs,), rotation or "off"
-    x = torch.cat([b[0] for b in batches])  # [B_cbs; B_rrs]: (2S, 3, H, W), or the one batch
-    splits = [(head, len(b[0])) for head, b in zip(heads, batches)]
+    if cbs is None or rrs is None:  # a baseline: h alone on the one batch
+        if cbs is None and rrs is None:
+            raise ValueError("aux_loss needs at least one of cbs, rrs")
+        name, (x, y) = ("rrs", rrs) if cbs is None else ("cbs", cbs)
+        if rotation in (None, "off"):
+            l_cls = F.cross_entropy(model(x), y)  # h(phi(B)): (S, C) logits
+            return l_cls, {name: l_cls.detach()}
+        x_rot, y_rot = rotate_batch(x, rotation, generator)  # (S or 4S, 3, H, W), (S or 4S,)
+        z, z_rot = model(torch.cat([x, x_rot]), [("fc", len(x)), ("rot_fc", len(x_rot))])
+        l_cls, l_ss = F.cross_entropy(z, y), F.cross_entropy(z_rot, y_rot)
+        return l_cls + l3 * l_ss, {name: l_cls.detach(), "ss": l_ss.detach()}
+    (x_cbs, y_cbs), (x_rrs, y_rrs) = cbs, rrs
+    x = torch.cat([x_cbs, x_rrs])  # [B_cbs; B_rrs]: (2S, 3, H, W)
+    heads = [("fc", len(x_cbs)), ("aux_fc", len(x_rrs))]
     if rotation != "off":
-        x_rot, y_rot = rotate_batch(x, rotation, generator)  # line 9, B_rot: (2S or 8S, 3, H, W)
-        x, splits = torch.cat([x, x_rot]), splits + [("rot_fc", len(x_rot))]  # (4S or 10S, 3, H, W)
-        names, weights, batches = names + ("ss",), weights + (l3,), batches + ((x_rot, y_rot),)  # line 11
-    z = model(x, splits)  # one backbone pass: (S, C), (S, C), [(2S or 8S, 4)]
-    losses = [F.cross_entropy(z_b, b[1]) for z_b, b in zip(z, batches)]
-    loss = sum(w * l for w, l in zip(weights, losses))  # Eq. 2
-    return loss, {name: l.detach() for name, l in zip(names, losses)}
+        x_rot, y_rot = rotate_batch(x, rotation or "random", generator)  # line 9, B_rot: (2S or 8S, 3, H, W)
+        x, heads = torch.cat([x, x_rot]), heads + [("rot_fc", len(x_rot))]  # (4S or 10S, 3, H, W)
+    z_cbs, z_rrs, *z_rot = model(x, heads)  # one backbone pass: (S, C), (S, C), [(2S or 8S, 4)]
+    l_cbs = F.cross_entropy(z_cbs, y_cbs)  # line 10: h on B_cbs
+    l_rrs = F.cross_entropy(z_rrs, y_rrs)  # line 10: h_a on B_rrs
+    loss, parts = l1 * l_cbs + l2 * l_rrs, {"cbs": l_cbs.detach(), "rrs": l_rrs.detach()}
+    if z_rot:
+        l_ss = F.cross_entropy(z_rot[0], y_rot)  # line 11: h_s on B_rot
+        loss, parts["ss"] = loss + l3 * l_ss, l_ss.detach()  # Eq. 2
+    return loss, parts
 
 
 def rotation_augment(x, y, mode="random", generator=None):
