@@ -1,8 +1,6 @@
-"""The paper's experiments as data: its methods (Section 4.3), train.py's presets of its settings (Section
-4.4, recipes) and its numbers (Tables 1-5); and train.py's command line, which evaluate.py also reads. No
-torch: the entry points read this before they import torch, so that --help is instant. Every recipe value's
-source (the paper, an OLTR config at a given commit, or our choice) is in docs/recipes.md.
-"""
+"""The paper's methods (Section 4.3), presets of its settings (Section 4.4, recipes; each value's source in
+docs/recipes.md) and numbers (Tables 1-5), and train.py's command line, which evaluate.py also reads. No
+torch: the entry points read this before they import torch, so that --help is instant."""
 import argparse
 import collections
 import hashlib
@@ -31,8 +29,7 @@ RECIPES = {
     # the embedded default (no --data): 30 synthetic classes of 32 px
     "demo": dict(_LT, arch="resnet10", epochs=8, batch_size=64, image_size=32, workers=1, print_freq=20),
 }
-SMALL_IMAGES = 64  # --image-size below this: the CIFAR recipe's augmentation (pad + crop) and --in-memory;
-# from it on: the ImageNet-LT recipe's (random resized crop, flip, colour jitter) and --decode gpu
+SMALL_IMAGES = 64  # --image-size below: CIFAR augmentation, --in-memory; from it: ImageNet-LT's, --decode gpu
 PRETRAINED = ("places_lt_r152", "places_lt_r152_2019")  # fine-tune ImageNet weights: refused without them
 
 # The paper's rows: many, medium, few, overall top-1 (%) on the official test list, thresholds 100 / 20.
@@ -65,11 +62,9 @@ _DATASET = {r: "ImageNet-LT" if r.startswith("imagenet") else "Places-LT" for r 
 SETTING = {r: f"{d}, ResNet-{RECIPES[r]['arch'][len('resnet'):]}" for r, d in _DATASET.items()}
 TEST_LISTS = {r: f"{d.replace('-', '_')}_test.txt" for r, d in _DATASET.items()}
 TRAIN_LISTS = {r: f"{d.replace('-', '_')}_train.txt" for r, d in _DATASET.items()}
-# The flags of a recipe that make a run the paper's protocol. Not --amp: precision is how the arithmetic
-# is done, and the paper states none (OLTR's code is fp32; ltaux defaults to bf16, docs/recipes.md).
+# A recipe's flags that make a run the paper's protocol; not --amp: the paper states no precision (recipes.md)
 PROTOCOL = ("arch", "embed_dim", "batch_size", "per_class", "epochs", "lr", "weight_decay", "momentum",
             "warmup_epochs", "backbone_lr_scale", "freeze_backbone", "image_size", "rotation", "many", "few")
-SUMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists", "SHA256SUMS")
 NAMES = {**{k: m.name for k, m in METHODS.items()}, "ft_cbs": "ftRRS+CBS", "cbs_rrs 1:1": "CBS:RRS 1:1",
          "cbs_rrs 1:0.5": "CBS:RRS 1:0.5", "rotation_aug": "Rotation Augmentation"}
 CELLS = ("many", "medium", "few", "overall")  # a paper row's values, in the tables' column order
@@ -89,9 +84,8 @@ def paper_key(run):
 
 
 def paper_row(run, defaults, split=None):
-    """The paper's row for a run (its arguments; defaults: train.py's): dict(name, source, many, medium, few,
-    overall, differs), or None. `differs` names what makes the run's protocol differ from the row's, the
-    training list (run["split"], or its run["split_sha256"]) and the evaluated list (split) included."""
+    """The paper's row for a run (its arguments; defaults: train.py's), or None: dict(name, source, many,
+    medium, few, overall, differs: what makes the run's protocol differ, lists run["split"], split too)."""
     recipe, key = run.get("recipe"), paper_key(run)
     if key not in PAPER.get(recipe, {}):
         return None
@@ -112,15 +106,14 @@ def paper_row(run, defaults, split=None):
 
 
 def paper_difference(metrics, paper):
-    """{many, medium, few, overall}: the run's value minus the paper row's, in points, None where the run
-    has none (a shot group without classes). metrics: ltaux.shot_accuracy's dict; paper: paper_row's."""
+    """Run (ltaux.shot_accuracy's dict) minus paper row, in points, per CELLS; None where the run has none."""
     return {k: None if metrics[k] is None else metrics[k] - paper[k] for k in CELLS}
 
 
 def official_sums():
     """{sha256: name} of the official split lists, from data_lists/SHA256SUMS ({} without the file)."""
     try:
-        with open(SUMS) as f:  # 'sha256  name' lines
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists", "SHA256SUMS")) as f:
             return dict(line.strip().split(None, 1) for line in f if line.strip() and line[0] != "#")
     except OSError:
         return {}
@@ -138,15 +131,12 @@ def file_sha256(path):
 def official_name(path, digest=None):
     """The name in data_lists/SHA256SUMS (e.g. 'places365_data256_layout/Places_LT_val.txt') of the official
     list that the file at `path` (or with sha256 `digest`, then not read) is byte for byte, else None."""
-    digest = digest or (file_sha256(path) if path else None)
-    return official_sums().get(digest) if digest else None
+    return official_sums().get(digest or (file_sha256(path) if path else None))
 
 
 def list_differs(verb, path, want, digest=None):
-    """[] when the list at `path` (or with sha256 `digest`) is the official `want` (either Places-LT path
-    layout), else the one `differs` entry that says so."""
-    name = official_name(path, digest)
-    if name is not None and os.path.basename(name) == want:
+    """[] if the list at `path` (or with sha256 `digest`) is the official `want`, else its `differs` entry."""
+    if os.path.basename(official_name(path, digest) or "") == want:
         return []
     if digest is None and path and not os.path.isfile(path):
         return [f"{verb} {path} (not found here: not checked against {want})"]
@@ -154,8 +144,7 @@ def list_differs(verb, path, want, digest=None):
 
 
 def flag(key, value):
-    """The command-line form of an argument, e.g. flag('batch_size', 64) -> '--batch-size 64', and
-    '--lr 0.1', '--lambdas 0.5 1 1', '--init (unset)' for None."""
+    """An argument as typed, e.g. '--batch-size 64', '--lambdas 0.5 1 1', '--init (unset)' for None."""
     values = value if isinstance(value, (list, tuple)) else ["(unset)" if value is None else value]
     text = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
     return f"--{key.replace('_', '-')} {text}"
@@ -172,8 +161,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def training_parser(description=None):
-    """train.py's command line. It lives here, below the entry points and free of torch, because it is also
-    the schema evaluate.py checks a checkpoint's saved arguments against (and its defaults)."""
+    """train.py's command line, also the schema evaluate.py checks a checkpoint's saved arguments against."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="dataset root; split paths are relative to it "
@@ -250,9 +238,8 @@ def training_parser(description=None):
     g.add_argument("--device", choices=["cuda", "cpu"], help="None: cuda when available")
     g.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
     g.add_argument("--eval-freq", type=int, default=1, help="epochs between validations")
-    g.add_argument("--many", type=int, default=100, help="many-shot classes: at least this many "
-                   "training images (the paper's >= 100; Decoupling's code counts > 100 and < 20: "
-                   "--many 101 --few 19)")
+    g.add_argument("--many", type=int, default=100, help="many-shot classes: at least this many training "
+                   "images (the paper's >= 100; Decoupling's code counts > 100, < 20: --many 101 --few 19)")
     g.add_argument("--few", type=int, default=20, help="few-shot classes: at most this many training images "
                    "(the paper's <= 20)")
     return p
@@ -273,15 +260,13 @@ FLOAT_RANGE = dict(lr=(0, 1e30), momentum=(0, 1), weight_decay=(0, 1e30), backbo
 
 
 def check_args(args, saved):
-    """Every mistake in train.py's arguments that needs no data, as one ValueError line (saved: the resumed
-    checkpoint's arguments, {} for a new run)."""
+    """Every mistake in train.py's arguments that needs no data, as a one-line ValueError (saved: {} or a
+    resumed checkpoint's arguments)."""
     for name, (lo, hi) in INT_RANGE.items():
-        v = getattr(args, name)
-        if v is not None and not lo <= v <= hi:
+        if (v := getattr(args, name)) is not None and not lo <= v <= hi:
             raise ValueError(f"--{name.replace('_', '-')} {v}: must be in {lo}..{hi}")
     for name, (lo, hi) in dict(FLOAT_RANGE, warmup_epochs=(0, args.epochs)).items():
-        v = getattr(args, name)
-        if not (v == v and abs(v) != float("inf") and lo <= v <= hi):
+        if not lo <= (v := getattr(args, name)) <= hi:  # finite bounds: nan and inf fail too
             raise ValueError(f"--{name.replace('_', '-')} {v}: must be a finite number in [{lo}, {hi:g}]")
     method, (l1, l2, l3) = METHODS[args.method], args.lambdas
     if not all(v >= 0 and abs(v) != float("inf") for v in args.lambdas):
@@ -303,15 +288,13 @@ def check_args(args, saved):
     if args.rotation_aug and args.method != "cbs_rrs":
         raise ValueError("--rotation-aug is the augmentation baseline of Table 5: use it with "
                          "--method cbs_rrs")
-    # Table 4's endpoints are the baselines: run those, not a head that never learns
     if len(method.heads) > 1 and (l1 == 0 or l2 == 0):
         head, base = ("h", "0:1 is RRS-Only") if l1 == 0 else ("h_a", "1:0 is CBS-Only")
         raise ValueError(f"--lambdas {l1:g} {l2:g} {l3:g} leaves {head} untrained: CBS:RRS = {base} "
                          f"(Table 4), run it with --method {'rrs' if l1 == 0 else 'cbs'}")
     if method.rotation and l3 == 0:
         raise ValueError(f"--lambdas {l1:g} {l2:g} 0 turns the rotation task off: use --method cbs_rrs")
-    changed = [k for k in FIXED_ON_RESUME if k in saved and saved[k] != getattr(args, k)]
-    if changed:
-        k = changed[0]
+    k = next((k for k in FIXED_ON_RESUME if k in saved and saved[k] != getattr(args, k)), None)
+    if k is not None:
         raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)}: the resumed run has {saved[k]}; "
                          "a resume continues the same run (start a new one with --init to change it)")
