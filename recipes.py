@@ -1,19 +1,12 @@
-"""The paper's experiments as data: its methods (Section 4.3), train.py's presets of its settings (Section
-4.4, recipes) and its numbers (Tables 1-5), to print beside a run's; and train.py's command line, which
-evaluate.py also reads. No torch: the entry points read this before they import torch, so that --help is
-instant.
-
-Every recipe value's source (the paper, an OLTR config at a given commit, or our choice) is in
-docs/recipes.md. The paper gives Z = 4, lambdas 0.5 : 1 : 1 and SGD with a cosine schedule; lr, epochs and
-batch size were "set by referring to [OLTR] and cross-validated".
-"""
+"""The paper's methods (Section 4.3), presets of its settings (Section 4.4, recipes; each value's source in
+docs/recipes.md) and numbers (Tables 1-5), and train.py's command line, which evaluate.py also reads. No
+torch: the entry points read this before they import torch, so that --help is instant."""
 import argparse
 import collections
 import hashlib
 import os
 
-# --method: the part of the sampler's batch it trains on (AuxBatchSampler mode), the heads it trains (the
-# others stay frozen), whether it adds the rotation task h_s, and the paper's name. Adding a method is a row.
+# --method: the paper's name, the AuxBatchSampler mode, the heads trained (others frozen), the task h_s.
 Method = collections.namedtuple("Method", "name sampler heads rotation")
 METHODS = {
     "rrs": Method("RRS-Only", "rrs", ("fc",), False),  # the random batch trains phi + h
@@ -22,32 +15,24 @@ METHODS = {
     "cbs_rrs_ss": Method("CBS+RRS+SS", "cbs_rrs", ("fc", "aux_fc", "rot_fc"), True),  # plus h_s (Eq. 2)
 }
 
+_LT = dict(lr=0.1, weight_decay=5e-4, image_size=224)  # shared by the ImageNet-LT and Places-LT recipes
+_CIFAR = dict(arch="resnet32", epochs=200, lr=0.1, weight_decay=2e-4, image_size=32)
 RECIPES = {
-    "imagenet_lt_r10": dict(arch="resnet10", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4,
-                            image_size=224),
-    "imagenet_lt_r50": dict(arch="resnet50", epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4,
-                            image_size=224),
-    "places_lt_r152": dict(arch="resnet152", epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4,
-                           image_size=224, backbone_lr_scale=0.01),
-    "places_lt_r152_2019": dict(arch="resnet152", epochs=30, batch_size=256, lr=0.1, weight_decay=5e-4,
-                                image_size=224, backbone_lr_scale=0.1, freeze_backbone=True),
-    "places_lt_r50": dict(arch="resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4,
-                          image_size=224),
-    "cifar10_lt": dict(arch="resnet32", epochs=200, batch_size=120, per_class=12, lr=0.1, weight_decay=2e-4,
-                       image_size=32),
-    "cifar100_lt": dict(arch="resnet32", epochs=200, batch_size=128, per_class=4, lr=0.1, weight_decay=2e-4,
-                        image_size=32),
+    "imagenet_lt_r10": dict(_LT, arch="resnet10", epochs=60, batch_size=256),
+    "imagenet_lt_r50": dict(_LT, arch="resnet50", epochs=60, batch_size=256),
+    "places_lt_r152": dict(_LT, arch="resnet152", epochs=30, batch_size=128, backbone_lr_scale=0.01),
+    "places_lt_r152_2019": dict(_LT, arch="resnet152", epochs=30, batch_size=256, backbone_lr_scale=0.1,
+                                freeze_backbone=True),
+    "places_lt_r50": dict(_LT, arch="resnet50", epochs=90, batch_size=256),
+    "cifar10_lt": dict(_CIFAR, batch_size=120, per_class=12),
+    "cifar100_lt": dict(_CIFAR, batch_size=128, per_class=4),
     # the embedded default (no --data): 30 synthetic classes of 32 px
-    "demo": dict(arch="resnet10", epochs=8, batch_size=64, lr=0.1, weight_decay=5e-4, image_size=32,
-                 workers=1, print_freq=20),
+    "demo": dict(_LT, arch="resnet10", epochs=8, batch_size=64, image_size=32, workers=1, print_freq=20),
 }
-SMALL_IMAGES = 64  # --image-size below this: the CIFAR recipe's augmentation (pad + crop) and --in-memory;
-# from it on: the ImageNet-LT recipe's (random resized crop, flip, colour jitter) and --decode gpu
+SMALL_IMAGES = 64  # --image-size below: CIFAR augmentation, --in-memory; from it: ImageNet-LT's, --decode gpu
 PRETRAINED = ("places_lt_r152", "places_lt_r152_2019")  # fine-tune ImageNet weights: refused without them
 
 # The paper's rows: many, medium, few, overall top-1 (%) on the official test list, thresholds 100 / 20.
-_IN10, _PL152 = "ImageNet-LT, ResNet-10", "Places-LT, ResNet-152"
-_IN50, _PL50 = "ImageNet-LT, ResNet-50", "Places-LT, ResNet-50"
 PAPER = {  # recipe: {row key: (table, values)}; row keys: see paper_key()
     "imagenet_lt_r10": {
         "rrs": ("Table 1", (53.4, 23.5, 4.3, 32.4)), "cbs": ("Table 1", (35.4, 31.5, 18.6, 31.2)),
@@ -73,46 +58,35 @@ PAPER = {  # recipe: {row key: (table, values)}; row keys: see paper_key()
     },
 }
 PAPER["places_lt_r152_2019"] = PAPER["places_lt_r152"]
-SETTING = {"imagenet_lt_r10": _IN10, "imagenet_lt_r50": _IN50, "places_lt_r152": _PL152,
-           "places_lt_r152_2019": _PL152, "places_lt_r50": _PL50}
-TEST_LISTS = {r: ("ImageNet_LT_test.txt" if r.startswith("imagenet") else "Places_LT_test.txt")
-              for r in SETTING}
-TRAIN_LISTS = {r: name.replace("_test.txt", "_train.txt") for r, name in TEST_LISTS.items()}
-# The flags of a recipe that make a run the paper's protocol. Not --amp: precision is how the arithmetic
-# is done, and the paper states none (OLTR's code is fp32; ltaux defaults to bf16, docs/recipes.md).
+_DATASET = {r: "ImageNet-LT" if r.startswith("imagenet") else "Places-LT" for r in RECIPES if r in PAPER}
+SETTING = {r: f"{d}, ResNet-{RECIPES[r]['arch'][len('resnet'):]}" for r, d in _DATASET.items()}
+TEST_LISTS = {r: f"{d.replace('-', '_')}_test.txt" for r, d in _DATASET.items()}
+TRAIN_LISTS = {r: f"{d.replace('-', '_')}_train.txt" for r, d in _DATASET.items()}
+# A recipe's flags that make a run the paper's protocol; not --amp: the paper states no precision (recipes.md)
 PROTOCOL = ("arch", "embed_dim", "batch_size", "per_class", "epochs", "lr", "weight_decay", "momentum",
             "warmup_epochs", "backbone_lr_scale", "freeze_backbone", "image_size", "rotation", "many", "few")
-SUMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists", "SHA256SUMS")
 NAMES = {**{k: m.name for k, m in METHODS.items()}, "ft_cbs": "ftRRS+CBS", "cbs_rrs 1:1": "CBS:RRS 1:1",
          "cbs_rrs 1:0.5": "CBS:RRS 1:0.5", "rotation_aug": "Rotation Augmentation"}
 CELLS = ("many", "medium", "few", "overall")  # a paper row's values, in the tables' column order
 
 
 def paper_key(run):
-    """The paper's row for a run's settings (a dict of train.py arguments), or None: the four methods of
-    Tables 1-2 with lambdas 0.5 : 1 (: 1), ftRRS+CBS (Table 3: cbs with --init), CBS:RRS 1:1 and 1:0.5
-    (Table 4) and the rotation augmentation (Table 5)."""
-    method, lambdas = run.get("method"), [float(v) for v in run.get("lambdas") or (0.5, 1.0, 1.0)]
-    if method == "cbs_rrs" and run.get("rotation_aug"):
-        return "rotation_aug" if lambdas[:2] == [0.5, 1.0] else None
+    """PAPER's row key for a run's train.py arguments, or None: Tables 1-2's methods at lambdas 0.5 : 1 (: 1),
+    ftRRS+CBS (Table 3: cbs with --init), CBS:RRS 1:1 and 1:0.5 (Table 4), rotation_aug (Table 5)."""
+    method, lambdas = run.get("method"), tuple(float(v) for v in run.get("lambdas") or (0.5, 1.0, 1.0))
     if method == "cbs" and run.get("init"):
         return "ft_cbs"
-    if method == "cbs_rrs" and lambdas[:2] != [0.5, 1.0]:
-        return {(1.0, 1.0): "cbs_rrs 1:1", (1.0, 0.5): "cbs_rrs 1:0.5"}.get(tuple(lambdas[:2]))
-    if method == "cbs_rrs_ss" and lambdas != [0.5, 1.0, 1.0]:
-        return None
-    return method
+    if method == "cbs_rrs" and run.get("rotation_aug"):
+        return "rotation_aug" if lambdas[:2] == (0.5, 1.0) else None
+    if method == "cbs_rrs":
+        return {(0.5, 1.0): method, (1.0, 1.0): "cbs_rrs 1:1", (1.0, 0.5): "cbs_rrs 1:0.5"}.get(lambdas[:2])
+    return None if method == "cbs_rrs_ss" and lambdas != (0.5, 1.0, 1.0) else method
 
 
 def paper_row(run, defaults, split=None):
-    """The paper's row for a run: dict(name, source, many, medium, few, overall, differs) or None when the
-    run used no recipe or the paper has no such row. `differs` names what makes this run's protocol differ
-    from the row's: the recipe flags it changed, --pretrained on a from-scratch row (Table 2 and the
-    ResNet-10 rows), --init on any row but ftRRS+CBS, and a training list (run["split"]) or evaluated list
-    (split) that is not the official one by sha256 (run["split_sha256"], where given, stands for the
-    training list's file). run: the run's arguments; defaults: train.py's defaults."""
-    recipe = run.get("recipe")
-    key = paper_key(run) if recipe in PAPER else None
+    """The paper's row for a run (its arguments; defaults: train.py's), or None: dict(name, source, many,
+    medium, few, overall, differs: what makes the run's protocol differ, lists run["split"], split too)."""
+    recipe, key = run.get("recipe"), paper_key(run)
     if key not in PAPER.get(recipe, {}):
         return None
     table, values = PAPER[recipe][key]
@@ -132,69 +106,54 @@ def paper_row(run, defaults, split=None):
 
 
 def paper_difference(metrics, paper):
-    """{many, medium, few, overall}: the run's value minus the paper row's, in points, None where the run
-    has none (a shot group without classes). metrics: ltaux.shot_accuracy's dict; paper: paper_row's."""
+    """Run (ltaux.shot_accuracy's dict) minus paper row, in points, per CELLS; None where the run has none."""
     return {k: None if metrics[k] is None else metrics[k] - paper[k] for k in CELLS}
 
 
 def official_sums():
     """{sha256: name} of the official split lists, from data_lists/SHA256SUMS ({} without the file)."""
     try:
-        with open(SUMS) as f:
-            rows = [line.split(None, 1) for line in f if line.strip() and not line.startswith("#")]
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists", "SHA256SUMS")) as f:
+            return dict(line.strip().split(None, 1) for line in f if line.strip() and line[0] != "#")
     except OSError:
         return {}
-    return {digest: name.strip() for digest, name in rows}
 
 
 def file_sha256(path):
     """The file's sha256 (hex), or None where it cannot be read."""
-    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def official_name(path, digest=None):
-    """The name in data_lists/SHA256SUMS of the official list that the file at `path` is, byte for byte
-    (e.g. 'ImageNet_LT_test.txt', 'places365_data256_layout/Places_LT_val.txt'), or None: another list,
-    or no readable file. digest: the file's sha256 where known (then the file is not read)."""
-    digest = digest or (file_sha256(path) if path else None)
-    return official_sums().get(digest) if digest else None
+    """The name in data_lists/SHA256SUMS (e.g. 'places365_data256_layout/Places_LT_val.txt') of the official
+    list that the file at `path` (or with sha256 `digest`, then not read) is byte for byte, else None."""
+    return official_sums().get(digest or (file_sha256(path) if path else None))
 
 
 def list_differs(verb, path, want, digest=None):
-    """[] when the list at `path` (or with sha256 `digest`) is the official `want` (either Places-LT path
-    layout), else the one `differs` entry that says so."""
-    name = official_name(path, digest)
-    if name is not None and os.path.basename(name) == want:
+    """[] if the list at `path` (or with sha256 `digest`) is the official `want`, else its `differs` entry."""
+    if os.path.basename(official_name(path, digest) or "") == want:
         return []
     if digest is None and path and not os.path.isfile(path):
         return [f"{verb} {path} (not found here: not checked against {want})"]
-    return [f"{verb} {flag_value(path)}, not {want}"]
+    return [f"{verb} {'(unset)' if path is None else path}, not {want}"]
 
 
 def flag(key, value):
-    """The command-line form of an argument, e.g. flag('batch_size', 64) -> '--batch-size 64'."""
-    return f"--{key.replace('_', '-')} {flag_value(value)}"
-
-
-def flag_value(value):
-    """An argument's value as typed on the command line: 0.1, 0.5 1 1, (unset) for None."""
-    if isinstance(value, (list, tuple)):
-        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return "(unset)" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    """An argument as typed, e.g. '--batch-size 64', '--lambdas 0.5 1 1', '--init (unset)' for None."""
+    values = value if isinstance(value, (list, tuple)) else ["(unset)" if value is None else value]
+    text = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    return f"--{key.replace('_', '-')} {text}"
 
 
 # ----------------------------------------------------------------------------------------------
 # train.py's command line
 
-# LTResNet.ARCHS
-ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet32")
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet32")  # LTResNet's
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -202,16 +161,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def training_parser(description=None):
-    """train.py's command line. It lives here, below the entry points and free of torch, because it is also
-    the schema evaluate.py checks a checkpoint's saved arguments against (and its defaults)."""
+    """train.py's command line, also the schema evaluate.py checks a checkpoint's saved arguments against."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="dataset root; split paths are relative to it "
+    g.add_argument("--data", help="dataset root; split paths are relative to it "
                    "(unset: run the demo on synthetic data written to --demo-dir)")
-    g.add_argument("--split", default=None, help="training split list, 'relative/path label' per line")
-    g.add_argument("--val-split", default=None,
-                   help="validation list (None: the sibling *_val.txt of --split)")
-    g.add_argument("--test-split", default=None, help="test list, evaluated with best.pt after training "
+    g.add_argument("--split", help="training split list, 'relative/path label' per line")
+    g.add_argument("--val-split", help="validation list (None: the sibling *_val.txt of --split)")
+    g.add_argument("--test-split", help="test list, evaluated with best.pt after training "
                    "(None: the sibling *_test.txt of --split)")
     g.add_argument("--demo-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
         "~/.cache")), "ltaux", "demo"), help="where the demo writes its synthetic dataset (20 MB, once)")
@@ -234,7 +191,7 @@ def training_parser(description=None):
     g.add_argument("--method", default="cbs_rrs_ss", choices=list(METHODS), help="rrs: RRS-Only, "
                    "cbs: CBS-Only, cbs_rrs: CBS+RRS (auxiliary head h_a), cbs_rrs_ss: CBS+RRS+SS (plus "
                    "rotation head h_s)")
-    g.add_argument("--recipe", default=None, choices=list(RECIPES), help="preset of the paper's settings "
+    g.add_argument("--recipe", choices=list(RECIPES), help="preset of the paper's settings "
                    "(docs/recipes.md; demo: the one without --data); explicit flags override it")
     g.add_argument("--lambdas", type=float, nargs=3, default=[0.5, 1.0, 1.0], metavar=("L1", "L2", "L3"),
                    help="weights of the CBS, RRS and rotation losses (Eq. 2)")
@@ -247,14 +204,14 @@ def training_parser(description=None):
                    "rotated copies (as --rotation) as plain augmentation, no h_s")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet10", choices=ARCHS, help="backbone of phi")
-    g.add_argument("--embed-dim", type=int, default=None, help="Linear + ReLU after pooling, 0 for none "
+    g.add_argument("--embed-dim", type=int, help="Linear + ReLU after pooling, 0 for none "
                    "(None: 512 for the ImageNet ResNets as OLTR, 0 for resnet32)")
-    g.add_argument("--pretrained", default=None, help="torchvision-format backbone weights (local .pth)")
+    g.add_argument("--pretrained", help="torchvision-format backbone weights (local .pth)")
     g.add_argument("--freeze-backbone", action="store_true", help="train only phi's 512-d layer and the "
                    "heads: the backbone's weights stay fixed, its BatchNorm statistics keep updating "
                    "(OLTR's Places-LT stage 1 before 2020-02-11)")
-    g.add_argument("--init", default=None, help="initialise phi (backbone + embed) from an ltaux "
-                   "checkpoint, heads fresh: ftRRS+CBS of Table 3")
+    g.add_argument("--init", help="initialise phi (backbone + embed) from an ltaux checkpoint, heads fresh: "
+                   "ftRRS+CBS of Table 3")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=90, help="one epoch = M = ceil(N / S) steps")
     g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (the recipes use 0.1 for "
@@ -265,26 +222,24 @@ def training_parser(description=None):
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine decay")
     g.add_argument("--backbone-lr-scale", type=float, default=1.0, help="lr of phi (backbone and embed) = "
                    "scale * lr, e.g. 0.01 to fine-tune pretrained weights")
-    g.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast precision "
-                   "(None: bf16 on CUDA and on CPUs that run bf16 natively, else off = fp32); fp16 adds a "
-                   "gradient scaler")
+    g.add_argument("--amp", choices=["bf16", "fp16", "off"], help="autocast precision (None: bf16 on CUDA "
+                   "and on CPUs that run bf16 natively, else off = fp32); fp16 adds a gradient scaler")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs: one all-reduce "
                    "per BN layer per step; matters when per-GPU batches are small")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder "
-                   "(None: runs/<date>-<time>-<method>; with --resume the checkpoint's folder)")
-    g.add_argument("--resume", default=None, help="continue from a last.pt (model, optimiser, "
-                   "schedule, sampler position, RNG); its settings are the defaults")
+    g.add_argument("--out", help="output folder (None: runs/<date>-<time>-<method>; with --resume the "
+                   "checkpoint's folder)")
+    g.add_argument("--resume", help="continue from a last.pt (model, optimiser, schedule, sampler position, "
+                   "RNG); its settings are the defaults")
     g.add_argument("--overwrite", action="store_true", help="replace the run held in --out (kept aside until "
                    "the new run's first checkpoint)")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling, augmentation and init")
-    g.add_argument("--device", default=None, choices=["cuda", "cpu"], help="None: cuda when available")
+    g.add_argument("--device", choices=["cuda", "cpu"], help="None: cuda when available")
     g.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
     g.add_argument("--eval-freq", type=int, default=1, help="epochs between validations")
-    g.add_argument("--many", type=int, default=100, help="many-shot classes: at least this many "
-                   "training images (the paper's >= 100; Decoupling's code counts > 100 and < 20: "
-                   "--many 101 --few 19)")
+    g.add_argument("--many", type=int, default=100, help="many-shot classes: at least this many training "
+                   "images (the paper's >= 100; Decoupling's code counts > 100, < 20: --many 101 --few 19)")
     g.add_argument("--few", type=int, default=20, help="few-shot classes: at most this many training images "
                    "(the paper's <= 20)")
     return p
@@ -293,9 +248,8 @@ def training_parser(description=None):
 # ----------------------------------------------------------------------------------------------
 # train.py's arguments, checked
 
-# this machine's or this command's: never taken from a checkpoint
 NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files",
-               "decode", "in_memory", "demo_dir")
+               "decode", "in_memory", "demo_dir")  # this machine's or this command's: not a checkpoint's
 FIXED_ON_RESUME = ("method", "arch", "embed_dim", "batch_size", "per_class", "seed", "image_size", "rotation",
                    "rotation_aug", "freeze_backbone")  # a resume continues the same run
 INT_RANGE = dict(epochs=(1, 10**5), batch_size=(1, 2**20), per_class=(1, 2**20), image_size=(8, 4096),
@@ -306,15 +260,13 @@ FLOAT_RANGE = dict(lr=(0, 1e30), momentum=(0, 1), weight_decay=(0, 1e30), backbo
 
 
 def check_args(args, saved):
-    """Every mistake in train.py's arguments that needs no data, as one ValueError line (saved: the resumed
-    checkpoint's arguments, {} for a new run)."""
+    """Every mistake in train.py's arguments that needs no data, as a one-line ValueError (saved: {} or a
+    resumed checkpoint's arguments)."""
     for name, (lo, hi) in INT_RANGE.items():
-        v = getattr(args, name)
-        if v is not None and not lo <= v <= hi:
+        if (v := getattr(args, name)) is not None and not lo <= v <= hi:
             raise ValueError(f"--{name.replace('_', '-')} {v}: must be in {lo}..{hi}")
     for name, (lo, hi) in dict(FLOAT_RANGE, warmup_epochs=(0, args.epochs)).items():
-        v = getattr(args, name)
-        if not (v == v and abs(v) != float("inf") and lo <= v <= hi):
+        if not lo <= (v := getattr(args, name)) <= hi:  # finite bounds: nan and inf fail too
             raise ValueError(f"--{name.replace('_', '-')} {v}: must be a finite number in [{lo}, {hi:g}]")
     method, (l1, l2, l3) = METHODS[args.method], args.lambdas
     if not all(v >= 0 and abs(v) != float("inf") for v in args.lambdas):
@@ -327,26 +279,22 @@ def check_args(args, saved):
                          "--pretrained ~/.cache/torch/hub/checkpoints/resnet152-394f9c45.pth (torchvision's "
                          "ResNet152_Weights.IMAGENET1K_V1 state dict, which python -c \"import torchvision; "
                          "torchvision.models.resnet152(weights='IMAGENET1K_V1')\" downloads there)")
-    small = args.image_size < SMALL_IMAGES
-    if args.in_memory == "on" and not small:
+    if args.in_memory == "on" and args.image_size >= SMALL_IMAGES:
         raise ValueError(f"--in-memory on is for the CIFAR recipe's small images (--image-size < "
                          f"{SMALL_IMAGES}, here {args.image_size}): use --in-memory off or auto")
-    if args.decode == "gpu" and small:
+    if args.decode == "gpu" and args.image_size < SMALL_IMAGES:
         raise ValueError(f"--decode gpu is for the ImageNet-LT recipe (--image-size >= {SMALL_IMAGES}, here "
                          f"{args.image_size}): use --decode cpu")
     if args.rotation_aug and args.method != "cbs_rrs":
         raise ValueError("--rotation-aug is the augmentation baseline of Table 5: use it with "
                          "--method cbs_rrs")
-    # Table 4's endpoints are the baselines: run those, not a head that never learns
-    if len(method.heads) > 1:
-        if l1 == 0 or l2 == 0:
-            head, base = ("h", "0:1 is RRS-Only") if l1 == 0 else ("h_a", "1:0 is CBS-Only")
-            raise ValueError(f"--lambdas {l1:g} {l2:g} {l3:g} leaves {head} untrained: CBS:RRS = {base} "
-                             f"(Table 4), run it with --method {'rrs' if l1 == 0 else 'cbs'}")
-        if method.rotation and l3 == 0:
-            raise ValueError(f"--lambdas {l1:g} {l2:g} 0 turns the rotation task off: use --method cbs_rrs")
-    changed = [k for k in FIXED_ON_RESUME if k in saved and saved[k] != getattr(args, k)]
-    if changed:
-        k = changed[0]
+    if len(method.heads) > 1 and (l1 == 0 or l2 == 0):
+        head, base = ("h", "0:1 is RRS-Only") if l1 == 0 else ("h_a", "1:0 is CBS-Only")
+        raise ValueError(f"--lambdas {l1:g} {l2:g} {l3:g} leaves {head} untrained: CBS:RRS = {base} "
+                         f"(Table 4), run it with --method {'rrs' if l1 == 0 else 'cbs'}")
+    if method.rotation and l3 == 0:
+        raise ValueError(f"--lambdas {l1:g} {l2:g} 0 turns the rotation task off: use --method cbs_rrs")
+    k = next((k for k in FIXED_ON_RESUME if k in saved and saved[k] != getattr(args, k)), None)
+    if k is not None:
         raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)}: the resumed run has {saved[k]}; "
                          "a resume continues the same run (start a new one with --init to change it)")

@@ -1,9 +1,5 @@
-"""What train.py, evaluate.py and bench.py share at run time, besides the method (ltaux.py), the input
-pipeline (pipeline.py) and the run's files (bookkeeping.py), in three sections:
-
-    user errors          report, check_thresholds
-    device, precision    choose_device, cpu_runs_bf16, amp_dtype, guard_narrow_convs
-    evaluation           predict, format_table, paper_lines
+"""What train.py, evaluate.py and bench.py share at run time besides the method (ltaux.py), the input
+pipeline (pipeline.py) and the run's files (bookkeeping.py): user errors, device and precision, evaluation.
 """
 
 import sys
@@ -11,7 +7,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-import ltaux
 import pipeline
 import recipes
 from ltaux import LTauxError
@@ -46,8 +41,6 @@ def check_thresholds(many, few):
 def choose_device(name=None, local_rank=0):
     """torch.device for --device (None: cuda when available); LTauxError if CUDA is asked but absent."""
     kind = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind not in ("cpu", "cuda"):
-        raise LTauxError(f"--device {kind}: choose cpu or cuda")
     if kind == "cuda" and not torch.cuda.is_available():
         raise LTauxError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     return torch.device(f"cuda:{local_rank}" if kind == "cuda" else "cpu")
@@ -63,18 +56,16 @@ def cpu_runs_bf16():
 
 
 def amp_dtype(amp, device):
-    """--amp bf16 | fp16 | off | None -> (name, autocast dtype or None). None: bf16 on CUDA and on a CPU
-    that runs bf16 natively (cpu_runs_bf16), else off (fp32)."""
+    """--amp bf16|fp16|off|None -> (name, dtype or None); None: bf16 on CUDA or if cpu_runs_bf16, else off."""
     amp = amp or ("bf16" if device.type == "cuda" or cpu_runs_bf16() else "off")
     return amp, AMP_DTYPES[amp]
 
 
 class NarrowInputConv2d(torch.nn.Conv2d):
-    """A Conv2d that runs in fp32, its autocast suspended, when it is strided, the input is on the CPU under
-    autocast and narrower or lower than the stride (W < stride or H < stride): there oneDNN's bf16
-    weight-gradient kernel reads uninitialised memory for the taps that see only padding (NaN or wrong
-    weight gradients; docs/implementation.md). Such inputs are tiny (e.g. (B, 256, 1, 1)), so fp32 costs
-    nothing. Elsewhere, and on CUDA, it is nn.Conv2d. Input (B, C_in, H, W) -> (B, C_out, H', W')."""
+    """nn.Conv2d, but in fp32 (autocast suspended) for a CPU input under autocast narrower or lower than the
+    stride: there oneDNN's bf16 weight-gradient kernel reads uninitialised memory for the taps that see only
+    padding (NaN or wrong gradients; docs/implementation.md). Such inputs are tiny (e.g. (B, 256, 1, 1)), so
+    fp32 costs nothing. Input (B, C_in, H, W) -> (B, C_out, H', W')."""
 
     def forward(self, x):
         if x.is_cpu and (x.shape[-1] < self.stride[1] or x.shape[-2] < self.stride[0]) \
@@ -85,14 +76,12 @@ class NarrowInputConv2d(torch.nn.Conv2d):
 
 
 def guard_narrow_convs(model, device):
-    """For training on a CPU (device): make every strided nn.Conv2d of model a NarrowInputConv2d, in place
-    (the same parameters, so the same state_dict keys; DistributedDataParallel and torch.compile work as
-    before). On CUDA the model is left as it is. Returns model."""
-    if device.type != "cpu":
-        return model
-    for m in model.modules():
-        if type(m) is torch.nn.Conv2d and max(m.stride) > 1:
-            m.__class__ = NarrowInputConv2d
+    """On a CPU device, make every strided nn.Conv2d of model a NarrowInputConv2d, in place (the same
+    parameters and state_dict keys; DDP and torch.compile work as before); on CUDA leave it. Returns model."""
+    if device.type == "cpu":
+        for m in model.modules():
+            if type(m) is torch.nn.Conv2d and max(m.stride) > 1:
+                m.__class__ = NarrowInputConv2d
     return model
 
 
@@ -129,30 +118,23 @@ def gather_interleaved(pred, target, world_size):
     n = torch.tensor([len(pred)], device=pred.device)
     sizes = [torch.zeros_like(n) for _ in range(world_size)]
     dist.all_gather(sizes, n)
-    size = max(int(s) for s in sizes)
+    size, total = max(int(s) for s in sizes), sum(int(s) for s in sizes)
     both = torch.stack([pred, target])
-    both = torch.cat([both, both.new_full((2, size - len(pred)), -1)], 1)
+    both = torch.cat([both, both.new_full((2, size - len(pred)), -1)], 1)  # (2, size)
     gathered = [torch.empty_like(both) for _ in range(world_size)]
     dist.all_gather(gathered, both)
-    out = both.new_empty((2, sum(int(s) for s in sizes)))
-    for r, (g, s) in enumerate(zip(gathered, sizes)):
-        out[:, r::world_size] = g[:, :int(s)]
+    # rank r's i-th item is item i * W + r: (2, size, W) row-major is list order, its padding at the end
+    out = torch.stack(gathered, 2).reshape(2, -1)[:, :total]
     return out[0], out[1]
 
 
-def format_table(rows, baseline=None):
+def format_table(rows):
     """rows: {run name: metrics} -> a Markdown table of many / medium / few / overall / mean per class
-    (percent). With baseline = a row name, the other rows also show their difference to it."""
-    def cell(name, key):
-        v = rows[name][key]
-        if v is None:
-            return "-"
-        ref = rows[baseline][key] if baseline and name != baseline else None
-        return f"{v:.1f}" + ("" if ref is None else f" ({v - ref:+.1f})")
-
+    (percent, - where a shot group has no classes)."""
     keys = ("many", "medium", "few", "overall", "mean_per_class")
     lines = ["| run | many | medium | few | overall | mean per class |", "|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join([name] + [cell(name, k) for k in keys]) + " |" for name in rows]
+    lines += ["| " + " | ".join([name] + ["-" if m[k] is None else f"{m[k]:.1f}" for k in keys]) + " |"
+              for name, m in rows.items()]
     return "\n".join(lines)
 
 
@@ -162,7 +144,7 @@ def paper_lines(acc, paper):
     if paper is None:
         return ""
     note = f" (a different protocol: {', '.join(paper['differs'])})" if paper["differs"] else ""
-    cells = [f"{paper[k]:.1f}" for k in ("many", "medium", "few", "overall")]
+    cells = [f"{paper[k]:.1f}" for k in recipes.CELLS]
     diff = ["-" if v is None else f"{v:+.1f}" for v in recipes.paper_difference(acc, paper).values()]
     return (f"\n| {paper['name']}{note} | " + " | ".join(cells) + " | - |"
             f"\n| difference (run - paper) | " + " | ".join(diff) + " | - |")
