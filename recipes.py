@@ -122,8 +122,8 @@ def official_sums():
 def file_sha256(path):
     """The file's sha256 (hex), or None where it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        with open(path, "rb") as f:  # lists are a few MB (hashlib.file_digest needs Python 3.11)
+            return hashlib.sha256(f.read()).hexdigest()
     except OSError:
         return None
 
