@@ -73,10 +73,6 @@ OUTPUTS = ("metrics.json", "per_class.csv", "accuracy.png", "weight_norms.png", 
 TSNE_CLASSES, TSNE_IMAGES = 6, 50  # Section 4.6: 6 classes per shot group, 50 test images per class
 
 
-# ----------------------------------------------------------------------------------------------
-# the runs to evaluate and their settings
-
-
 @dataclasses.dataclass
 class Run:
     """One checkpoint to evaluate: the deployed model (phi + h, on the CPU until its turn) and its results."""
@@ -132,9 +128,8 @@ def label_runs(runs):
 
 
 def training_settings(args):
-    """{argument: value} of a run's saved arguments that shape what it trains, as its method uses them: the
-    recipe flags (recipes.PROTOCOL less the shot thresholds; not --seed, not --amp) and the lambdas its loss
-    weighs (none for a baseline, 2 for cbs_rrs), e.g. {'epochs': 8, ..., 'lambdas': [0.5, 1.0]}."""
+    """A run's saved arguments that shape its training as its method uses them (no --seed, --amp, --many,
+    --few; lambdas: none for a baseline, 2 for cbs_rrs), e.g. {'epochs': 8, ..., 'lambdas': [0.5, 1.0]}."""
     method = recipes.METHODS.get(args.get("method"))
     values = {k: args.get(k) for k in recipes.PROTOCOL if k not in ("many", "few")}
     if method is not None and method.sampler == "rrs":
@@ -186,14 +181,9 @@ def settings(args, run, device):
     return runtime.amp_dtype(args.amp, device)
 
 
-# ----------------------------------------------------------------------------------------------
-# evaluation
-
-
 def tsne_indices(labels, counts, many, few):
-    """Section 4.6's images: from each shot group, 6 classes evenly spaced through the group sorted by
-    training frequency (fewer if the group has fewer classes with test images), and up to 50 test images
-    of each, in list order. Returns (list indices, [(class, group)] in plot order)."""
+    """Section 4.6's images: per shot group, 6 classes evenly spaced in training-frequency order (fewer where
+    fewer have test images), their first 50 test images each. Returns (indices, [(class, group)] to plot)."""
     by_class = collections.defaultdict(list)
     for i, y in enumerate(labels):
         by_class[y].append(i)
@@ -205,21 +195,6 @@ def tsne_indices(labels, counts, many, few):
         k, n = min(TSNE_CLASSES, len(members)), len(members)
         picked += [(members[(2 * i + 1) * n // (2 * k)], g) for i in range(k)]  # the centres of k equal parts
     return [i for c, _ in picked for i in by_class[c][:TSNE_IMAGES]], picked
-
-
-def evaluate(run, ds, subset, device, amp, args):
-    """Fill run.metrics, .norms, .feats, .tsne_labels from ds and its t-SNE subset, in the run's transform."""
-    ds.transform = pipeline.build_transform(run.args["image_size"], train=False)
-    kw = dict(batch_size=args.eval_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
-    model = run.model.to(device)
-    pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, **kw), device, amp)
-    run.metrics = ltaux.shot_accuracy(pred, target, run.counts, args.many, args.few)
-    run.norms = model.fc.weight.detach().float().norm(dim=1).cpu().tolist()  # Fig. 4 right: ||w_c|| of h
-    if subset:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, subset), **kw)
-        run.feats = runtime.predict(model, loader, device, amp, features=True)[2]  # (n, D) phi's features
-    run.tsne_labels = [ds.labels[i] for i in subset]
-    run.model = model.cpu()  # frees the device for the next run
 
 
 def class_names(lists, num_classes):
@@ -240,25 +215,10 @@ def class_names(lists, num_classes):
         for y, s in name.items():
             if seen[s] == 1 and y < num_classes:
                 names.setdefault(y, s)
-        if len(names) == num_classes:
-            break
     return [names.get(c, str(c)) for c in range(num_classes)]
 
 
-def training_list(run_args, allow_unsafe_paths):
-    """The run's training list as (paths, labels), or None where it is not readable here."""
-    try:
-        return ltaux.read_split(run_args["split"], allow_unsafe_paths) if run_args.get("split") else None
-    except LTauxError:
-        return None
-
-
-# ----------------------------------------------------------------------------------------------
-# outputs: this evaluation's own files in --out, locked while it writes
-
-
 def per_class_rows(main, names, many, few):
-    """One CSV row per class: cls, name, train_count, shot_group, test_count, accuracy, weight_norm."""
     groups = ltaux.shot_groups(main.counts, many, few).tolist()
     m = main.metrics
     return [dict(cls=c, name=names[c], train_count=int(main.counts[c]), shot_group=GROUPS[groups[c]],
@@ -267,9 +227,8 @@ def per_class_rows(main, names, many, few):
 
 
 def claim_out(args, files):
-    """Create and lock --out (bookkeeping.OutputFolder). Its own earlier outputs (metrics.json names the same
-    checkpoint and list) are replaced, those it does not write now (gain.png without --compare) removed;
-    another evaluation's files, or files named like its outputs, only with --overwrite."""
+    """Create and lock --out: its own earlier outputs (same checkpoint and list) replaced, those not written
+    now (gain.png without --compare) removed; others' (or same-named) files only with --overwrite."""
     earlier = bookkeeping.read_json(os.path.join(args.out, "metrics.json"))
     own = isinstance(earlier, dict) and earlier.get("checkpoint") == os.path.abspath(args.checkpoint) and \
         earlier.get("split") == os.path.abspath(args.split)
@@ -282,20 +241,19 @@ def claim_out(args, files):
 
 def write_tables(args, main, baselines, rows, files, paper):
     """metrics.json (this run, the paper's row, a 'compare' entry per baseline, its files), per_class.csv."""
-    def summary(run):
-        return {k: run.metrics[k] for k in ("overall", "mean_per_class", "many", "medium", "few")}
-
+    keys = ("overall", "mean_per_class", "many", "medium", "few")  # each run's summary
     meta = dict(checkpoint=os.path.abspath(main.path), split=os.path.abspath(args.split), data=args.data,
                 method=main.args.get("method"), label=main.label, amp=args.amp_name,
                 thresholds=dict(many=args.many, few=args.few), files=files)
     if paper:
         meta.update(paper=paper, paper_difference=recipes.paper_difference(main.metrics, paper))
     compare = [dict(checkpoint=os.path.abspath(b.path), method=b.args.get("method"), label=b.label,
-                    **summary(b), per_class=b.metrics["per_class"], weight_norms=b.norms) for b in baselines]
+                    **{k: b.metrics[k] for k in keys}, per_class=b.metrics["per_class"], weight_norms=b.norms)
+               for b in baselines]
     bookkeeping.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(dict(
-        summary(main), per_class=main.metrics["per_class"], test_counts=main.metrics["counts"],
-        train_counts=main.counts.tolist(), weight_norms=main.norms, class_names=[r["name"] for r in rows],
-        **meta, compare=compare), indent=1))
+        {k: main.metrics[k] for k in keys}, per_class=main.metrics["per_class"],
+        test_counts=main.metrics["counts"], train_counts=main.counts.tolist(), weight_norms=main.norms,
+        class_names=[r["name"] for r in rows], **meta, compare=compare), indent=1))
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, fieldnames=list(rows[0]))
     w.writeheader()
@@ -307,9 +265,8 @@ def write_tables(args, main, baselines, rows, files, paper):
 def result_table(main, baselines, paper):
     """This run (with the paper's row for a recipe run), each baseline, this run's gain over each (points)."""
     table = runtime.format_table({main.label: main.metrics}) + runtime.paper_lines(main.metrics, paper)
-    if baselines:
-        table += "\n" + "\n".join(
-            runtime.format_table({b.label: b.metrics for b in baselines}).splitlines()[2:])
+    for row in runtime.format_table({b.label: b.metrics for b in baselines}).splitlines()[2:]:
+        table += "\n" + row  # the baselines' rows under this run's header
     for b in baselines:
         cells = ["-" if main.metrics[k] is None or b.metrics[k] is None
                  else f"{main.metrics[k] - b.metrics[k]:+.1f}"
@@ -317,9 +274,6 @@ def result_table(main, baselines, paper):
         table += "\n| " + " | ".join([f"gain over {b.label}"] + cells) + " |"
     return table
 
-
-# ----------------------------------------------------------------------------------------------
-# figures, drawn with Pillow alone: per-class charts (classes sorted by training frequency) and t-SNE panels
 
 GROUP_COLORS = ((31, 119, 180), (44, 160, 44), (148, 103, 189))  # many, medium, few bars: blue, green, purple
 FREQ_COLOR = (255, 140, 0)  # the training-frequency curve (right axis), orange everywhere
@@ -348,10 +302,9 @@ def ticks(lo, hi):
 
 
 class Chart:
-    """A per-class chart: n class slots on x (most frequent first), a linear left axis over `ylim`, the
-    training-frequency curve on a log right axis, the shot groups (dashed boundaries, names in the band above
-    the plot, where no bar reaches), a legend row under the title. Draw series, then save(). The frequency
-    curve goes over the bars and under the lines: bars are wide and would hide it, lines are thin data."""
+    """n class slots on x (most frequent first), a linear left axis over `ylim`, the training frequency on a
+    log right axis, shot groups (dashed, named above the plot), a legend row. Draw series, then save(). The
+    frequency curve goes over the bars and under the lines: bars are wide and hide it, lines are thin."""
     L, R, T, B = 70, 70, 100, 50  # margins; the band [T - 22, T) holds the group names
     W, H = SIZE[0] - L - R, SIZE[1] - T - B  # the plot
 
@@ -382,8 +335,7 @@ class Chart:
     def bars(self, series, mark_zero=False):
         """series: [(values, colour or per-slot colours, legend label or None)], None = no bar. Side by side
         where a slot holds >= 3 px per series, else overlaid, the largest |value| first so each stays visible.
-        mark_zero: a triangle (4 to 8 px wide) on the zero line marks a value of 0 (a 0-height bar, unseen,
-        would look like None: a class without test images)."""
+        mark_zero: a triangle on the zero line marks 0 (an unseen 0-height bar looks like no test images)."""
         slot, y0 = self.W / self.n, self.y(0)
         wide, r = slot >= 3 * len(series), min(4.0, max(2.0, 0.4 * self.W / self.n))
         for i in range(self.n):
@@ -399,7 +351,6 @@ class Chart:
         self.legend += [(label, c) for _, c, label in series if label]
 
     def line(self, values, color, label):
-        """A polyline through the slot centres, drawn by save() over the frequency curve."""
         self.lines.append((values, color))
         self.legend.append((label, color))
 
@@ -408,7 +359,6 @@ class Chart:
         self.d.line([(self.x(i + 0.5), y) for i, y in enumerate(ys)] * (1 + (self.n == 1)), **kw)
 
     def save(self):
-        """The frequency curve, the lines, frame, zero line, shot groups, class ranks, legend; the image."""
         d, L, T, right, bottom = self.d, self.L, self.T, SIZE[0] - self.R, SIZE[1] - self.B
         self.polyline([self.cy(c) for c in self.counts], fill=FREQ_COLOR, width=3)
         for c in (m * 10 ** e for e in range(0, 8) for m in (1, 2, 5)):
@@ -496,8 +446,7 @@ def class_colors(n):
 
 
 def draw_tsne(runs, rows, picked, split):
-    """Fig. 4's feature panels: a 2-D t-SNE of each run's phi features of the picked classes, one panel
-    per run, points coloured by class and shaped by shot group; the class legend on the right."""
+    """Fig. 4: a t-SNE panel of phi's features per run, coloured by class, shaped by shot group; a legend."""
     P, head = TSNE_PANEL, 60
     img = Image.new("RGB", (P * len(runs) + TSNE_LEGEND, P + head + 10), "white")
     d, f, fs = ImageDraw.Draw(img), font(16), font(13)
@@ -534,10 +483,6 @@ def draw_tsne(runs, rows, picked, split):
     return img
 
 
-# ----------------------------------------------------------------------------------------------
-# t-SNE (van der Maaten & Hinton 2008), exact, in torch: Fig. 4 only, not part of the method
-
-
 def pairwise_sq(x):
     """Squared Euclidean distances (N, N) of the rows of x (N, D), each from the coordinate differences:
     not |a|^2 + |b|^2 - 2 a.b, which cancels to noise for points close together far from the origin."""
@@ -567,9 +512,10 @@ def affinities(x, perplexity):
 
 
 def tsne(x, dims=2, perplexity=30.0, iters=500, seed=0):
-    """Exact t-SNE of x (N, D) -> (N, dims): early exaggeration 12 and momentum 0.5 for the first quarter
-    of the iterations (at most 250), then momentum 0.8; gradient descent with per-coordinate gains and a
-    Student-t Q. Deterministic for a seed; O(N^2) memory, about 2 s for N = 900 on one CPU core."""
+    """Exact t-SNE (van der Maaten & Hinton 2008; Fig. 4 only, not the method) of x (N, D) -> (N, dims):
+    early exaggeration 12 and momentum 0.5 for the first quarter of the iterations (at most 250), then
+    momentum 0.8; gradient descent with per-coordinate gains and a Student-t Q. Deterministic for a seed;
+    O(N^2) memory, about 2 s for N = 900 on one CPU core."""
     x = torch.as_tensor(x, dtype=torch.float64).cpu().flatten(1)
     n = len(x)
     if n < 3:
@@ -611,10 +557,24 @@ def run(args):
     subset, picked = tsne_indices(ds.labels, main.counts, args.many, args.few) if baselines else ([], [])
     files = list(OUTPUTS if baselines else OUTPUTS[:4])
     folder, failed = claim_out(args, files), True
+    kw = dict(batch_size=args.eval_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     try:
-        for r in [main] + baselines:
-            evaluate(r, ds, subset, device, amp, args)
-        lists = [(ds.paths, ds.labels), training_list(main.args, args.allow_unsafe_paths)]
+        for r in [main] + baselines:  # each in its own transform, then back to the CPU to free the device
+            ds.transform = pipeline.build_transform(r.args["image_size"], train=False)
+            model = r.model.to(device)
+            pred, target = runtime.predict(model, torch.utils.data.DataLoader(ds, **kw), device, amp)
+            r.metrics = ltaux.shot_accuracy(pred, target, r.counts, args.many, args.few)
+            r.norms = model.fc.weight.detach().float().norm(dim=1).cpu().tolist()  # Fig. 4 right: ||w_c||
+            if subset:
+                loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, subset), **kw)
+                r.feats = runtime.predict(model, loader, device, amp, features=True)[2]  # (n, D) of phi
+            r.tsne_labels = [ds.labels[i] for i in subset]
+            r.model = model.cpu()
+        try:  # the training list names classes a flat test list does not; skipped where not readable here
+            train = main.args.get("split") and ltaux.read_split(main.args["split"], args.allow_unsafe_paths)
+        except LTauxError:
+            train = None
+        lists = [(ds.paths, ds.labels), train]
         rows = per_class_rows(main, class_names(lists, len(main.counts)), args.many, args.few)
         run_args = dict(main.args, many=args.many, few=args.few, split_sha256=main.split_sha256)
         paper = recipes.paper_row(run_args, vars(recipes.training_parser().parse_args([])), args.split)
