@@ -6,17 +6,14 @@ examples:
   python bench.py --images /imagenet/train/n01440764 --device cuda --arch resnet50 --image-size 224 \
 --batch-size 64
 
-figures (docs/benchmarks.md describes each): sampler (AuxBatchSampler's batches/s and share of a step);
-step (a cbs_rrs_ss step vs a plain classifier step over the same 4S images: their ratio is the headline);
-cifar (the CIFAR recipe: fp32 vs fast steps, the in-memory pipeline's share, a whole epoch); loader (one
-worker's images/s per pipeline, the device's share, train.py's training loader end to end).
+figures (docs/benchmarks.md describes each): sampler, step (a cbs_rrs_ss step vs a plain classifier step
+over the same 4S images: their ratio is the headline), cifar (the CIFAR recipe), loader (the input pipelines).
 """
 
 import argparse
 import json
 import math
 import os
-import pathlib
 import platform
 import random
 import sys
@@ -65,7 +62,7 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
 
 import torch  # noqa: E402 - after the fast --help
 import torch.nn.functional as F  # noqa: E402
-from torchvision.io import encode_jpeg  # noqa: E402
+from torchvision.io import write_jpeg  # noqa: E402
 
 import ltaux  # noqa: E402
 import pipeline  # noqa: E402
@@ -73,8 +70,7 @@ import runtime  # noqa: E402
 
 
 def bench_sampler(S, path, Z=4, epochs=3):
-    """AuxBatchSampler as train.py iterates it (with seeds), epochs after the first: the cycles carry over.
-    Labels: the split list at path, or a generated Places-LT-like profile."""
+    """AuxBatchSampler as train.py iterates it (with seeds), epochs after the first: the cycles carry over."""
     if path:
         labels, source = ltaux.read_split(path)[1], os.path.basename(path)
     else:  # 365 classes, 5..4980 images, Pareto(6) profile, 62,500 images in all
@@ -86,13 +82,12 @@ def bench_sampler(S, path, Z=4, epochs=3):
         counts[0] += 62500 - sum(counts)
         labels, source = [c for c, n in enumerate(counts) for _ in range(n)], "generated Pareto profile"
     sampler = ltaux.AuxBatchSampler(labels, S, Z, with_seeds=True)
-    sampler.set_epoch(0)
-    sum(1 for _ in sampler)
-    batches, t0 = 0, time.perf_counter()
-    for e in range(1, epochs + 1):
+    stamps = []
+    for e in range(epochs + 1):  # epoch 0 untimed: the clock starts at its end
         sampler.set_epoch(e)
-        batches += sum(1 for _ in sampler)
-    dt = time.perf_counter() - t0
+        sum(1 for _ in sampler)
+        stamps.append(time.perf_counter())
+    dt, batches = stamps[-1] - stamps[0], epochs * len(sampler)
     return dict(labels=source, images=len(labels), S=S, Z=Z, batches_per_s=batches / dt,
                 indices_per_s=batches * 2 * S / dt, ms_per_batch=1000 * dt / batches,
                 ms_per_epoch=1000 * dt / epochs)
@@ -100,32 +95,27 @@ def bench_sampler(S, path, Z=4, epochs=3):
 
 def seconds(fn, device, reps=1):
     """Wall seconds of reps calls of fn(), the device's queued work waited for before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0
 
 
 def medians(kinds, warmup, steps, device):
-    """{name: median seconds} of kinds {name: fn}, called in turn (so that drifts such as clocks or other
-    load hit all alike), warmup rounds untimed, then steps rounds timed."""
+    """{name: median seconds} of kinds {name: fn}, called in turn: drifts (clock, load) hit all alike."""
     t = {k: [] for k in kinds}
-    for i in range(warmup + steps):
+    for _ in range(warmup + steps):
         for k, fn in kinds.items():
-            dt = seconds(fn, device)
-            if i >= warmup:
-                t[k].append(dt)
-    return {k: sorted(v)[len(v) // 2] for k, v in t.items()}  # medians: robust to a stray slow step
+            t[k].append(seconds(fn, device))
+    return {k: sorted(v[warmup:])[steps // 2] for k, v in t.items()}  # medians: robust to a stray slow step
 
 
 def make_step(model, device, amp, fwd=None):
-    """SGD on model as train.py builds it -> step(x, y, plain=False): the loss under autocast (amp: a dtype;
-    None: fp32), then an SGD step. The loss: Eq. 2's, x normalised (2S, 3, s, s) [B_cbs; B_rrs], y (2S,),
-    rotations made on the device; plain: cross-entropy of one head. fwd: the forward (default: model)."""
+    """SGD as train.py builds it -> step(x, y, plain=False): x normalised (2S, 3, s, s) [B_cbs; B_rrs],
+    y (2S,); Eq. 2's loss (plain: one head's cross-entropy) under autocast (amp: a dtype; None: fp32)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     fwd, gen = model if fwd is None else fwd, torch.Generator(device=device)
@@ -151,35 +141,32 @@ def bench_step(args, device):
     x4 = torch.randint(0, 256, (4 * S, 3, size, size), dtype=torch.uint8, pin_memory=device.type == "cuda")
     y4 = torch.randint(0, args.num_classes, (4 * S,))
 
-    def method_step():  # the train.py step: [B_cbs; B_rrs] (2S) in, rotations made on the device
-        step(pipeline.to_device(x4[:2 * S], device), y4[:2 * S].to(device, non_blocking=True))
+    def feed(n, plain=False):  # n images to the device, then a step (rotations are made on the device)
+        step(pipeline.to_device(x4[:n], device), y4[:n].to(device, non_blocking=True), plain)
 
-    def plain_step():  # a standard classifier step over the same number of images
-        step(pipeline.to_device(x4, device), y4.to(device, non_blocking=True), plain=True)
-
-    med = medians({"method": method_step, "plain": plain_step}, args.warmup, args.steps, device)
+    # method: the train.py step over [B_cbs; B_rrs] (2S); plain: a classifier step over the same 4S images
+    kinds = {"method": lambda: feed(2 * S), "plain": lambda: feed(4 * S, plain=True)}
+    med = medians(kinds, args.warmup, args.steps, device)
     n = 4 * S
     return dict(images_per_step=n, method_images_per_s=n / med["method"], plain_images_per_s=n / med["plain"],
                 ratio=med["plain"] / med["method"], method_ms_per_step=1000 * med["method"],
                 plain_ms_per_step=1000 * med["plain"], amp=amp_name)
 
 
-# the CIFAR recipe: ResNet-32, 32 px, S = 120, Z = 12 (k = 10 classes), cbs_rrs_ss steps of 4S = 480 images
 CIFAR_COUNTS = [int(5000 * 0.01 ** (c / 9)) for c in range(10)]  # CIFAR-10-LT ratio 100: 12,406 images
 
 
-def cifar_step(device, fast, amp_name):
-    """step(x, y) of ResNet-32 + SGD as train.py builds them: fast = channels_last and --amp's default; else
-    fp32, contiguous (what train.py ran on a CPU before: the "before" rows)."""
+def cifar_step(device, fast):
+    """step(x, y) of the CIFAR recipe's ResNet-32: fast = channels_last and --amp's default; else fp32,
+    contiguous (what train.py ran on a CPU before: the "before" rows)."""
     model = ltaux.LTResNet("resnet32", 10)
     model.to(device, memory_format=torch.channels_last if fast else torch.preserve_format)
-    return make_step(model, device, runtime.AMP_DTYPES[amp_name] if fast else None)
+    return make_step(model, device, runtime.amp_dtype(None, device)[1] if fast else None)
 
 
 def bench_cifar(args, device):
-    """Images/s of ResNet-32 steps (S = --cifar-batch-size): before vs fast on a fixed synthetic batch, and
-    fast fed by pipeline.MemoryBatches (gather, cifar_augment, to_device) over 12,406 random 32 px images of
-    the CIFAR-10-LT profile (its ratio to synthetic input: the pipeline's share)."""
+    """Images/s of ResNet-32 steps: before vs fast on a fixed synthetic batch, and fast fed by MemoryBatches
+    over random 32 px images of the CIFAR-10-LT profile (vs synthetic input: the pipeline's share)."""
     amp_name = runtime.amp_dtype(None, device)[0]
     labels = [c for c, n in enumerate(CIFAR_COUNTS) for _ in range(n)]
     S = args.cifar_batch_size
@@ -187,7 +174,7 @@ def bench_cifar(args, device):
     images = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8, device=device)
     batches = iter(pipeline.MemoryBatches(images, torch.tensor(labels, device=device), sampler))
     x0, y0 = next(batches)
-    before, fast = cifar_step(device, False, amp_name), cifar_step(device, True, amp_name)
+    before, fast = cifar_step(device, False), cifar_step(device, True)
     x_fast = pipeline.to_device(x0, device)
     x_before = x_fast.contiguous()
 
@@ -196,18 +183,14 @@ def bench_cifar(args, device):
         fast(pipeline.to_device(x, device), y)
     kinds = {"before": lambda: before(x_before, y0), "fast": lambda: fast(x_fast, y0), "memory": memory}
     med = medians(kinds, args.warmup, args.cifar_steps, device)
-    n = 4 * S
-    return dict(amp=amp_name, cpu_bf16=runtime.cpu_runs_bf16(), images_per_step=n, S=S,
-                before_images_per_s=n / med["before"], fast_images_per_s=n / med["fast"],
-                memory_images_per_s=n / med["memory"], fast_speedup=med["before"] / med["fast"],
-                memory_vs_synthetic=med["fast"] / med["memory"])
+    return dict(amp=amp_name, cpu_bf16=runtime.cpu_runs_bf16(), images_per_step=4 * S, S=S,
+                **{f"{k}_images_per_s": 4 * S / t for k, t in med.items()},  # before, fast, memory
+                fast_speedup=med["before"] / med["fast"], memory_vs_synthetic=med["fast"] / med["memory"])
 
 
 def bench_cifar_epoch(args, device):
-    """Seconds of one epoch over N generated 32 px JPEGs, loading included: DataLoader workers + before
-    steps, against the in-memory path (its one-time decode reported apart) + fast steps."""
+    """Seconds of one epoch of N 32 px JPEGs, loading included: workers + before steps vs in-memory + fast."""
     import torchvision.transforms.v2 as T2
-    amp_name = runtime.amp_dtype(None, device)[0]
     n = args.cifar_images
     counts = [max(1, round(k * n / sum(CIFAR_COUNTS))) for k in CIFAR_COUNTS]  # the profile, about n images
     labels = [c for c, k in enumerate(counts) for _ in range(k)]
@@ -218,16 +201,15 @@ def bench_cifar_epoch(args, device):
         with open(split, "w") as f:
             for i, y in enumerate(labels):  # CIFAR-sized noise, brighter with the class
                 x = (torch.rand(3, 32, 32, generator=g) * 200 + y * 5).to(torch.uint8)
-                pathlib.Path(tmp, f"{i}.jpg").write_bytes(bytes(encode_jpeg(x, quality=95).tolist()))
+                write_jpeg(x, os.path.join(tmp, f"{i}.jpg"), quality=95)
                 f.write(f"{i}.jpg {y}\n")
-        old = T2.Compose([T2.Resize(32, antialias=True), T2.CenterCrop(32), T2.RandomCrop(32, padding=4),
-                          T2.RandomHorizontalFlip()])  # the workers' transform before --in-memory
+        fixed = pipeline.build_transform(32, train=True)  # resize + centre crop; MemoryBatches adds the rest
+        old = T2.Compose([fixed, T2.RandomCrop(32, padding=4), T2.RandomHorizontalFlip()])  # workers, before
         for path in ("before", "memory"):
             fast = path == "memory"
-            ds = ltaux.SplitDataset(tmp, split, pipeline.build_transform(32, train=True) if fast else old,
-                                    read=pipeline.read_image)
+            ds = ltaux.SplitDataset(tmp, split, fixed if fast else old, read=pipeline.read_image)
             sampler = ltaux.AuxBatchSampler(ds.labels, args.cifar_batch_size, 12, with_seeds=True)
-            step = cifar_step(device, fast, amp_name)
+            step = cifar_step(device, fast)
             t0 = time.perf_counter()
             if fast:
                 batches = pipeline.MemoryBatches(*pipeline.decode_all(ds, device), sampler)
@@ -243,21 +225,17 @@ def bench_cifar_epoch(args, device):
             for e in range(2):  # the first warms up (worker start, allocator, cudnn); the second is timed
                 sampler.set_epoch(e)
                 times[f"{path}_epoch_s"] = seconds(epoch, device)
-            del batches
     return dict(times, images=len(labels), steps=sampler.num_batches, workers=args.cifar_workers,
                 speedup=times["before_epoch_s"] / times["memory_epoch_s"])
 
 
 def loader_files(args, tmp):
-    """The loader figures' image files: the JPEGs of --images, each checked to decode (a bad one ends the
-    benchmark with its name: exit status 2), or 64 generated noise JPEGs of 500 x 375 written to tmp."""
+    """The loader figures' files: the JPEGs of --images, each checked to decode, or 64 noise JPEGs in tmp."""
     if args.images is None:
-        g, files = torch.Generator().manual_seed(0), []
-        for i in range(64):
-            x = (torch.rand(1, 3, 8, 8, generator=g) * 255)
-            x = F.interpolate(x, size=(375, 500), mode="bilinear")[0].round().to(torch.uint8)
-            files.append(os.path.join(tmp, f"{i}.jpg"))
-            pathlib.Path(files[-1]).write_bytes(bytes(encode_jpeg(x, quality=90).tolist()))
+        g, files = torch.Generator().manual_seed(0), [os.path.join(tmp, f"{i}.jpg") for i in range(64)]
+        for path in files:
+            x = F.interpolate(torch.rand(1, 3, 8, 8, generator=g) * 255, size=(375, 500), mode="bilinear")
+            write_jpeg(x[0].round().to(torch.uint8), path, quality=90)
         return files, "64 generated noise JPEGs, 500 x 375 (no --images: photographs decode slower)"
     if not os.path.isdir(args.images):
         raise SystemExit(runtime.report(f"--images {args.images}: no such folder"))
@@ -291,15 +269,12 @@ def loader_pipelines(size):
 
 
 def bench_loader(args, device, files, source, n=64):
-    """One worker's images/s per pipeline (one thread), then the device's: colour jitter + normalisation of
-    a uint8 batch (to_device), and --decode gpu's decode + crop + flip of n JPEGs (DeviceDecodeDataset)."""
+    """One worker's images/s per pipeline (one thread), then the device's: to_device and --decode gpu."""
     work = loader_pipelines(args.loader_size)
 
     def rate(fn, k):  # images/s of fn(path) over k of the files in turn
-        t0 = time.perf_counter()
-        for i in range(k):
-            fn(files[i % len(files)])
-        return k / (time.perf_counter() - t0)
+        paths = (files[i % len(files)] for i in range(k))
+        return k / seconds(lambda: fn(next(paths)), torch.device("cpu"), k)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # DataLoader workers run torch with one thread
@@ -324,14 +299,12 @@ def bench_loader(args, device, files, source, n=64):
     res.update(speedup=rates["ltaux"] / rates["oltr"],
                gpu_worker_cost_ratio=rates["gpu_worker"] / rates["oltr"])
     for k, r in rates.items():
-        res[f"{k}_images_per_s_per_worker"] = r
-        res[f"workers_{k}"] = math.ceil(args.target_rate / r)
+        res.update({f"{k}_images_per_s_per_worker": r, f"workers_{k}": math.ceil(args.target_rate / r)})
     return res
 
 
 def bench_workers(args, device, files):
-    """{decode mode: images/s} of train.py's training loader (--loader-workers processes, 2S images a batch)
-    over the loader files, to the device with colour jitter; --decode gpu on CUDA only."""
+    """{decode mode: images/s} of train.py's training loader over the loader files, jittered on the device."""
     gen, rates = torch.Generator(device=device), {}
     warm = 2 * max(1, args.loader_workers)  # what the workers prefetched while starting
     with tempfile.TemporaryDirectory() as tmp:
@@ -375,8 +348,7 @@ def check_args(parser, args):
              "--cifar-batch-size a multiple of Z = 12 up to 120 (k = S / Z classes must exist)"),
             (recipes.SMALL_IMAGES <= args.loader_size <= 4096, f"--loader-size must be in "
              f"{recipes.SMALL_IMAGES}..4096 (the loader figures are the ImageNet-LT recipe's pipeline)"),
-            (math.isfinite(args.target_rate) and args.target_rate > 0,
-             "--target-rate must be a positive number"),
+            (0 < args.target_rate < math.inf, "--target-rate must be a positive number"),  # nan fails too
             (args.batch_size % 4 == 0,
              "--batch-size (S) must be a multiple of Z = 4 for the sampler figure")]:
         if not ok:
@@ -401,9 +373,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
     res = dict(device=str(device), device_name=name, torch=torch.__version__, arch=args.arch,
-               image_size=args.image_size, batch_size=args.batch_size)
-    res["sampler"] = bench_sampler(args.batch_size, args.labels)
-    res["step"] = bench_step(args, device)
+               image_size=args.image_size, batch_size=args.batch_size,
+               sampler=bench_sampler(args.batch_size, args.labels), step=bench_step(args, device))
     res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"]["method_ms_per_step"]
     res["cifar"] = bench_cifar(args, device)
     res["cifar"]["epoch"] = bench_cifar_epoch(args, device)
@@ -418,23 +389,25 @@ def main(argv=None):
 
 
 def print_table(res, args):
-    s, st, c, ld, name = res["sampler"], res["step"], res["cifar"], res["loader"], res["device_name"]
-    e = c["epoch"]
+    s, st, c, ld, e = res["sampler"], res["step"], res["cifar"], res["loader"], res["cifar"]["epoch"]
+    loader_rows = [("oltr", "OLTR / Decoupling: PIL decode, crop, flip, ColorJitter, ToTensor, Normalize"),
+                   ("ltaux", "ltaux --decode cpu: decode_jpeg, tensor crop + flip, uint8 out"),
+                   ("gpu_worker", "ltaux --decode gpu, the worker's share: read bytes, header, crop draw")]
     print(f"\n| what | figure |\n|---|---|\n"
           f"| sampler ({s['labels']}, S={s['S']}, Z={s['Z']}) | {s['batches_per_s']:.0f} batches/s, "
           f"{s['indices_per_s'] / 1e6:.2f} M indices/s, {s['ms_per_epoch']:.0f} ms per epoch, "
           f"{100 * s['fraction_of_step']:.3f}% of a step |\n"
           f"| cbs_rrs_ss step ({args.arch}, {args.image_size} px, 4S={st['images_per_step']}, "
-          f"{st['amp']}, {name}) | {st['method_images_per_s']:.0f} images/s |\n"
+          f"{st['amp']}, {res['device_name']}) | {st['method_images_per_s']:.0f} images/s |\n"
           f"| plain classifier step, same images | {st['plain_images_per_s']:.0f} images/s |\n"
           f"| ratio method / plain | {st['ratio']:.3f} |\n"
           f"| loader: one worker ({ld['source']}, {ld['size']} px) | images/s per worker, workers for "
           f"{ld['target_rate']:.0f} images/s |\n"
           + "".join(f"| {label} | {ld[k + '_images_per_s_per_worker']:.0f} "
                     f"({ld[k + '_images_per_s_per_worker'] / ld['oltr_images_per_s_per_worker']:.2f}x), "
-                    f"{ld['workers_' + k]} workers |\n" for k, label in LOADER_ROWS)
+                    f"{ld['workers_' + k]} workers |\n" for k, label in loader_rows)
           + f"| CIFAR recipe: resnet32 cbs_rrs_ss step, 4S={c['images_per_step']}, fp32 contiguous, "
-          f"synthetic input (before; {name}) | {c['before_images_per_s']:.0f} images/s |\n"
+          f"synthetic input (before; {res['device_name']}) | {c['before_images_per_s']:.0f} images/s |\n"
           f"| same, channels_last + amp {c['amp']} (cpu bf16 native: {c['cpu_bf16']}) | "
           f"{c['fast_images_per_s']:.0f} images/s ({c['fast_speedup']:.2f}x) |\n"
           f"| same, fed by the in-memory pipeline (gather + cifar_augment + to_device) | "
@@ -452,10 +425,6 @@ def print_table(res, args):
                     f"with jitter (2S={2 * args.batch_size}) | {r:.0f} images/s |"
                     for m, r in ld.get("end_to_end_images_per_s", {}).items()))
 
-
-LOADER_ROWS = [("oltr", "OLTR / Decoupling: PIL decode, crop, flip, ColorJitter, ToTensor, Normalize"),
-               ("ltaux", "ltaux --decode cpu: decode_jpeg, tensor crop + flip, uint8 out"),
-               ("gpu_worker", "ltaux --decode gpu, the worker's share: read bytes, header, crop draw")]
 
 if __name__ == "__main__":
     main()
