@@ -3,7 +3,7 @@ training device (with the ImageNet-LT recipe's colour jitter). Three ways to fee
 sample the same pixels for the same (seed, epoch, position):
     training_loader            DataLoader workers (ImageNet-LT recipe; the CIFAR recipe with --in-memory off)
     DeviceDecodeDataset        --decode gpu: workers send file bytes; decode_jpeg and the crop on the GPU
-    MemoryBatches, MemoryEval  --in-memory: small images decoded once into one tensor on the device
+    MemoryBatches              --in-memory: small images decoded once into one tensor on the device
 """
 
 import functools
@@ -39,14 +39,9 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics,
 # reading images: JPEGs by torchvision.io.decode_jpeg (in the workers, or on the GPU), the rest by Pillow
 
 
-def read_encoded(path):
+def read_encoded(path, max_aspect=50):
     """An image file's bytes and header -> (data uint8 (N,), is_jpeg, (H, W)). Only the header is
     parsed (Pillow: format, size, its decompression-bomb check, and load_rgb's aspect limit)."""
-    data, is_jpeg, size = _read_header(path)
-    return torch.frombuffer(data, dtype=torch.uint8), is_jpeg, size
-
-
-def _read_header(path, max_aspect=50):
     with open(path, "rb") as f:
         data = bytearray(f.read())
     try:
@@ -59,19 +54,19 @@ def _read_header(path, max_aspect=50):
             raise ValueError(f"aspect ratio {w}x{h} exceeds {max_aspect}:1")
         # for these modes decode_jpeg(mode=RGB) gives Pillow's convert("RGB") pixels
         is_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK") and decode_jpeg is not None
-    return data, is_jpeg, (h, w)
+    return torch.frombuffer(data, dtype=torch.uint8), is_jpeg, (h, w)
 
 
 def read_image(path):
     """An image file, read once -> uint8 RGB (3, H, W). JPEGs by decode_jpeg (libjpeg-turbo: Pillow's
     pixels, bit for bit); other files, and JPEGs it rejects, by ltaux.load_rgb, whose error says why."""
-    data, is_jpeg, _ = _read_header(path)
+    data, is_jpeg, _ = read_encoded(path)
     if is_jpeg:
         try:
-            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # truncated or damaged: Pillow reads it again and raises an OSError that says why
-    return F2.pil_to_tensor(ltaux.load_rgb(io.BytesIO(data)))
+    return F2.pil_to_tensor(ltaux.load_rgb(io.BytesIO(data.numpy())))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,8 +168,7 @@ def grey(x):
 @functools.lru_cache(maxsize=None)
 def mean_std(device):
     """ImageNet mean and std for uint8 pixels, made once per device (a per-step copy would sync)."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
-            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD))
 
 
 def to_device(x, device, jitter=None):
@@ -297,8 +291,6 @@ def decode_all(dataset, device, workers=0, batch_size=DECODE_BATCH, stop=None):
                 return None
     finally:
         del batches  # a stop or an error: the workers are shut down now, not when the traceback is freed
-    if images is None:
-        images = torch.empty(0, 3, 1, 1, dtype=torch.uint8, device=device)
     return images, torch.tensor(dataset.labels, device=device)
 
 
@@ -323,15 +315,13 @@ def memory_available(device, root="/"):
 
 
 def host_memory_free(root="/"):
-    """Bytes this process can still allocate on the host, None where nothing says (not Linux): the
-    smaller of /proc/meminfo's MemAvailable (else MemFree) and the room under every cgroup memory limit."""
+    """Bytes this process can still allocate on the host (meminfo, cgroups); None where nothing says."""
     meminfo = _fields(os.path.join(root, "proc", "meminfo"))
     found = [meminfo.get("MemAvailable", meminfo.get("MemFree")), *_cgroup_rooms(root)]
     return min((v for v in found if v is not None), default=None)
 
 
 def _read(path):
-    """A /proc or cgroup file's text, stripped; "" where absent or unreadable."""
     try:
         with open(path) as f:
             return f.read().strip()
@@ -418,20 +408,6 @@ class MemoryBatches:
         return len(self.batch_sampler)
 
 
-class MemoryEval:
-    """An evaluation list in memory: batches (uint8 images, labels) of this rank's shard (rank::W)."""
-
-    def __init__(self, images, labels, batch_size, rank=0, world_size=1):
-        self.images, self.labels = images[rank::world_size], labels[rank::world_size]
-        self.batch_size = batch_size
-
-    def __iter__(self):
-        return zip(self.images.split(self.batch_size), self.labels.split(self.batch_size))
-
-    def __len__(self):
-        return -(-len(self.images) // self.batch_size)
-
-
 # ----------------------------------------------------------------------------------------------
 # a run's inputs: the demo's data, the lists and their images, checked before anything is written
 
@@ -442,8 +418,7 @@ def make_demo_data(root, classes=30, train=(500, 5), val=10, test=40, size=32):
     under a random shift, brightness and strong low-frequency noise: tail classes learnable but hard. Train
     counts decay exponentially from train[0] to train[1] (groups 11/10/9); val, test: images per class."""
     (head, tail), g = train, torch.Generator().manual_seed(0)
-    upsample = functools.partial(torch.nn.functional.interpolate, size=size, mode="bilinear",
-                                 align_corners=False)  # smooth, low-frequency patterns
+    upsample = functools.partial(torch.nn.functional.interpolate, size=size, mode="bilinear")  # smooth
     lists = {s: os.path.join(root, f"demo_{s}.txt") for s in ("train", "val", "test")}
     if all(os.path.exists(p) for p in lists.values()):
         return lists
@@ -492,10 +467,9 @@ def open_inputs(args, log, barrier=None):
         args.val_split, args.test_split = args.val_split or lists["val"], args.test_split or lists["test"]
     if args.split is None:
         raise ltaux.LTauxError("--split is required with --data (e.g. data_lists/ImageNet_LT_train.txt)")
-    for name in ("val", "test"):
+    for name in ("val", "test") if args.split.endswith("_train.txt") else ():
         sibling = args.split[: -len("_train.txt")] + f"_{name}.txt"
-        if (getattr(args, f"{name}_split") is None and args.split.endswith("_train.txt")
-                and os.path.exists(sibling)):
+        if getattr(args, f"{name}_split") is None and os.path.exists(sibling):
             setattr(args, f"{name}_split", sibling)
     for k in ("data", "split", "val_split", "test_split"):
         setattr(args, k, getattr(args, k) and os.path.abspath(getattr(args, k)))
@@ -520,7 +494,6 @@ def open_inputs(args, log, barrier=None):
 
 
 def check_label_range(ds, num_classes, what):
-    """Every label of an evaluation list must be a class 0..C-1 of `what`. Raises LTauxError."""
     for y, line in zip(ds.labels, ds.lines):
         if y >= num_classes:
             raise ltaux.LTauxError(f"{ds.split_file}:{line}: label {y} is not a class of {what} "
@@ -528,7 +501,6 @@ def check_label_range(ds, num_classes, what):
 
 
 def open_list(args, path, train):
-    """A SplitDataset with the run's transform; a missing list says where the official ones come from."""
     if not os.path.exists(path):
         raise ltaux.LTauxError(f"{path}: split list not found (the official lists: see data_lists/README.md, "
                                "then check them with: cd data_lists && sha256sum -c SHA256SUMS "
@@ -538,7 +510,6 @@ def open_list(args, path, train):
 
 
 def check_root(ds, probe=8):
-    """Fail early on a wrong --data: the root must exist and hold at least one of the first listed images."""
     if not os.path.isdir(ds.root):
         raise ltaux.LTauxError(f"--data {ds.root}: no such folder")
     shown = [os.path.join(ds.root, p) for p in ds.paths[:probe]]
@@ -597,4 +568,6 @@ def make_batches(train_set, evals, sampler, args, device, log, stop=None):
     log(f"in memory: {images} images decoded once ({size / 2**20:.0f} MiB on {device}, "
         f"{time.time() - t0:.1f}s); batches gathered and augmented on {device}, no loader workers")
     train = MemoryBatches(*decoded.pop("train"), sampler)
-    return train, {k: MemoryEval(*d, per_rank, args.rank, args.world_size) for k, d in decoded.items()}
+    rank, world = args.rank, args.world_size  # evaluation: batches (views) of this rank's shard, rank::W
+    return train, {k: list(zip(x[rank::world].split(per_rank), y[rank::world].split(per_rank)))
+                   for k, (x, y) in decoded.items()}
