@@ -66,7 +66,7 @@ def read_image(path):
             return decode_jpeg(data, mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # truncated or damaged: Pillow reads it again and raises an OSError that says why
-    return F2.pil_to_tensor(ltaux.load_rgb(io.BytesIO(data.numpy())))
+    return F2.pil_to_tensor(ltaux.load_rgb(io.BytesIO(bytes(data.untyped_storage()))))
 
 
 # ----------------------------------------------------------------------------------------------
