@@ -111,6 +111,37 @@ def test_sampler_first_half_is_k_classes_of_z_images_second_half_is_random():
     assert n_cbs.max() - n_cbs.min() <= 4  # every class drawn as often as any other, +-1 draw of Z images
 
 
+def test_sampler_augmentation_seeds_are_new_every_epoch_and_replayed_by_set_epoch():
+    """Each epoch draws new per-sample augmentation seeds (a crop and flip that never change would pass
+    every other test), and set_epoch alone replays an epoch's seeds (exact resume)."""
+    labels, _ = lt_labels()
+    s = ltaux.AuxBatchSampler(labels, 64, 4, with_seeds=True)
+    seeds = []
+    for e in range(3):
+        s.set_epoch(e)
+        seeds.append(s.epoch_seeds())
+    assert not torch.equal(seeds[0], seeds[1]) and not torch.equal(seeds[1], seeds[2])
+    fresh = ltaux.AuxBatchSampler(labels, 64, 4, with_seeds=True)
+    fresh.set_epoch(2)
+    assert torch.equal(fresh.epoch_seeds(), seeds[2])
+
+
+def test_rrs_only_sampler_is_the_random_half_and_new_every_epoch():
+    """mode "rrs" (RRS-Only) yields exactly CBS+RRS's B_rrs: a fresh permutation of the training set every
+    epoch, not one permutation repeated."""
+    labels, _ = lt_labels()
+    both, rrs = ltaux.AuxBatchSampler(labels, 64, 4), ltaux.AuxBatchSampler(labels, 64, 4, mode="rrs")
+    epochs = []
+    for e in range(3):
+        both.set_epoch(e)
+        rrs.set_epoch(e)
+        got = rrs.epoch_batches()
+        assert torch.equal(got, both.epoch_batches()[:, 64:])
+        assert sorted(got.flatten()[:len(labels)].tolist()) == list(range(len(labels)))
+        epochs.append(got)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+
+
 def test_sampler_default_is_z_4():
     labels, _ = lt_labels()
     L = torch.tensor(labels)
@@ -1396,6 +1427,28 @@ def test_a_second_signal_during_a_save_waits_for_the_file_to_be_whole(monkeypatc
         stop.restore()
 
 
+def test_predict_runs_the_model_in_eval_mode():
+    """runtime.predict uses BatchNorm's running statistics (eval mode), whatever mode the model was in and
+    whatever the batch size, and changes no weight or statistic: features equal the eval-mode model's."""
+    torch.manual_seed(0)
+    model = ltaux.LTResNet("resnet10", num_classes=6, embed_dim=8)
+    for m in model.modules():  # running statistics far from any batch's
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 3)
+    images, labels = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8), torch.arange(12) % 6
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        x = pipeline.to_device(images, torch.device("cpu"))
+        want, want_f = model.eval()(x).argmax(1), model.features(x)
+    model.train()
+    for bs in (3, 12):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=bs)
+        pred, _, feats = runtime.predict(model, loader, torch.device("cpu"), features=True)
+        assert torch.equal(pred, want) and torch.allclose(feats, want_f, atol=1e-5)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_predict_is_the_deployed_model_phi_and_h():
     """runtime.predict (validation, the final test, evaluate.py) classifies with phi and h (fc) alone: with
     h_a and h_s made to disagree with h on every image, its predictions are the model's forward's."""
@@ -2539,7 +2592,7 @@ def test_a_killed_loader_worker_ends_the_run_in_one_line(tiny, tmp_path, capsys,
         return real(self, key)
     monkeypatch.setattr(pipeline.SeededCifar, "__getitem__", item)
     msg = bad_run(tiny, tmp_path, capsys, "--in-memory", "off", "--workers", "1")
-    assert "a data-loader worker died (DataLoader worker (pid" in msg and msg.endswith("; no checkpoint was written yet")
+    assert "a data-loader worker died (" in msg and msg.endswith("; no checkpoint was written yet")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -471,11 +471,8 @@ def train(args, ckpt):
             failed = False
         except RunError as e:
             raise LTauxError(f"{e}; {last_good(args.out)}") from None
-        except RuntimeError as e:  # a DataLoader worker that died (killed, out of memory), noticed anywhere
-            if "DataLoader worker" not in str(e):
-                raise
-            raise LTauxError(f"a data-loader worker died ({str(e).splitlines()[0]}); lower --workers if "
-                             f"memory is short; {last_good(args.out)}") from None
+        except (RuntimeError, ConnectionError) as e:
+            raise dead_worker(e, args.out) or e
         finally:
             if folder:
                 folder.close(failed)
@@ -488,12 +485,21 @@ def train(args, ckpt):
     return 0
 
 
-def share_out(args, folder):
-    """Rank 0's output folder, told to every rank."""
+def share_out(args, folder):  # rank 0's output folder, told to every rank
     box = [folder.path if folder else None]
     if args.world_size > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def dead_worker(e, out):
+    """The error for a DataLoader worker that died (killed, out of memory), however it was noticed: its
+    queue cut (ConnectionError) or PyTorch's SIGCHLD check (RuntimeError, possibly later); else None."""
+    if not (isinstance(e, ConnectionError) or "DataLoader worker" in str(e)):
+        return None
+    what = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return LTauxError(f"a data-loader worker died ({what}); lower --workers if memory is short; "
+                      + last_good(out))
 
 
 def last_good(out):
@@ -510,6 +516,7 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv=None):
     plain_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
+    args = None
     try:
         args, ckpt = parse_args(argv)
         return train(args, ckpt)
@@ -523,6 +530,8 @@ def main(argv=None):
               flush=True)
         return 128 + e.args[0]
     except RuntimeError as e:
+        if args is not None and dead_worker(e, args.out):  # PyTorch's check fired while the run was closing
+            return runtime.report(dead_worker(e, args.out))
         # a collective broke because a peer failed first and printed its one error line:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (
                 isinstance(e, dist.DistError) or "closed by peer" in str(e)):
