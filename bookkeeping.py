@@ -364,10 +364,11 @@ def check_resume(path, ckpt, out, epochs):
     """A resume continues a run, it never rewinds one: --epochs below what the checkpoint has done, or a
     checkpoint behind the last.pt of the folder it would continue in (a best.pt, an older copy), is
     refused."""
-    done = ckpt["epoch"] + (ckpt["step_in_epoch"] > 0)
-    if epochs < done:
-        raise LTauxError(f"--epochs {epochs}: the resumed run {path} has already trained {done} epoch"
-                         f"{'s' if done != 1 else ''} (pass --epochs {done} or more)")
+    done, part = ckpt["epoch"], ckpt["step_in_epoch"] > 0
+    if epochs < done + part:
+        raise LTauxError(f"--epochs {epochs}: the resumed run {path} has trained {done} epoch"
+                         f"{'s' * (done != 1)}{' and part of the next' * part} (pass --epochs {done + part} "
+                         "or more)")
     last = os.path.join(out, "last.pt")
     if not os.path.isfile(last) or os.path.samefile(last, path) or not os.path.samefile(os.path.dirname(
             os.path.abspath(path)), out):

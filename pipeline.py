@@ -39,9 +39,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics,
 # reading images: JPEGs by torchvision.io.decode_jpeg (in the workers, or on the GPU), the rest by Pillow
 
 
-def read_encoded(path, max_aspect=50):
+def read_encoded(path, max_aspect=50, raw=False):
     """An image file's bytes and header -> (data uint8 (N,), is_jpeg, (H, W)). Only the header is
-    parsed (Pillow: format, size, its decompression-bomb check, and load_rgb's aspect limit)."""
+    parsed (Pillow: format, size, its decompression-bomb check, and load_rgb's aspect limit). raw: the
+    bytes as a bytearray (read_image hands them to Pillow without a copy)."""
     with open(path, "rb") as f:
         data = bytearray(f.read())
     try:
@@ -54,19 +55,19 @@ def read_encoded(path, max_aspect=50):
             raise ValueError(f"aspect ratio {w}x{h} exceeds {max_aspect}:1")
         # for these modes decode_jpeg(mode=RGB) gives Pillow's convert("RGB") pixels
         is_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK") and decode_jpeg is not None
-    return torch.frombuffer(data, dtype=torch.uint8), is_jpeg, (h, w)
+    return data if raw else torch.frombuffer(data, dtype=torch.uint8), is_jpeg, (h, w)
 
 
 def read_image(path):
     """An image file, read once -> uint8 RGB (3, H, W). JPEGs by decode_jpeg (libjpeg-turbo: Pillow's
     pixels, bit for bit); other files, and JPEGs it rejects, by ltaux.load_rgb, whose error says why."""
-    data, is_jpeg, _ = read_encoded(path)
+    data, is_jpeg, _ = read_encoded(path, raw=True)
     if is_jpeg:
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
+            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # truncated or damaged: Pillow reads it again and raises an OSError that says why
-    return F2.pil_to_tensor(ltaux.load_rgb(io.BytesIO(bytes(data.untyped_storage()))))
+    return F2.pil_to_tensor(ltaux.load_rgb(io.BytesIO(data)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,9 +503,9 @@ def check_label_range(ds, num_classes, what):
 
 def open_list(args, path, train):
     if not os.path.exists(path):
-        raise ltaux.LTauxError(f"{path}: split list not found (the official lists: see data_lists/README.md, "
-                               "then check them with: cd data_lists && sha256sum -c SHA256SUMS "
-                               "--ignore-missing)")
+        raise ltaux.LTauxError(f"{path}: split list not found (--split is a path from the current folder; "
+                               "the official lists: see data_lists/README.md, then check them with: "
+                               "cd data_lists && sha256sum -c SHA256SUMS --ignore-missing)")
     return ltaux.SplitDataset(args.data, path, build_transform(args.image_size, train),
                               allow_unsafe_paths=args.allow_unsafe_paths, read=read_image)
 

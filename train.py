@@ -4,8 +4,7 @@
 examples:
   python train.py                                    # the demo: synthetic long-tailed data, no dataset needed
   python train.py --recipe imagenet_lt_r10 --data /imagenet --split data_lists/ImageNet_LT_train.txt
-  torchrun --nproc_per_node=8 train.py --recipe imagenet_lt_r50 --data /imagenet \
---split data_lists/ImageNet_LT_train.txt
+  torchrun --nproc_per_node=8 train.py --recipe imagenet_lt_r50 --data /imagenet --split ...   # on 8 GPUs
   python train.py --resume runs/<date>-<time>-cbs_rrs_ss/last.pt            # continue where it stopped
 
 The defaults below are the ImageNet-LT ones. Without --data the demo recipe replaces them (ResNet-10,
@@ -17,6 +16,7 @@ line in <out>/log.jsonl; at the end, best.pt on the test list. The method itself
 import argparse
 import math
 import os
+import signal
 import sys
 
 import recipes
@@ -33,11 +33,22 @@ def get_args_parser():
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
     get_args_parser().parse_args()  # prints the help and exits before torch is imported (seconds)
 
+
+def stopped_early(signum):
+    """A stop request before training: one line; returns the exit status, 128 + signal."""
+    print(f"error: {signal.Signals(signum).name} before training started: stopped, nothing was written",
+          file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+if __name__ == "__main__":  # while torch loads too: one line, not a KeyboardInterrupt traceback
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: sys.exit(stopped_early(signum)))
+
 import dataclasses  # noqa: E402 - after the fast --help
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import signal  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -73,6 +84,7 @@ def parse_args(argv=None):
         setattr(args, k, getattr(args, k) and os.path.abspath(getattr(args, k)))
     args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else os.path.join(
         "runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.method}"))
+    bookkeeping.check_out(args.out)  # a file or a dangling link as --out: said now, not after the inputs
     return args, ckpt
 
 
@@ -99,15 +111,13 @@ def build_model(args, num_classes, device):
 
 
 def build_optimizer(model, args, device):
-    """SGD with momentum and weight decay on every trained parameter (as OLTR); phi at
-    backbone_lr_scale * lr."""
-    phi = [p for n, p in model.named_parameters()
-           if n.startswith(("backbone.", "embed.")) and p.requires_grad]
-    heads = [p for n, p in model.named_parameters() if not n.startswith(("backbone.", "embed."))]
+    """SGD with momentum and weight decay on every trained parameter (as OLTR); phi at lr * scale."""
+    is_phi = {n: n.startswith(("backbone.", "embed.")) for n, _ in model.named_parameters()}
+    phi = [p for n, p in model.named_parameters() if is_phi[n] and p.requires_grad]
+    heads = [p for n, p in model.named_parameters() if not is_phi[n]]
     groups = [dict(params=phi, lr_scale=args.backbone_lr_scale), dict(params=heads, lr_scale=1.0)]
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                           **fused)
+                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
 def lr_factor(step, total, warmup):
@@ -209,10 +219,6 @@ def train_one_epoch(run, epoch, first_step, partial):
     out.update(lr=run.optimizer.param_groups[-1]["lr"], images_per_s=seen / max(time.time() - t0, 1e-9),
                epoch_time_s=elapsed, steps=i, stopped=i < steps)
     return out, dict(sums={k: float(v) for k, v in sums.items()}, steps=done, time=elapsed)
-
-
-class QuietExit(Exception):
-    """End the process with this status and no message (another rank prints the error line)."""
 
 
 class RunError(LTauxError):
@@ -456,7 +462,7 @@ def train(args, ckpt):
                                                               stop.before_training)
         except LTauxError:
             if args.rank > 0:  # --in-memory: every rank decodes the same files, rank 0 alone prints the error
-                raise QuietExit(2) from None
+                raise SystemExit(2) from None
             raise
         stop.before_training()
         folder = claim_out(args, ckpt) if args.rank == 0 else None  # the output folder, claimed only now
@@ -510,25 +516,17 @@ def last_good(out):
     return "no checkpoint was written yet" if os.path.isdir(out) else f"{out} is gone (deleted or renamed)"
 
 
-def one_line_warning(message, category, filename, lineno, file=None, line=None):
-    return f"warning: {message}\n"
-
-
 def main(argv=None):
-    plain_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
+    plain_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # one line
     args = None
     try:
         args, ckpt = parse_args(argv)
         return train(args, ckpt)
     except LTauxError as e:
         return runtime.report(e)
-    except QuietExit as e:
-        return e.args[0]
     except bookkeeping.Interrupted as e:
-        name = signal.Signals(e.args[0]).name
-        print(f"error: {name} before training started: stopped, nothing was written", file=sys.stderr,
-              flush=True)
-        return 128 + e.args[0]
+        return stopped_early(e.args[0])
     except RuntimeError as e:
         if args is not None and dead_worker(e, args.out):  # PyTorch's check fired while the run was closing
             return runtime.report(dead_worker(e, args.out))
