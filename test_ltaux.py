@@ -1267,16 +1267,22 @@ def test_in_memory_on_that_does_not_fit_is_refused_before_decoding(tiny, tmp_pat
     assert rc == 0 and "in memory: no, the decoded images need" in cap.out
 
 
-@pytest.mark.slow
-def test_sigint_while_decoding_into_memory_ends_after_the_batch(tiny, tmp_path, capsys, monkeypatch):
+def sigint_at_image(n, monkeypatch):
+    """Send this process a SIGINT as SplitDataset.load reads its n-th image; returns the list of reads."""
     real, calls = ltaux.SplitDataset.load, []
 
     def load(self, i, read=None):
         calls.append(i)
-        if len(calls) == 20:
+        if len(calls) == n:
             os.kill(os.getpid(), signal.SIGINT)
         return real(self, i, read)
     monkeypatch.setattr(ltaux.SplitDataset, "load", load)
+    return calls
+
+
+@pytest.mark.slow
+def test_sigint_while_decoding_into_memory_ends_after_the_batch(tiny, tmp_path, capsys, monkeypatch):
+    calls = sigint_at_image(20, monkeypatch)
     rc, cap = run_train(tiny, tmp_path / "o", "--in-memory", "on", capsys=capsys)
     assert rc == 128 + signal.SIGINT and "Traceback" not in cap.err
     assert cap.err.strip() == "error: SIGINT before training started: stopped, nothing was written"
@@ -2565,14 +2571,7 @@ def test_sigint_during_the_final_test_stops_it_and_resume_runs_it(tiny, tmp_path
 
 @pytest.mark.slow
 def test_sigint_during_check_files_ends_at_once_in_one_line(tiny, tmp_path, capsys, monkeypatch):
-    real, calls = ltaux.SplitDataset.load, []
-
-    def load(self, i, read=None):
-        calls.append(i)
-        if len(calls) == 10:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, i, read)
-    monkeypatch.setattr(ltaux.SplitDataset, "load", load)
+    calls = sigint_at_image(10, monkeypatch)
     rc, cap = run_train(tiny, tmp_path / "o", "--check-files", capsys=capsys)
     assert rc == 128 + signal.SIGINT and "Traceback" not in cap.err
     assert cap.err.strip() == "error: SIGINT before training started: stopped, nothing was written"
