@@ -22,6 +22,8 @@ import time
 
 import recipes
 
+STEP_MODES = {"eager": [], "graph": ["--cuda-graph"], "compile": ["--compile"]}  # train.py's flags
+
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=recipes.HelpFormatter)
@@ -54,6 +56,13 @@ def get_args_parser():
         help="JPEGs of the CIFAR-recipe epoch figure (one epoch = ceil(N / S) steps)")
     add("--cifar-workers", type=int, default=min(8, os.cpu_count() or 1),
         help="DataLoader workers of the epoch figure's worker path (train.py's default --workers)")
+    add("--cifar-modes", nargs="*", choices=list(STEP_MODES), default=None, help="train.py step modes "
+        "compared on the same short cifar10_lt run: losses and images/s (None: eager and graph on CUDA, "
+        "none on a CPU, where --cuda-graph runs eager steps)")
+    add("--cifar-data", default=None, help="CIFAR-10-LT root for that comparison (CIFAR10_LT_r100_train.txt, "
+        "CIFAR10_test.txt; None: --cifar-images generated 32 px JPEGs of the same class profile)")
+    add("--cifar-epochs", type=int, default=3, help="epochs of each run of the comparison (images/s: the "
+        "median of the epochs after the first, which holds the capture or the compilation)")
     return p
 
 
@@ -191,18 +200,9 @@ def bench_cifar(args, device):
 def bench_cifar_epoch(args, device):
     """Seconds of one epoch of N 32 px JPEGs, loading included: workers + before steps vs in-memory + fast."""
     import torchvision.transforms.v2 as T2
-    n = args.cifar_images
-    counts = [max(1, round(k * n / sum(CIFAR_COUNTS))) for k in CIFAR_COUNTS]  # the profile, about n images
-    labels = [c for c, k in enumerate(counts) for _ in range(k)]
-    g = torch.Generator().manual_seed(0)
-    times = {}
+    n, times = args.cifar_images, {}
     with tempfile.TemporaryDirectory() as tmp:
-        split = os.path.join(tmp, "train.txt")
-        with open(split, "w") as f:
-            for i, y in enumerate(labels):  # CIFAR-sized noise, brighter with the class
-                x = (torch.rand(3, 32, 32, generator=g) * 200 + y * 5).to(torch.uint8)
-                write_jpeg(x, os.path.join(tmp, f"{i}.jpg"), quality=95)
-                f.write(f"{i}.jpg {y}\n")
+        split, labels = write_cifar_like(tmp, n)
         fixed = pipeline.build_transform(32, train=True)  # resize + centre crop; MemoryBatches adds the rest
         old = T2.Compose([fixed, T2.RandomCrop(32, padding=4), T2.RandomHorizontalFlip()])  # workers, before
         for path in ("before", "memory"):
@@ -227,6 +227,60 @@ def bench_cifar_epoch(args, device):
                 times[f"{path}_epoch_s"] = seconds(epoch, device)
     return dict(times, images=len(labels), steps=sampler.num_batches, workers=args.cifar_workers,
                 speedup=times["before_epoch_s"] / times["memory_epoch_s"])
+
+
+def write_cifar_like(folder, n):
+    """About n 32 px noise JPEGs (brighter with the class) of the CIFAR-10-LT class profile in folder, and
+    their list: (list path, labels)."""
+    counts = [max(1, round(k * n / sum(CIFAR_COUNTS))) for k in CIFAR_COUNTS]
+    labels, g = [c for c, k in enumerate(counts) for _ in range(k)], torch.Generator().manual_seed(0)
+    split = os.path.join(folder, "train.txt")
+    with open(split, "w") as f:
+        for i, y in enumerate(labels):
+            x = (torch.rand(3, 32, 32, generator=g) * 200 + y * 5).to(torch.uint8)
+            write_jpeg(x, os.path.join(folder, f"{i}.jpg"), quality=95)
+            f.write(f"{i}.jpg {y}\n")
+    return split, labels
+
+
+def bench_cifar_modes(args, device):
+    """train.py itself, once per step mode (STEP_MODES) on the same seed and data: --cifar-epochs of the
+    cifar10_lt recipe in memory. {mode: losses per epoch, images/s (median of the epochs after the first:
+    that one holds the warm-up, the capture, the compilation), what the run said of its mode}, and each
+    mode's largest relative loss difference to eager's."""
+    import contextlib
+    import io
+    import train
+    modes = args.cifar_modes if args.cifar_modes is not None else (
+        ["eager", "graph"] if device.type == "cuda" else [])
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.cifar_data:
+            root = args.cifar_data
+            split, test = (os.path.join(root, f) for f in ("CIFAR10_LT_r100_train.txt", "CIFAR10_test.txt"))
+        else:
+            root, (split, _) = tmp, write_cifar_like(tmp, args.cifar_images)
+            test = split
+        for mode in modes:
+            out, said = os.path.join(tmp, mode), io.StringIO()
+            argv = ["--recipe", "cifar10_lt", "--data", root, "--split", split, "--test-split", test,
+                    "--epochs", str(args.cifar_epochs), "--batch-size", str(args.cifar_batch_size),
+                    "--out", out, "--device", device.type, "--workers", "0", "--print-freq", "100000"]
+            with contextlib.redirect_stdout(said):
+                rc = train.main(argv + STEP_MODES[mode])
+            if rc != 0:
+                tail = said.getvalue()[-500:]
+                raise SystemExit(runtime.report(f"the {mode} run failed (exit {rc}): {tail}"))
+            log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+            rates = sorted(r["images_per_s"] for r in log[1:]) or [log[0]["images_per_s"]]
+            res[mode] = dict(losses=[r["loss"] for r in log], images_per_s=rates[len(rates) // 2],
+                             said=[line for line in said.getvalue().splitlines() if "--cuda-graph" in line
+                                   or "--compile" in line])
+    for mode, r in res.items():
+        if "eager" in res:
+            r["max_rel_loss_difference"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"],
+                                                                                    res["eager"]["losses"]))
+    return res
 
 
 def loader_files(args, tmp):
@@ -336,7 +390,7 @@ def bench_workers(args, device, files):
 def check_args(parser, args):
     """Refuse a bad argument in one line; warn of too few steps; the device."""
     for name in ("steps", "batch_size", "image_size", "num_classes", "loader_images", "loader_batches",
-                 "cifar_steps"):
+                 "cifar_steps", "cifar_epochs"):
         if not 1 <= getattr(args, name) <= 2**20:
             parser.error(f"--{name.replace('_', '-')} must be in 1..2^20")
     for ok, msg in [  # in this order: the first one broken is the one reported
@@ -378,6 +432,7 @@ def main(argv=None):
     res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"]["method_ms_per_step"]
     res["cifar"] = bench_cifar(args, device)
     res["cifar"]["epoch"] = bench_cifar_epoch(args, device)
+    res["cifar"]["modes"] = bench_cifar_modes(args, device)
     with tmp:
         res["loader"] = bench_loader(args, device, files, source)
         if args.loader_workers > 0:
@@ -417,7 +472,11 @@ def print_table(res, args):
           f"(before) | {e['before_epoch_s']:.1f} s |\n"
           f"| same epoch in memory + fast path (decoded once in {e['decode_once_s']:.1f} s) | "
           f"{e['memory_epoch_s']:.1f} s ({e['speedup']:.2f}x) |\n"
-          f"| colour jitter + normalisation on {res['device']} | "
+          + "".join(f"| train.py cifar10_lt, {len(m['losses'])} epochs, S={args.cifar_batch_size}, step mode "
+                    f"{k} | {m['images_per_s']:.0f} images/s, loss per epoch "
+                    f"{' '.join(f'{v:.4f}' for v in m['losses'])} (largest difference to eager "
+                    f"{100 * m.get('max_rel_loss_difference', 0):.2f}%) |\n" for k, m in c["modes"].items())
+          + f"| colour jitter + normalisation on {res['device']} | "
           f"{ld['device_jitter_images_per_s']:.0f} images/s |\n"
           f"| --decode gpu's decode + crop + flip on {res['device']} (main process) | "
           f"{ld['device_decode_images_per_s']:.0f} images/s |"

@@ -521,3 +521,29 @@ class StopFlag:
         if self.signum is None:
             for s, h in self.previous.items():
                 signal.signal(s, h)
+
+
+def share_out(args, folder):
+    """Rank 0's output folder (an OutputFolder, None on other ranks), told to every rank: its path."""
+    box = [folder.path if folder else None]
+    if args.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def dead_worker(e, out):
+    """The error for a DataLoader worker that died (killed, out of memory), however it was noticed: its
+    queue cut (ConnectionError) or PyTorch's SIGCHLD check (RuntimeError, possibly later); else None."""
+    if not (isinstance(e, ConnectionError) or "DataLoader worker" in str(e)):
+        return None
+    what = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return LTauxError(f"a data-loader worker died ({what}); lower --workers if memory is short; "
+                      + last_good(out))
+
+
+def last_good(out):
+    """Where a failed run can be resumed from, for its error line."""
+    last = os.path.join(out, "last.pt")
+    if os.path.exists(last):
+        return f"resume from the last good checkpoint, {last} (intact)"
+    return "no checkpoint was written yet" if os.path.isdir(out) else f"{out} is gone (deleted or renamed)"

@@ -346,7 +346,7 @@ def rotate_batch(x, mode="random", generator=None):
     x_rot, y_rot = torch.empty_like(x), torch.empty(B, dtype=torch.long, device=x.device)
     for k, rows in enumerate(torch.tensor_split(perm, 4)):  # group sizes known on the host
         x_rot[rows] = torch.rot90(x[rows], k, dims=(2, 3))
-        y_rot[rows] = k
+        y_rot.index_fill_(0, rows, k)  # not y_rot[rows] = k: on CUDA that copies k to the device and waits
     return x_rot, y_rot
 
 

@@ -151,8 +151,9 @@ def color_jitter(x, generator=None, brightness=0.4, contrast=0.4, saturation=0.4
     [0, 255] -> float (B, 3, H, W) in [0, 255], drawn from `generator` (on x.device; default: global RNG).
     Per-image factors uniform in [1 - s, 1 + s], torchvision's tensor operations, but in a fixed order
     (torchvision draws one per image) and in float (PIL rounds to 8 bits after each operation)."""
-    strength = torch.tensor([brightness, contrast, saturation], device=x.device).view(3, 1, 1, 1, 1)
-    f = 1 + strength * (2 * torch.rand(3, x.shape[0], 1, 1, 1, device=x.device, generator=generator) - 1)
+    f = 2 * torch.rand(3, x.shape[0], 1, 1, 1, device=x.device, generator=generator) - 1
+    for row, strength in zip(f, (brightness, contrast, saturation)):  # scalars: no host-to-device copy,
+        row.mul_(strength).add_(1)  # which a CUDA graph (--cuda-graph) could not hold
     x = (x * f[0]).clamp_(0, 255)  # brightness: (B, 3, H, W), the one new batch; the rest in place
     mean = grey(x).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
     x.mul_(f[1]).add_((1 - f[1]) * mean).clamp_(0, 255)  # contrast

@@ -16,6 +16,7 @@ import ast
 import collections
 import contextlib
 import csv
+import functools
 import hashlib
 import importlib.util
 import io
@@ -1600,12 +1601,13 @@ def test_train_step_gives_aux_loss_b_cbs_first_as_the_sampler_lays_it_out(method
     batches = types.SimpleNamespace(batch_sampler=types.SimpleNamespace(num_batches=5))
     optimizer = types.SimpleNamespace(param_groups=[dict(lr_scale=1.0)])
     run = types.SimpleNamespace(args=args, device=torch.device("cpu"), batches=batches, optimizer=optimizer,
-                                amp=None, net=None)
+                                amp=None, net=None, gen=torch.Generator())
+    run.update = functools.partial(train.update, run)
     mode = recipes.METHODS[method].sampler
     n = 8 if mode == "cbs_rrs" else 4
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 16, 16).contiguous()
     with pytest.raises(Seen) as seen:
-        train.train_step(run, images, torch.arange(n) + 10, 0, torch.Generator().manual_seed(0))
+        train.train_step(run, images, torch.arange(n) + 10, 0)
     cbs, rrs, lambdas, rotation = seen.value.args
     assert lambdas == [0.25, 2.0, 3.0] and rotation == ("all" if method == "cbs_rrs_ss" else "off")
     want = {"cbs_rrs": ([10, 11, 12, 13], [14, 15, 16, 17]), "cbs": ([10, 11, 12, 13], None),
@@ -1616,6 +1618,155 @@ def test_train_step_gives_aux_loss_b_cbs_first_as_the_sampler_lays_it_out(method
             x, y = part
             assert y.tolist() == rows
             assert torch.equal(x, pipeline.to_device(images[[r - 10 for r in rows]], torch.device("cpu")))
+
+
+@pytest.mark.slow
+def test_cuda_graph_on_a_cpu_says_so_and_trains_exactly_as_without(runs, tiny, tmp_path, capsys):
+    """--cuda-graph where no graph can be captured (here: a CPU) runs the same eager steps, said once."""
+    rc, cap = run_train(tiny, tmp_path / "g", "--method", "cbs_rrs_ss", "--cuda-graph", capsys=capsys)
+    assert rc == 0 and cap.out.count("--cuda-graph: eager steps (CUDA only, this run is on cpu)") == 1
+    want = read_log(runs["cbs_rrs_ss"][0])
+    assert [(r["loss"], r["val_overall"]) for r in read_log(tmp_path / "g")] == [
+        (r["loss"], r["val_overall"]) for r in want]
+    device = torch.device("cuda")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert runtime.why_no_graph(device, 1, scaler, False) is None
+    assert "one process" in runtime.why_no_graph(device, 2, scaler, False)
+    assert "fp16" in runtime.why_no_graph(device, 1, torch.amp.GradScaler("cpu"), False)
+    assert "--compile" in runtime.why_no_graph(device, 1, scaler, True)
+
+
+class FakeGraph:
+    """torch.cuda.CUDAGraph's part that StepGraph uses, on the CPU: torch.cuda.graph(g) records the body's
+    function and the learning-rate tensors it would read; replay() runs it again on the recorded input tensors
+    and writes its results into the recorded output tensors, as a real replay writes the same memory."""
+    made = []
+
+    def __init__(self):
+        self.generators, self.replays, self.body = [], 0, None
+        FakeGraph.made.append(self)
+
+    def register_generator_state(self, generator):
+        self.generators.append(generator)
+
+    def replay(self):
+        self.replays += 1
+        self.body()
+
+
+def test_step_graph_warms_up_captures_once_and_replays_with_each_batch_and_rate(monkeypatch):
+    """StepGraph's own logic on a CPU stand-in for CUDA graphs: 3 eager calls, then one capture (on input
+    tensors of its own, with tensor learning rates, the generator registered), then replays that see each
+    call's batch and each step's learning rate; the optimizer's rates are floats again between calls."""
+    FakeGraph.made.clear()
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([dict(params=[w]), dict(params=[], lr=0.0)], lr=0.1)
+    gen = torch.Generator()
+
+    def fn(images, labels):  # reads what a step reads: its inputs and the groups' rates (floats or tensors)
+        lr = opt.param_groups[0]["lr"]
+        return {"seen": images.float().sum() + 1000 * labels.float().sum() + torch.as_tensor(lr) * 1e6}
+
+    @contextlib.contextmanager
+    def capture(graph, capture_error_mode):
+        assert capture_error_mode == "thread_local"
+        rates = [g["lr"] for g in opt.param_groups]
+        assert all(isinstance(r, torch.Tensor) for r in rates)
+        yield  # the body runs here (a real capture records it without running it)
+        inputs, outputs = step.inputs, step.outputs
+
+        def body():
+            saved = [g["lr"] for g in opt.param_groups]
+            for g, r in zip(opt.param_groups, rates):
+                g["lr"] = r
+            for k, v in fn(*inputs).items():
+                outputs[k].copy_(v)
+            for g, r in zip(opt.param_groups, saved):
+                g["lr"] = r
+        graph.body = body
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    step = runtime.StepGraph(fn, opt, gen)
+    results = []
+    for i in range(6):
+        opt.param_groups[0]["lr"] = 0.001 * (i + 1)
+        images, labels = torch.full((2, 3), float(i)), torch.tensor([i, 2 * i])
+        out = step(images, labels)
+        assert out["seen"].item() == pytest.approx(6 * i + 3000 * i + 1000 * (i + 1)), i
+        assert all(isinstance(g["lr"], float) for g in opt.param_groups)
+        results.append(out)
+    assert len(FakeGraph.made) == 1 and FakeGraph.made[0].generators == [gen]
+    assert FakeGraph.made[0].replays == 3  # steps 3, 4, 5; steps 0-2 eager
+    assert results[3] is results[4] is results[5]  # a replay writes the captured outputs
+    assert step.inputs[0] is not images  # its own input tensors, refilled each step
+
+
+def cuda_run(method, S=8, steps=8):
+    """What train_step needs of a Run, on CUDA: ResNet-32 on 10 classes, bf16, fused SGD, S per part."""
+    import types
+    device = torch.device("cuda")
+    args = types.SimpleNamespace(method=method, image_size=32, batch_size=S, world_size=1, rotation_aug=False,
+                                 rotation="random", lr=0.1, momentum=0.9, weight_decay=5e-4, epochs=1,
+                                 warmup_epochs=0.0, backbone_lr_scale=1.0, seed=0, rank=0, lambdas=[0.5, 1.0, 1.0])
+    model = ltaux.LTResNet("resnet32", 10).to(device, memory_format=torch.channels_last)
+    run = types.SimpleNamespace(args=args, device=device, amp=torch.bfloat16, model=model, net=model,
+                                optimizer=train.build_optimizer(model, args, device), gen=torch.Generator(device),
+                                scaler=torch.amp.GradScaler("cuda", enabled=False),
+                                batches=types.SimpleNamespace(batch_sampler=types.SimpleNamespace(num_batches=steps)))
+    run.update = functools.partial(train.update, run)
+    return run
+
+
+def cuda_batches(n, S=8):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 256, (2 * S, 3, 32, 32), generator=g, dtype=torch.uint8).cuda(),
+             torch.randint(0, 10, (2 * S,), generator=g).cuda()) for _ in range(n)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("method", ["cbs_rrs_ss", "rrs"])
+def test_a_cuda_step_never_waits_for_the_gpu(method):
+    """No host sync in a step (a copy of a Python number to the device, .item(), a pageable copy): the CPU
+    queues the next step while the GPU runs this one, and a CUDA graph can hold the step."""
+    run, batches = cuda_run(method), cuda_batches(4)
+    train.train_step(run, *batches[0], 0)  # first: cuDNN's choices, lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, (images, labels) in enumerate(batches[1:], 1):
+            train.train_step(run, images, labels, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_graph_steps_compute_what_eager_steps_compute():
+    """--cuda-graph's StepGraph against eager steps from the same weights, batches and seeds: the same losses
+    at every step (the rates change every step: a rate frozen at the capture would drift), the same weights."""
+    out = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        run = cuda_run("cbs_rrs_ss")
+        if graphed:
+            run.update = runtime.StepGraph(run.update, run.optimizer, run.gen)
+        losses = [{k: float(v) for k, v in train.train_step(run, x, y, i).items()}
+                  for i, (x, y) in enumerate(cuda_batches(8))]
+        out[graphed] = losses, {k: v.float().cpu() for k, v in run.model.state_dict().items()}
+    assert run.update.graph is not None and run.update.calls == 3  # 3 eager steps, then 5 replays
+    (eager, w_eager), (graph, w_graph) = out[False], out[True]
+    for a, b in zip(eager, graph):
+        assert b == pytest.approx(a, rel=1e-2, abs=1e-3)
+    assert len({round(step["ss"], 4) for step in graph[3:]}) == 5  # every replay saw its own batch
+    for k in w_eager:
+        torch.testing.assert_close(w_graph[k], w_eager[k], rtol=2e-2, atol=2e-3, msg=k)
 
 
 @pytest.mark.slow
@@ -2253,10 +2404,10 @@ def test_best_pt_is_written_before_last_pt(runs, tiny, tmp_path, capsys, monkeyp
 def test_an_output_folder_that_vanishes_mid_run_ends_in_one_line(tiny, tmp_path, capsys, monkeypatch, how):
     out, real = tmp_path / "o", train.train_step
 
-    def step(run, images, labels, step, gen):
+    def step(run, images, labels, step):
         if step == 14:  # in epoch 1, after epoch 0's checkpoints
             shutil.rmtree(out) if how == "deleted" else os.rename(out, tmp_path / "moved")
-        return real(run, images, labels, step, gen)
+        return real(run, images, labels, step)
     monkeypatch.setattr(train, "train_step", step)
     msg = bad_run(tiny, tmp_path, capsys)  # one line, exit status 2, no traceback
     # best.pt, log.jsonl or last.pt comes first, as epoch 1 improves validation or not: any of them will do
@@ -3258,7 +3409,8 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     res = bench.main(["--image-size", "16", "--batch-size", "4", "--num-classes", "5", "--steps", "2", "--warmup", "1",
                       "--loader-images", "8", "--loader-size", "64", "--images", str(tmp_path / "photos"),
                       "--target-rate", "1000", "--loader-workers", "1", "--loader-batches", "2", "--cifar-steps", "1",
-                      "--cifar-images", "120", "--cifar-batch-size", "24", "--cifar-workers", "1"])
+                      "--cifar-images", "120", "--cifar-batch-size", "24", "--cifar-workers", "1",
+                      "--cifar-modes", "eager", "graph", "--cifar-epochs", "1"])
     out = capsys.readouterr().out
     assert json.loads(out[: out.index("\n}\n") + 2])["step"]["images_per_step"] == 16
     s, st, c, ld = res["sampler"], res["step"], res["cifar"], res["loader"]
@@ -3269,6 +3421,10 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     assert c["memory_vs_synthetic"] == pytest.approx(c["memory_images_per_s"] / c["fast_images_per_s"])
     assert c["amp"] == runtime.amp_dtype(None, torch.device("cpu"))[0] and c["epoch"]["steps"] == 5  # ceil(120 / 24)
     assert c["epoch"]["speedup"] == pytest.approx(c["epoch"]["before_epoch_s"] / c["epoch"]["memory_epoch_s"])
+    eager, graph = c["modes"]["eager"], c["modes"]["graph"]  # train.py twice; on a CPU --cuda-graph is eager
+    assert len(eager["losses"]) == 1 and graph["losses"] == eager["losses"] and eager["said"] == []
+    assert graph["said"] == ["--cuda-graph: eager steps (CUDA only, this run is on cpu)"]
+    assert graph["max_rel_loss_difference"] == 0 and "| train.py cifar10_lt, 1 epochs, S=24, step mode graph |" in out
     assert ld["source"].startswith("4 JPEGs in")
     assert ld["workers_ltaux"] == math.ceil(1000 / ld["ltaux_images_per_s_per_worker"])
     assert ld["speedup"] == pytest.approx(ld["ltaux_images_per_s_per_worker"] / ld["oltr_images_per_s_per_worker"])

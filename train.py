@@ -152,23 +152,31 @@ class Run:
     folder: bookkeeping.OutputFolder
     stop: bookkeeping.StopFlag
     log: callable
+    gen: torch.Generator = None  # the steps' random numbers (rotations, jitter), on the device
+    update: callable = None  # the device's part of a step: update(run, ...) or its StepGraph
 
 
 # ----------------------------------------------------------------------------------------------
 # one step, one epoch
 
 
-def train_step(run, images, labels, step, gen):
+def train_step(run, images, labels, step):
     """One SGD step of Eq. 2 at global step `step`: images uint8 (parts * S / W, 3, H, W) as the sampler lays
     them out, [B_cbs; B_rrs] (one part for a baseline), labels (parts * S / W,). Rotation angles and colour
-    jitter come from `gen` (a generator on the device), seeded by (seed, step, rank): a resume repeats them.
-    Returns the loss parts (detached, on the device: no host sync)."""
+    jitter come from run.gen, seeded by (seed, step, rank): a resume repeats them. Returns the loss parts
+    (detached, on the device: no host sync)."""
     args, steps = run.args, run.batches.batch_sampler.num_batches
     # the schedule is per step, so a mid-epoch resume continues it exactly
     for g in run.optimizer.param_groups:
         g["lr"] = args.lr * g["lr_scale"] * lr_factor(step, steps * args.epochs,
                                                       round(args.warmup_epochs * steps))
-    gen.manual_seed(ltaux.AuxBatchSampler.derive_seed(args.seed, "rotation", step, args.rank))
+    run.gen.manual_seed(ltaux.AuxBatchSampler.derive_seed(args.seed, "rotation", step, args.rank))
+    return run.update(images, labels)  # update(run, ...), or its CUDA graph (--cuda-graph)
+
+
+def update(run, images, labels):
+    """The device's part of a step: Eq. 2's loss on the batch, its gradients and the SGD update."""
+    args, gen = run.args, run.gen
     jitter = gen if pipeline.jitter_on_device(args.image_size, train=True) else None
     x, y = pipeline.to_device(images, run.device, jitter), labels.to(run.device, non_blocking=True)
     method, s = METHODS[args.method], args.batch_size // args.world_size
@@ -179,7 +187,9 @@ def train_step(run, images, labels, step, gen):
                     ltaux.rotation_augment(x[s:], y[s:], args.rotation, gen))
     else:
         cbs, rrs = (x[:s], y[:s]), (x[s:], y[s:])  # S / W rows of B_cbs, then S / W of B_rrs
-    with torch.autocast(run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+    # no cast cache: a CUDA graph cannot hold one, and each weight is cast once a step anyway
+    with torch.autocast(run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None,
+                        cache_enabled=False):
         loss, parts = ltaux.aux_loss(run.net, cbs, rrs, args.lambdas,
                                      args.rotation if method.rotation else "off", gen)
     run.optimizer.zero_grad(set_to_none=True)
@@ -187,6 +197,15 @@ def train_step(run, images, labels, step, gen):
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return dict(parts, loss=loss.detach())
+
+
+def make_update(run, log):
+    """run.update: update() itself, or with --cuda-graph its runtime.StepGraph where the run allows one."""
+    fn = functools.partial(update, run)
+    why = runtime.why_no_graph(run.device, run.args.world_size, run.scaler, run.args.compile)
+    if run.args.cuda_graph and why:
+        log(f"--cuda-graph: eager steps ({why})")
+    return runtime.StepGraph(fn, run.optimizer, run.gen) if run.args.cuda_graph and not why else fn
 
 
 def train_one_epoch(run, epoch, first_step, partial):
@@ -198,10 +217,9 @@ def train_one_epoch(run, epoch, first_step, partial):
     steps = run.batches.batch_sampler.num_batches  # M
     sums = {k: torch.tensor(v, device=run.device) for k, v in partial.get("sums", {}).items()}
     done, seen, t0, i = partial.get("steps", 0), 0, time.time(), first_step
-    gen = torch.Generator(device=run.device)
     for batch in run.batches:
         images, labels = run.batches.dataset.decode(batch, run.device) if run.args.decode == "gpu" else batch
-        for k, v in train_step(run, images, labels, epoch * steps + i, gen).items():
+        for k, v in train_step(run, images, labels, epoch * steps + i).items():
             sums[k] = sums.get(k, 0.0) + v.float()  # running sums stay on the device: no sync
         done, seen, i = done + 1, seen + images_per_step(run.args), i + 1
         if i % run.args.print_freq == 0 or i == steps:
@@ -468,17 +486,19 @@ def train(args, ckpt):
         folder = claim_out(args, ckpt) if args.rank == 0 else None  # the output folder, claimed only now
         failed = True
         try:
-            args.out = share_out(args, folder)
+            args.out = bookkeeping.share_out(args, folder)
             net = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
             run = Run(args, device, amp, model, torch.compile(net) if args.compile else net, optimizer,
-                      scaler, batches, eval_batches, counts, fingerprint, folder, stop, log)
+                      scaler, batches, eval_batches, counts, fingerprint, folder, stop, log,
+                      torch.Generator(device=device))
+            run.update = make_update(run, log)
             run_header(run)
             stopped = run_epochs(run, ckpt, "val" in evals)
             failed = False
         except RunError as e:
-            raise LTauxError(f"{e}; {last_good(args.out)}") from None
+            raise LTauxError(f"{e}; {bookkeeping.last_good(args.out)}") from None
         except (RuntimeError, ConnectionError) as e:
-            raise dead_worker(e, args.out) or e
+            raise bookkeeping.dead_worker(e, args.out) or e
         finally:
             if folder:
                 folder.close(failed)
@@ -489,31 +509,6 @@ def train(args, ckpt):
             f"best.pt: {args.out}/best.pt\nnext: python evaluate.py --checkpoint {args.out}/best.pt"
             + (f" --split {args.test_split}" if args.test_split else " --split LIST"))
     return 0
-
-
-def share_out(args, folder):  # rank 0's output folder, told to every rank
-    box = [folder.path if folder else None]
-    if args.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def dead_worker(e, out):
-    """The error for a DataLoader worker that died (killed, out of memory), however it was noticed: its
-    queue cut (ConnectionError) or PyTorch's SIGCHLD check (RuntimeError, possibly later); else None."""
-    if not (isinstance(e, ConnectionError) or "DataLoader worker" in str(e)):
-        return None
-    what = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return LTauxError(f"a data-loader worker died ({what}); lower --workers if memory is short; "
-                      + last_good(out))
-
-
-def last_good(out):
-    """Where a failed run can be resumed from, for its error line."""
-    last = os.path.join(out, "last.pt")
-    if os.path.exists(last):
-        return f"resume from the last good checkpoint, {last} (intact)"
-    return "no checkpoint was written yet" if os.path.isdir(out) else f"{out} is gone (deleted or renamed)"
 
 
 def main(argv=None):
@@ -528,8 +523,9 @@ def main(argv=None):
     except bookkeeping.Interrupted as e:
         return stopped_early(e.args[0])
     except RuntimeError as e:
-        if args is not None and dead_worker(e, args.out):  # PyTorch's check fired while the run was closing
-            return runtime.report(dead_worker(e, args.out))
+        dead = args is not None and bookkeeping.dead_worker(e, args.out)  # PyTorch's check, while closing
+        if dead:
+            return runtime.report(dead)
         # a collective broke because a peer failed first and printed its one error line:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (
                 isinstance(e, dist.DistError) or "closed by peer" in str(e)):
