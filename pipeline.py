@@ -251,17 +251,45 @@ class DeviceDecodeDataset(torch.utils.data.Dataset):
         """A collated batch -> (uint8 images (B, 3, size, size) on the device, labels (B,)). JPEGs the
         device rejects are read on the CPU, whose LTauxError names the file and split line."""
         data, params, labels = batch
-        rows = params.tolist()  # one conversion, not two tensor reads per image
-        out = torch.empty(len(data), 3, self.crop.size, self.crop.size, dtype=torch.uint8, device=device)
         jpeg = [b for b, d in enumerate(data) if d.dim() == 1]
+        images = [None] * len(data)  # the JPEGs, decoded on the device, for crop_batch
         for b, x in zip(jpeg, decode_many([data[b] for b in jpeg], device)):
             if x is None:  # the device decoder said no: the CPU path, with its error messages
-                x = self.dataset.load(rows[b][0], read=read_image)
-            out[b] = self.crop.apply(x.to(device, non_blocking=True), rows[b][1:])
+                x = self.dataset.load(int(params[b, 0]), read=read_image).to(device, non_blocking=True)
+            images[b] = x
+        out = crop_batch(images, params[:, 1:], self.crop.size, device)
         for b, d in enumerate(data):
-            if d.dim() == 3:
+            if d.dim() == 3:  # finished by the worker (PNG and the rest): its row is written last
                 out[b] = d.to(device, non_blocking=True)
         return out, labels
+
+
+# device types whose antialiased bilinear interpolate takes uint8: torch's fixed-point CPU kernel, the one
+# the workers' resized_crop runs on x86 (AVX2, AVX-512) and ARM; CUDA's takes float only
+UINT8_RESIZE = ("cpu",)
+
+
+def crop_batch(images, params, size, device):
+    """RandomResizedCropFlip.apply over a batch: images [uint8 (3, H_b, W_b) on `device`, or None], params
+    (B, 5) int64 on the host (top, left, h, w, flip) -> uint8 (B, 3, size, size) on `device`, the rows of
+    None unspecified (the caller's). Per image: a crop view and one interpolate into the batch; the
+    rounding, uint8 conversion and flip are one pass each over the batch, with no host sync."""
+    uint8 = device.type in UINT8_RESIZE
+    dtype = torch.uint8 if uint8 else torch.float32
+    out = torch.empty(len(images), 3, size, size, dtype=dtype, device=device)
+    rows = params.tolist()  # one conversion of a host tensor: no sync, no tensor read per image
+    for b, x in enumerate(images):
+        if x is not None:
+            top, left, h, w = rows[b][:4]
+            x = x[None, :, top:top + h, left:left + w]  # (1, 3, h, w), a view
+            # torchvision's resize: bilinear, align_corners False, antialiased (a crop already size x size
+            # is returned as is there; interpolate gives it back unchanged, uint8 and float alike)
+            out[b] = torch.nn.functional.interpolate(x if uint8 else x.float(), size=(size, size),
+                                                     mode="bilinear", align_corners=False, antialias=True)[0]
+    if not uint8:  # rounded as the CPU kernel rounds its fixed point: half up; to(uint8) truncates
+        out = out.clamp_(0, 255).add_(0.5).to(torch.uint8)
+    flip = params[:, 4].to(device, non_blocking=True).bool().view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return torch.where(flip, out.flip(-1), out)
 
 
 def decode_many(data, device):
