@@ -322,6 +322,40 @@ def loader_pipelines(size):
             "gpu_worker": gpu_worker}  # --decode gpu: the worker's whole share
 
 
+def device_decode_batch(files, tmp, size, n):
+    """--decode gpu's main-process input as train.py's loader hands it over: (a DeviceDecodeDataset over
+    the files, linked into tmp with a split list, and a collated batch of n seeded items)."""
+    split = os.path.join(tmp, "decode.txt")
+    with open(split, "w") as f:
+        for i, path in enumerate(files):  # links named i.jpg: any file name works in a list
+            os.symlink(os.path.abspath(path), os.path.join(tmp, f"{i}.jpg"))
+            f.write(f"{i}.jpg {i}\n")
+    ds = ltaux.SplitDataset(tmp, split, pipeline.build_transform(size, train=True), read=pipeline.read_image)
+    dd = pipeline.DeviceDecodeDataset(ds, size)
+    return dd, dd.collate([dd[(k % len(files), k)] for k in range(n)])
+
+
+def bench_device_decode(args, device, files):
+    """{name: images/s} of --decode gpu's main-process share on a batch of 2S images: decode_jpeg of the
+    JPEG list alone (nvJPEG on CUDA), crop_batch alone on those images, and both as train.py runs them
+    (DeviceDecodeDataset.decode). Each timed over 3 calls after one, the device waited for."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dd, batch = device_decode_batch(files, tmp, args.loader_size, 2 * args.batch_size)
+        data, params, _ = batch
+        jpeg = [d for d in data if d.dim() == 1]
+        decoded = iter(pipeline.decode_many(jpeg, device))
+        images = [next(decoded) if d.dim() == 1 else None for d in data]  # None: not cropped on the device
+        kinds = {"decode_jpeg": (lambda: pipeline.decode_many(jpeg, device), len(jpeg)),
+                 "crop": (lambda: pipeline.crop_batch(images, params[:, 1:], dd.crop.size, device),
+                          sum(x is not None for x in images)),
+                 "decode": (lambda: dd.decode(batch, device), len(data))}
+        rates = {}
+        for name, (fn, k) in kinds.items():
+            fn()  # warm-up
+            rates[name] = 3 * k / seconds(fn, device, 3)
+    return rates
+
+
 def bench_loader(args, device, files, source, n=64):
     """One worker's images/s per pipeline (one thread), then the device's: to_device and --decode gpu."""
     work = loader_pipelines(args.loader_size)
@@ -338,18 +372,11 @@ def bench_loader(args, device, files, source, n=64):
     finally:
         torch.set_num_threads(threads)
     x = torch.randint(0, 256, (n, 3, args.loader_size, args.loader_size), dtype=torch.uint8)
-    gen, crop = torch.Generator(device=device), pipeline.RandomResizedCropFlip(args.loader_size)
-    encoded = [pipeline.read_encoded(files[i % len(files)]) for i in range(n)]  # (bytes, is_jpeg, (H, W))
-    data, params = [e[0] for e in encoded], [crop.params(*e[2]) for e in encoded]
-
-    def decode():
-        for p, x_ in zip(params, pipeline.decode_many(data, device)):
-            crop.apply(x_ if x_ is not None else pipeline.read_image(files[0]).to(device), p)
-
+    gen = torch.Generator(device=device)
     res = dict(source=source, size=args.loader_size, target_rate=args.target_rate)
-    for name, fn in (("jitter", lambda: pipeline.to_device(x, device, gen)), ("decode", decode)):
-        fn()  # warm-up
-        res[f"device_{name}_images_per_s"] = 3 * n / seconds(fn, device, 3)
+    pipeline.to_device(x, device, gen)  # warm-up
+    res["device_jitter_images_per_s"] = 3 * n / seconds(lambda: pipeline.to_device(x, device, gen), device, 3)
+    res.update({f"device_{k}_images_per_s": r for k, r in bench_device_decode(args, device, files).items()})
     res.update(speedup=rates["ltaux"] / rates["oltr"],
                gpu_worker_cost_ratio=rates["gpu_worker"] / rates["oltr"])
     for k, r in rates.items():
@@ -478,7 +505,11 @@ def print_table(res, args):
                     f"{100 * m.get('max_rel_loss_difference', 0):.2f}%) |\n" for k, m in c["modes"].items())
           + f"| colour jitter + normalisation on {res['device']} | "
           f"{ld['device_jitter_images_per_s']:.0f} images/s |\n"
-          f"| --decode gpu's decode + crop + flip on {res['device']} (main process) | "
+          f"| --decode gpu, main process, 2S={2 * args.batch_size} images a batch on {res['device']}: "
+          f"decode_jpeg of the JPEG list alone | {ld['device_decode_jpeg_images_per_s']:.0f} images/s |\n"
+          f"| same batch, crop_batch alone (crop, resize, round, flip) | "
+          f"{ld['device_crop_images_per_s']:.0f} images/s |\n"
+          f"| same batch, --decode gpu's decode + crop + flip (DeviceDecodeDataset.decode, as train.py) | "
           f"{ld['device_decode_images_per_s']:.0f} images/s |"
           + "".join(f"\n| train.py's loader, {ld['workers']} workers, --decode {m}, to {res['device']} "
                     f"with jitter (2S={2 * args.batch_size}) | {r:.0f} images/s |"

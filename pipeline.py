@@ -252,17 +252,48 @@ class DeviceDecodeDataset(torch.utils.data.Dataset):
         """A collated batch -> (uint8 images (B, 3, size, size) on the device, labels (B,)). JPEGs the
         device rejects are read on the CPU, whose LTauxError names the file and split line."""
         data, params, labels = batch
-        rows = params.tolist()  # one conversion, not two tensor reads per image
-        out = torch.empty(len(data), 3, self.crop.size, self.crop.size, dtype=torch.uint8, device=device)
         jpeg = [b for b, d in enumerate(data) if d.dim() == 1]
+        images = [None] * len(data)  # the JPEGs, decoded on the device, for crop_batch
         for b, x in zip(jpeg, decode_many([data[b] for b in jpeg], device)):
             if x is None:  # the device decoder said no: the CPU path, with its error messages
-                x = self.dataset.load(rows[b][0], read=read_image)
-            out[b] = self.crop.apply(x.to(device, non_blocking=True), rows[b][1:])
+                x = self.dataset.load(int(params[b, 0]), read=read_image).to(device, non_blocking=True)
+            images[b] = x
+        out = crop_batch(images, params[:, 1:], self.crop.size, device)
         for b, d in enumerate(data):
-            if d.dim() == 3:
+            if d.dim() == 3:  # finished by the worker (PNG and the rest): its row is written last
                 out[b] = d.to(device, non_blocking=True)
         return out, labels
+
+
+# device types whose antialiased bilinear interpolate takes uint8: torch's fixed-point CPU kernel, the one
+# the workers' resized_crop runs on x86 (AVX2, AVX-512) and ARM; CUDA's takes float only
+UINT8_RESIZE = ("cpu",)
+_upsample_bilinear_aa = torch._C._nn._upsample_bilinear2d_aa  # F.interpolate's antialiased bilinear kernel
+
+
+def crop_batch(images, params, size, device):
+    """RandomResizedCropFlip.apply over a batch: images [uint8 (3, H_b, W_b) on `device`, or None], params
+    (B, 5) int64 on the host (top, left, h, w, flip) -> uint8 (B, 3, size, size) on `device`, the rows of
+    None unspecified (the caller's). Per image: a crop view and one resize into the batch (on CUDA, of
+    a float copy of the crop); rounding, uint8 conversion and flip: once for the batch. No host sync:
+    the params are read on the host, the rows to flip reach the device as one index tensor."""
+    uint8 = device.type in UINT8_RESIZE
+    dtype = torch.uint8 if uint8 else torch.float32
+    out = torch.empty(len(images), 3, size, size, dtype=dtype, device=device)
+    rows = params.tolist()  # one conversion of a host tensor: no sync, no tensor read per image
+    for b, x in enumerate(images):
+        if x is not None:
+            top, left, h, w = rows[b][:4]
+            x = x[None, :, top:top + h, left:left + w]  # (1, 3, h, w), a view
+            # torchvision's resize: interpolate(mode="bilinear", align_corners=False, antialias=True), by
+            # the kernel interpolate calls, with out= to write into the batch without a copy per image (a
+            # crop already size x size: torchvision returns it as is, this kernel gives it back unchanged)
+            _upsample_bilinear_aa(x if uint8 else x.float(), (size, size), False, out=out[b:b + 1])
+    if not uint8:  # rounded as the CPU kernel rounds its fixed point: half up; to(uint8) truncates
+        out = out.clamp_(0, 255).add_(0.5).to(torch.uint8)
+    flipped = params[:, 4].nonzero().flatten()  # (F,) the rows to flip, found on the host
+    flipped = flipped.to(device, non_blocking=True)  # (torch.where over the batch: far slower on a CPU)
+    return out.index_copy_(0, flipped, out.index_select(0, flipped).flip(-1))
 
 
 def decode_many(data, device):

@@ -1070,13 +1070,57 @@ def test_decode_gpu_path_on_cpu_gives_the_workers_images_bit_for_bit(tmp_path):
     assert not torch.equal(images[0], images[10])  # image 0 under two seeds: two crops
 
 
+def crop_cases(tmp_path, size=64):
+    """Images (jpeg_set's 10 and two pattern images, decoded on the CPU) with seeded crop draws, plus a
+    whole-image crop and a crop already size x size: (images [uint8 (3, H, W)], params (B, 5) int64)."""
+    split = jpeg_set(tmp_path)
+    names = [line.split()[0] for line in open(split)]
+    pictures = [pipeline.read_image(str(tmp_path / n)) for n in names]
+    pictures += [pattern_image()[0], pattern_image(90, 130)[0]]
+    crop, images, params = pipeline.RandomResizedCropFlip(size), [], []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for k in range(48):
+            x = pictures[k % len(pictures)]
+            images.append(x)
+            params.append(crop.params(*x.shape[-2:]))
+    x = pictures[-1]
+    images += [x, x, x]
+    params += [(0, 0, 130, 90, 1), (7, 5, size, size, 1), (30, 2, size, size, 0)]
+    return images, torch.tensor(params)
+
+
+def test_decode_gpu_float_crop_matches_the_uint8_crop_within_one_level(tmp_path, monkeypatch):
+    """crop_batch's float path (CUDA's: interpolate in float, rounded half up) against the workers'
+    RandomResizedCropFlip.apply, image by image: the same crop and flip, within one grey level, rounded
+    (no bias); the uint8 path (the CPU's) equal bit for bit."""
+    images, params = crop_cases(tmp_path)
+    crop = pipeline.RandomResizedCropFlip(64)
+    ref = torch.stack([crop.apply(x, p) for x, p in zip(images, params.tolist())])  # the workers' crops
+    tall = params[:, 2] - params[:, 3]  # crop height - width: both signs, so a transposed box shows
+    assert 0 < params[:, 4].sum() < len(params) and tall.max() > 0 > tall.min()  # and both flips
+    assert torch.equal(pipeline.crop_batch(images, params, 64, torch.device("cpu")), ref)
+    monkeypatch.setattr(pipeline, "UINT8_RESIZE", ())  # the float path, as on CUDA
+    out = pipeline.crop_batch(images, params, 64, torch.device("cpu"))
+    assert out.dtype == torch.uint8 and out.shape == ref.shape
+    d = out.int() - ref.int()  # (B, 3, 64, 64)
+    assert d.abs().max() <= 1  # the same crop, resize and flip in every image
+    # the CPU kernel rounds to uint8 after each of its two passes, in fixed point: some pixels are one
+    # level apart, without a bias (truncating the float path would shift the mean by about -0.5)
+    assert (d != 0).float().mean() < 0.25 and abs(d.float().mean()) < 0.05
+    assert torch.equal(out[-2:], ref[-2:])  # a size x size crop: its pixels as they are (one of them flipped)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("device", ["cpu", "cpu-float", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA"))])
-def test_decode_gpu_path_has_the_workers_augmentation_statistics(tmp_path, device):
+def test_decode_gpu_path_has_the_workers_augmentation_statistics(tmp_path, device, monkeypatch):
     """Over 200 seeded crops of 4 pattern JPEGs: per-image mean and spread, the flip (which way the
     red ramp rises) and the zoom (how much of the ramp the crop spans) agree between the two halves
-    (on CUDA nvjpeg and the resize differ in bits, not in distribution)."""
+    (on CUDA nvjpeg and the resize differ in bits, not in distribution). cpu-float: CUDA's float crop."""
+    if device == "cpu-float":
+        monkeypatch.setattr(pipeline, "UINT8_RESIZE", ())
+        device = "cpu"
     rows = []
     for i in range(4):
         pattern_image(100 + 30 * i, 90 + 10 * i)[1].save(tmp_path / f"{i}.jpg", quality=90)
@@ -1092,8 +1136,9 @@ def test_decode_gpu_path_has_the_workers_augmentation_statistics(tmp_path, devic
 
     a, b = stats(cpu_images), stats(images)
     assert 0.3 < a[:, 2].mean() < 0.7 and a[:, 3].std() > 10  # the statistics vary: they can tell
-    assert (a - b).abs().mean(0).tolist() < [1.0, 1.0, 0.02, 1.0]  # image by image
-    assert (a.mean(0) - b.mean(0)).abs().tolist() < [0.5, 0.5, 0.01, 0.5]  # and on average
+    # each statistic within its bound (a list `<` would compare the first one alone), image by image
+    assert ((a - b).abs().mean(0) < torch.tensor([1.0, 1.0, 0.02, 1.0])).all()
+    assert ((a.mean(0) - b.mean(0)).abs() < torch.tensor([0.5, 0.5, 0.01, 0.5])).all()  # and on average
 
 
 def test_decode_gpu_falls_back_to_the_cpu_path_and_names_a_bad_file(tmp_path, monkeypatch):
