@@ -6,8 +6,9 @@ examples:
   python bench.py --images /imagenet/train/n01440764 --device cuda --arch resnet50 --image-size 224 \
 --batch-size 64
 
-figures (docs/benchmarks.md describes each): sampler, step (a cbs_rrs_ss step vs a plain classifier step
-over the same 4S images: their ratio is the headline), cifar (the CIFAR recipe), loader (the input pipelines).
+figures (--figures; docs/benchmarks.md describes each): step (the sampler, and a cbs_rrs_ss step vs a plain
+classifier step over the same 4S images: their ratio is the headline), cifar (the CIFAR recipe), modes
+(train.py's step modes on one short CIFAR run), loader (the input pipelines).
 """
 
 import argparse
@@ -23,6 +24,7 @@ import time
 import recipes
 
 STEP_MODES = {"eager": [], "graph": ["--cuda-graph"], "compile": ["--compile"]}  # train.py's flags
+FIGURES = ("step", "cifar", "modes", "loader")
 
 
 def get_args_parser():
@@ -56,6 +58,8 @@ def get_args_parser():
         help="JPEGs of the CIFAR-recipe epoch figure (one epoch = ceil(N / S) steps)")
     add("--cifar-workers", type=int, default=min(8, os.cpu_count() or 1),
         help="DataLoader workers of the epoch figure's worker path (train.py's default --workers)")
+    add("--figures", nargs="+", choices=FIGURES, default=list(FIGURES), help="which figures to measure "
+        "(step: the sampler too; modes: train.py's step modes, see --cifar-modes)")
     add("--cifar-modes", nargs="*", choices=list(STEP_MODES), default=None, help="train.py step modes "
         "compared on the same short cifar10_lt run: losses and images/s (None: eager and graph on CUDA, "
         "none on a CPU, where --cuda-graph runs eager steps)")
@@ -448,72 +452,91 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = check_args(parser, args)
     tmp = tempfile.TemporaryDirectory()
-    files, source = loader_files(args, tmp.name)  # a bad --images ends the benchmark before any timing
+    if "loader" in args.figures:  # a bad --images ends the benchmark before any timing
+        files, source = loader_files(args, tmp.name)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
     res = dict(device=str(device), device_name=name, torch=torch.__version__, arch=args.arch,
-               image_size=args.image_size, batch_size=args.batch_size,
-               sampler=bench_sampler(args.batch_size, args.labels), step=bench_step(args, device))
-    res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"]["method_ms_per_step"]
-    res["cifar"] = bench_cifar(args, device)
-    res["cifar"]["epoch"] = bench_cifar_epoch(args, device)
-    res["cifar"]["modes"] = bench_cifar_modes(args, device)
+               image_size=args.image_size, batch_size=args.batch_size)
+    if "step" in args.figures:
+        res.update(sampler=bench_sampler(args.batch_size, args.labels), step=bench_step(args, device))
+        res["sampler"]["fraction_of_step"] = res["sampler"]["ms_per_batch"] / res["step"][
+            "method_ms_per_step"]
+    if "cifar" in args.figures:
+        res["cifar"] = dict(bench_cifar(args, device), epoch=bench_cifar_epoch(args, device))
+    if "modes" in args.figures:
+        res["modes"] = bench_cifar_modes(args, device)
     with tmp:
-        res["loader"] = bench_loader(args, device, files, source)
-        if args.loader_workers > 0:
-            res["loader"]["workers"] = args.loader_workers
-            res["loader"]["end_to_end_images_per_s"] = bench_workers(args, device, files)
+        if "loader" in args.figures:
+            res["loader"] = bench_loader(args, device, files, source)
+            if args.loader_workers > 0:
+                res["loader"]["workers"] = args.loader_workers
+                res["loader"]["end_to_end_images_per_s"] = bench_workers(args, device, files)
     print(json.dumps(res, indent=1))
-    print_table(res, args)
+    print("\n| what | figure |\n|---|---|\n" + "".join(
+        TABLES[k](res, args) for k in ("step", "cifar", "modes", "loader") if k in res).rstrip("\n"))
     return res
 
 
-def print_table(res, args):
-    s, st, c, ld, e = res["sampler"], res["step"], res["cifar"], res["loader"], res["cifar"]["epoch"]
-    loader_rows = [("oltr", "OLTR / Decoupling: PIL decode, crop, flip, ColorJitter, ToTensor, Normalize"),
-                   ("ltaux", "ltaux --decode cpu: decode_jpeg, tensor crop + flip, uint8 out"),
-                   ("gpu_worker", "ltaux --decode gpu, the worker's share: read bytes, header, crop draw")]
-    print(f"\n| what | figure |\n|---|---|\n"
-          f"| sampler ({s['labels']}, S={s['S']}, Z={s['Z']}) | {s['batches_per_s']:.0f} batches/s, "
-          f"{s['indices_per_s'] / 1e6:.2f} M indices/s, {s['ms_per_epoch']:.0f} ms per epoch, "
-          f"{100 * s['fraction_of_step']:.3f}% of a step |\n"
-          f"| cbs_rrs_ss step ({args.arch}, {args.image_size} px, 4S={st['images_per_step']}, "
-          f"{st['amp']}, {res['device_name']}) | {st['method_images_per_s']:.0f} images/s |\n"
-          f"| plain classifier step, same images | {st['plain_images_per_s']:.0f} images/s |\n"
-          f"| ratio method / plain | {st['ratio']:.3f} |\n"
-          f"| loader: one worker ({ld['source']}, {ld['size']} px) | images/s per worker, workers for "
-          f"{ld['target_rate']:.0f} images/s |\n"
-          + "".join(f"| {label} | {ld[k + '_images_per_s_per_worker']:.0f} "
-                    f"({ld[k + '_images_per_s_per_worker'] / ld['oltr_images_per_s_per_worker']:.2f}x), "
-                    f"{ld['workers_' + k]} workers |\n" for k, label in loader_rows)
-          + f"| CIFAR recipe: resnet32 cbs_rrs_ss step, 4S={c['images_per_step']}, fp32 contiguous, "
-          f"synthetic input (before; {res['device_name']}) | {c['before_images_per_s']:.0f} images/s |\n"
-          f"| same, channels_last + amp {c['amp']} (cpu bf16 native: {c['cpu_bf16']}) | "
-          f"{c['fast_images_per_s']:.0f} images/s ({c['fast_speedup']:.2f}x) |\n"
-          f"| same, fed by the in-memory pipeline (gather + cifar_augment + to_device) | "
-          f"{c['memory_images_per_s']:.0f} images/s "
-          f"(ratio to synthetic input {c['memory_vs_synthetic']:.3f}) |\n"
-          f"| CIFAR-recipe epoch, {e['images']} JPEGs ({e['steps']} steps): {e['workers']} workers + fp32 "
-          f"(before) | {e['before_epoch_s']:.1f} s |\n"
-          f"| same epoch in memory + fast path (decoded once in {e['decode_once_s']:.1f} s) | "
-          f"{e['memory_epoch_s']:.1f} s ({e['speedup']:.2f}x) |\n"
-          + "".join(f"| train.py cifar10_lt, {len(m['losses'])} epochs, S={args.cifar_batch_size}, step mode "
-                    f"{k} | {m['images_per_s']:.0f} images/s, loss per epoch "
-                    f"{' '.join(f'{v:.4f}' for v in m['losses'])} (largest difference to eager "
-                    f"{100 * m.get('max_rel_loss_difference', 0):.2f}%) |\n" for k, m in c["modes"].items())
-          + f"| colour jitter + normalisation on {res['device']} | "
-          f"{ld['device_jitter_images_per_s']:.0f} images/s |\n"
-          f"| --decode gpu, main process, 2S={2 * args.batch_size} images a batch on {res['device']}: "
-          f"decode_jpeg of the JPEG list alone | {ld['device_decode_jpeg_images_per_s']:.0f} images/s |\n"
-          f"| same batch, crop_batch alone (crop, resize, round, flip) | "
-          f"{ld['device_crop_images_per_s']:.0f} images/s |\n"
-          f"| same batch, --decode gpu's decode + crop + flip (DeviceDecodeDataset.decode, as train.py) | "
-          f"{ld['device_decode_images_per_s']:.0f} images/s |"
-          + "".join(f"\n| train.py's loader, {ld['workers']} workers, --decode {m}, to {res['device']} "
-                    f"with jitter (2S={2 * args.batch_size}) | {r:.0f} images/s |"
-                    for m, r in ld.get("end_to_end_images_per_s", {}).items()))
+def step_rows(res, args):
+    s, st = res["sampler"], res["step"]
+    return (f"| sampler ({s['labels']}, S={s['S']}, Z={s['Z']}) | {s['batches_per_s']:.0f} batches/s, "
+            f"{s['indices_per_s'] / 1e6:.2f} M indices/s, {s['ms_per_epoch']:.0f} ms per epoch, "
+            f"{100 * s['fraction_of_step']:.3f}% of a step |\n"
+            f"| cbs_rrs_ss step ({args.arch}, {args.image_size} px, 4S={st['images_per_step']}, "
+            f"{st['amp']}, {res['device_name']}) | {st['method_images_per_s']:.0f} images/s |\n"
+            f"| plain classifier step, same images | {st['plain_images_per_s']:.0f} images/s |\n"
+            f"| ratio method / plain | {st['ratio']:.3f} |\n")
+
+
+def cifar_rows(res, args):
+    c, e = res["cifar"], res["cifar"]["epoch"]
+    return (f"| CIFAR recipe: resnet32 cbs_rrs_ss step, 4S={c['images_per_step']}, fp32 contiguous, "
+            f"synthetic input (before; {res['device_name']}) | {c['before_images_per_s']:.0f} images/s |\n"
+            f"| same, channels_last + amp {c['amp']} (cpu bf16 native: {c['cpu_bf16']}) | "
+            f"{c['fast_images_per_s']:.0f} images/s ({c['fast_speedup']:.2f}x) |\n"
+            f"| same, fed by the in-memory pipeline (gather + cifar_augment + to_device) | "
+            f"{c['memory_images_per_s']:.0f} images/s "
+            f"(ratio to synthetic input {c['memory_vs_synthetic']:.3f}) |\n"
+            f"| CIFAR-recipe epoch, {e['images']} JPEGs ({e['steps']} steps): {e['workers']} workers + fp32 "
+            f"(before) | {e['before_epoch_s']:.1f} s |\n"
+            f"| same epoch in memory + fast path (decoded once in {e['decode_once_s']:.1f} s) | "
+            f"{e['memory_epoch_s']:.1f} s ({e['speedup']:.2f}x) |\n")
+
+
+def mode_rows(res, args):
+    return "".join(f"| train.py cifar10_lt, {len(m['losses'])} epochs, S={args.cifar_batch_size}, step mode "
+                   f"{k} | {m['images_per_s']:.0f} images/s, loss per epoch "
+                   f"{' '.join(f'{v:.4f}' for v in m['losses'])} (largest difference to eager "
+                   f"{100 * m.get('max_rel_loss_difference', 0):.2f}%) |\n" for k, m in res["modes"].items())
+
+
+def loader_rows(res, args):
+    ld = res["loader"]
+    pipelines = [("oltr", "OLTR / Decoupling: PIL decode, crop, flip, ColorJitter, ToTensor, Normalize"),
+                 ("ltaux", "ltaux --decode cpu: decode_jpeg, tensor crop + flip, uint8 out"),
+                 ("gpu_worker", "ltaux --decode gpu, the worker's share: read bytes, header, crop draw")]
+    return (f"| loader: one worker ({ld['source']}, {ld['size']} px) | images/s per worker, workers for "
+            f"{ld['target_rate']:.0f} images/s |\n"
+            + "".join(f"| {label} | {ld[k + '_images_per_s_per_worker']:.0f} "
+                      f"({ld[k + '_images_per_s_per_worker'] / ld['oltr_images_per_s_per_worker']:.2f}x), "
+                      f"{ld['workers_' + k]} workers |\n" for k, label in pipelines)
+            + f"| colour jitter + normalisation on {res['device']} | "
+            f"{ld['device_jitter_images_per_s']:.0f} images/s |\n"
+            f"| --decode gpu, main process, 2S={2 * args.batch_size} images a batch on {res['device']}: "
+            f"decode_jpeg of the JPEG list alone | {ld['device_decode_jpeg_images_per_s']:.0f} images/s |\n"
+            f"| same batch, crop_batch alone (crop, resize, round, flip) | "
+            f"{ld['device_crop_images_per_s']:.0f} images/s |\n"
+            f"| same batch, --decode gpu's decode + crop + flip (DeviceDecodeDataset.decode, as train.py) | "
+            f"{ld['device_decode_images_per_s']:.0f} images/s |\n"
+            + "".join(f"| train.py's loader, {ld['workers']} workers, --decode {m}, to {res['device']} "
+                      f"with jitter (2S={2 * args.batch_size}) | {r:.0f} images/s |\n"
+                      for m, r in ld.get("end_to_end_images_per_s", {}).items()))
+
+
+TABLES = {"step": step_rows, "cifar": cifar_rows, "modes": mode_rows, "loader": loader_rows}
 
 
 if __name__ == "__main__":

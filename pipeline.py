@@ -268,7 +268,6 @@ class DeviceDecodeDataset(torch.utils.data.Dataset):
 # device types whose antialiased bilinear interpolate takes uint8: torch's fixed-point CPU kernel, the one
 # the workers' resized_crop runs on x86 (AVX2, AVX-512) and ARM; CUDA's takes float only
 UINT8_RESIZE = ("cpu",)
-_upsample_bilinear_aa = torch._C._nn._upsample_bilinear2d_aa  # F.interpolate's antialiased bilinear kernel
 
 
 def crop_batch(images, params, size, device):
@@ -285,10 +284,10 @@ def crop_batch(images, params, size, device):
         if x is not None:
             top, left, h, w = rows[b][:4]
             x = x[None, :, top:top + h, left:left + w]  # (1, 3, h, w), a view
-            # torchvision's resize: interpolate(mode="bilinear", align_corners=False, antialias=True), by
-            # the kernel interpolate calls, with out= to write into the batch without a copy per image (a
-            # crop already size x size: torchvision returns it as is, this kernel gives it back unchanged)
-            _upsample_bilinear_aa(x if uint8 else x.float(), (size, size), False, out=out[b:b + 1])
+            # torchvision's resize (a crop already size x size: torchvision returns it as is, and so
+            # does this resize)
+            out[b] = torch.nn.functional.interpolate(x if uint8 else x.float(), (size, size), mode="bilinear",
+                                                     align_corners=False, antialias=True)[0]
     if not uint8:  # rounded as the CPU kernel rounds its fixed point: half up; to(uint8) truncates
         out = out.clamp_(0, 255).add_(0.5).to(torch.uint8)
     flipped = params[:, 4].nonzero().flatten()  # (F,) the rows to flip, found on the host

@@ -144,7 +144,9 @@ class StepGraph:
         """Record fn on input tensors of this batch's shapes; nothing runs (the caller replays)."""
         device = self.generator.device
         self.inputs = (torch.empty_like(images, device=device), torch.empty_like(labels, device=device))
-        self.lrs = [torch.tensor(float(g["lr"]), device=device) for g in self.optimizer.param_groups]
+        # float32 on the parameters' device: what the fused kernel reads there (a CPU one would be baked in)
+        self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=g["params"][0].device if
+                                 g["params"] else device) for g in self.optimizer.param_groups]
         floats = [g["lr"] for g in self.optimizer.param_groups]
         for group, lr in zip(self.optimizer.param_groups, self.lrs):
             group["lr"] = lr  # the fused SGD kernel reads the rate from this tensor at every replay
@@ -154,6 +156,10 @@ class StepGraph:
         try:  # thread_local: a loader's pin-memory thread may call CUDA meanwhile
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.outputs = self.fn(*self.inputs)
+        except RuntimeError as e:
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LTauxError(f"--cuda-graph: the training step could not be captured in a CUDA graph "
+                             f"({cause}); run without --cuda-graph") from e
         finally:
             for group, lr in zip(self.optimizer.param_groups, floats):
                 group["lr"] = lr  # floats again for the checkpoints and the log

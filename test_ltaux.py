@@ -1753,6 +1753,19 @@ def test_step_graph_warms_up_captures_once_and_replays_with_each_batch_and_rate(
     assert results[3] is results[4] is results[5]  # a replay writes the captured outputs
     assert step.inputs[0] is not images  # its own input tensors, refilled each step
 
+    @contextlib.contextmanager
+    def failing(graph, capture_error_mode):
+        yield
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(torch.cuda, "graph", failing)
+    step = runtime.StepGraph(fn, opt, gen, warmup=0)
+    with pytest.raises(ltaux.LTauxError, match=r"^--cuda-graph: the training step could not be captured in a "
+                       r"CUDA graph \(CUDA error: operation not permitted when stream is capturing\); run "
+                       r"without --cuda-graph$"):
+        step(images, labels)
+    assert all(isinstance(g["lr"], float) for g in opt.param_groups)  # the checkpoints' floats, kept
+
 
 def cuda_run(method, S=8, steps=8):
     """What train_step needs of a Run, on CUDA: ResNet-32 on 10 classes, bf16, fused SGD, S per part."""
@@ -3466,10 +3479,15 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     assert c["memory_vs_synthetic"] == pytest.approx(c["memory_images_per_s"] / c["fast_images_per_s"])
     assert c["amp"] == runtime.amp_dtype(None, torch.device("cpu"))[0] and c["epoch"]["steps"] == 5  # ceil(120 / 24)
     assert c["epoch"]["speedup"] == pytest.approx(c["epoch"]["before_epoch_s"] / c["epoch"]["memory_epoch_s"])
-    eager, graph = c["modes"]["eager"], c["modes"]["graph"]  # train.py twice; on a CPU --cuda-graph is eager
+    eager, graph = res["modes"]["eager"], res["modes"]["graph"]  # train.py twice; on a CPU --cuda-graph is eager
     assert len(eager["losses"]) == 1 and graph["losses"] == eager["losses"] and eager["said"] == []
     assert graph["said"] == ["--cuda-graph: eager steps (CUDA only, this run is on cpu)"]
     assert graph["max_rel_loss_difference"] == 0 and "| train.py cifar10_lt, 1 epochs, S=24, step mode graph |" in out
+    only = bench.main(["--figures", "modes", "--cifar-modes", "eager", "--cifar-epochs", "1", "--cifar-images", "120",
+                       "--cifar-batch-size", "24"])
+    table = capsys.readouterr().out
+    assert {"step", "sampler", "cifar", "loader"}.isdisjoint(only) and list(only["modes"]) == ["eager"]
+    assert table.rstrip().endswith("(largest difference to eager 0.00%) |") and table.count("\n| ") == 2
     assert ld["source"].startswith("4 JPEGs in")
     assert ld["workers_ltaux"] == math.ceil(1000 / ld["ltaux_images_per_s_per_worker"])
     assert ld["speedup"] == pytest.approx(ld["ltaux_images_per_s_per_worker"] / ld["oltr_images_per_s_per_worker"])
