@@ -474,6 +474,8 @@ def main(argv=None):
             if args.loader_workers > 0:
                 res["loader"]["workers"] = args.loader_workers
                 res["loader"]["end_to_end_images_per_s"] = bench_workers(args, device, files)
+            if "step" in res:  # a cbs_rrs_ss step decodes 2S of the 4S images it forwards
+                res["loader"]["step_need_images_per_s"] = res["step"]["method_images_per_s"] / 2
     print(json.dumps(res, indent=1))
     print("\n| what | figure |\n|---|---|\n" + "".join(
         TABLES[k](res, args) for k in ("step", "cifar", "modes", "loader") if k in res).rstrip("\n"))
@@ -533,7 +535,9 @@ def loader_rows(res, args):
             f"{ld['device_decode_images_per_s']:.0f} images/s |\n"
             + "".join(f"| train.py's loader, {ld['workers']} workers, --decode {m}, to {res['device']} "
                       f"with jitter (2S={2 * args.batch_size}) | {r:.0f} images/s |\n"
-                      for m, r in ld.get("end_to_end_images_per_s", {}).items()))
+                      for m, r in ld.get("end_to_end_images_per_s", {}).items())
+            + (f"| what the cbs_rrs_ss step above decodes (2S of its 4S images) | "
+               f"{ld['step_need_images_per_s']:.0f} images/s |\n" if "step_need_images_per_s" in ld else ""))
 
 
 TABLES = {"step": step_rows, "cifar": cifar_rows, "modes": mode_rows, "loader": loader_rows}

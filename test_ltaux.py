@@ -3493,9 +3493,10 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     assert ld["speedup"] == pytest.approx(ld["ltaux_images_per_s_per_worker"] / ld["oltr_images_per_s_per_worker"])
     assert ld["gpu_worker_cost_ratio"] > 1  # a worker that only reads bytes beats one that decodes
     assert list(ld["end_to_end_images_per_s"]) == ["cpu"]
+    assert ld["step_need_images_per_s"] == pytest.approx(st["method_images_per_s"] / 2)
     for row in ("| ratio method / plain |", "| ltaux --decode cpu: decode_jpeg", "--decode gpu's decode",
                 "| CIFAR recipe: resnet32 cbs_rrs_ss step", "fed by the in-memory pipeline", "| CIFAR-recipe epoch, 119 JPEGs",
-                "| train.py's loader, 1 workers, --decode cpu"):
+                "| train.py's loader, 1 workers, --decode cpu", "| what the cbs_rrs_ss step above decodes (2S of its"):
         assert row in out, row
     assert "PIL decode, crop, flip, uint8 out" not in out  # a pipeline ltaux no longer has
 
