@@ -326,16 +326,21 @@ def loader_pipelines(size):
             "gpu_worker": gpu_worker}  # --decode gpu: the worker's whole share
 
 
-def device_decode_batch(files, tmp, size, n):
-    """--decode gpu's main-process input as train.py's loader hands it over: (a DeviceDecodeDataset over
-    the files, linked into tmp with a split list, and a collated batch of n seeded items)."""
-    split = os.path.join(tmp, "decode.txt")
+def linked_dataset(files, tmp, size):
+    """A training SplitDataset of the files, linked into tmp as i.jpg (any file name works in a list), one
+    class per image: the sampler's k = S/Z classes always exist."""
+    split = os.path.join(tmp, "bench.txt")
     with open(split, "w") as f:
-        for i, path in enumerate(files):  # links named i.jpg: any file name works in a list
+        for i, path in enumerate(files):
             os.symlink(os.path.abspath(path), os.path.join(tmp, f"{i}.jpg"))
             f.write(f"{i}.jpg {i}\n")
-    ds = ltaux.SplitDataset(tmp, split, pipeline.build_transform(size, train=True), read=pipeline.read_image)
-    dd = pipeline.DeviceDecodeDataset(ds, size)
+    return ltaux.SplitDataset(tmp, split, pipeline.build_transform(size, train=True), read=pipeline.read_image)
+
+
+def device_decode_batch(files, tmp, size, n):
+    """--decode gpu's main-process input as train.py's loader hands it over: (a DeviceDecodeDataset over
+    the files, and a collated batch of n seeded items)."""
+    dd = pipeline.DeviceDecodeDataset(linked_dataset(files, tmp, size), size)
     return dd, dd.collate([dd[(k % len(files), k)] for k in range(n)])
 
 
@@ -393,13 +398,7 @@ def bench_workers(args, device, files):
     gen, rates = torch.Generator(device=device), {}
     warm = 2 * max(1, args.loader_workers)  # what the workers prefetched while starting
     with tempfile.TemporaryDirectory() as tmp:
-        split = os.path.join(tmp, "bench.txt")
-        with open(split, "w") as f:  # one class per image: the sampler's k = S/Z classes always exist
-            for i, path in enumerate(files):  # links named i.jpg: any file name works in a list
-                os.symlink(os.path.abspath(path), os.path.join(tmp, f"{i}.jpg"))
-                f.write(f"{i}.jpg {i}\n")
-        ds = ltaux.SplitDataset(tmp, split, pipeline.build_transform(args.loader_size, train=True),
-                                read=pipeline.read_image)
+        ds = linked_dataset(files, tmp, args.loader_size)
         for mode in ("cpu", "gpu") if device.type == "cuda" else ("cpu",):
             sampler = ltaux.AuxBatchSampler(ds.labels, args.batch_size, 4,
                                             num_batches=warm + args.loader_batches, with_seeds=True)

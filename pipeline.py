@@ -291,6 +291,8 @@ def crop_batch(images, params, size, device):
     if not uint8:  # rounded as the CPU kernel rounds its fixed point: half up; to(uint8) truncates
         out = out.clamp_(0, 255).add_(0.5).to(torch.uint8)
     flipped = params[:, 4].nonzero().flatten()  # (F,) the rows to flip, found on the host
+    if device.type == "cuda":  # pinned: a copy from pageable memory may wait for the queued steps
+        flipped = flipped.pin_memory()
     flipped = flipped.to(device, non_blocking=True)  # (torch.where over the batch: far slower on a CPU)
     return out.index_copy_(0, flipped, out.index_select(0, flipped).flip(-1))
 
