@@ -334,7 +334,8 @@ def linked_dataset(files, tmp, size):
         for i, path in enumerate(files):
             os.symlink(os.path.abspath(path), os.path.join(tmp, f"{i}.jpg"))
             f.write(f"{i}.jpg {i}\n")
-    return ltaux.SplitDataset(tmp, split, pipeline.build_transform(size, train=True), read=pipeline.read_image)
+    transform = pipeline.build_transform(size, train=True)
+    return ltaux.SplitDataset(tmp, split, transform, read=pipeline.read_image)
 
 
 def device_decode_batch(files, tmp, size, n):
