@@ -167,6 +167,7 @@ def bench_step(args, device):
 
 
 CIFAR_COUNTS = [int(5000 * 0.01 ** (c / 9)) for c in range(10)]  # CIFAR-10-LT ratio 100: 12,406 images
+CIFAR_LISTS = ("CIFAR10_LT_r100_train.txt", "CIFAR10_test.txt")  # what --cifar-data holds
 
 
 def cifar_step(device, fast):
@@ -261,7 +262,7 @@ def bench_cifar_modes(args, device):
     with tempfile.TemporaryDirectory() as tmp:
         if args.cifar_data:
             root = args.cifar_data
-            split, test = (os.path.join(root, f) for f in ("CIFAR10_LT_r100_train.txt", "CIFAR10_test.txt"))
+            split, test = (os.path.join(root, f) for f in CIFAR_LISTS)
         else:
             root, (split, _) = tmp, write_cifar_like(tmp, args.cifar_images)
             test = split
@@ -435,7 +436,11 @@ def check_args(parser, args):
              f"{recipes.SMALL_IMAGES}..4096 (the loader figures are the ImageNet-LT recipe's pipeline)"),
             (0 < args.target_rate < math.inf, "--target-rate must be a positive number"),  # nan fails too
             (args.batch_size % 4 == 0,
-             "--batch-size (S) must be a multiple of Z = 4 for the sampler figure")]:
+             "--batch-size (S) must be a multiple of Z = 4 for the sampler figure"),
+            (args.cifar_data is None
+             or all(os.path.isfile(os.path.join(args.cifar_data, f)) for f in CIFAR_LISTS),
+             f"--cifar-data {args.cifar_data}: needs {' and '.join(CIFAR_LISTS)} "
+             "(data_lists/make_cifar_lt.py writes them)")]:
         if not ok:
             parser.error(msg)
     if args.steps < 5 or args.warmup < 2:

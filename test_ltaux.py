@@ -3509,6 +3509,7 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     (["--device", "foo"], "invalid choice: 'foo'"),
     (["--target-rate", "nan"], "--target-rate must be a positive number"),
     (["--target-rate", "-5"], "--target-rate must be a positive number"),
+    (["--cifar-data", "/nonexistent"], "--cifar-data /nonexistent: needs CIFAR10_LT_r100_train.txt and"),
 ])
 def test_bench_refuses_bad_arguments_in_one_line(argv, words, capsys):
     import bench
