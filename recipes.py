@@ -252,8 +252,10 @@ def training_parser(description=None):
 # ----------------------------------------------------------------------------------------------
 # train.py's arguments, checked
 
+# this machine's or this command's: not a checkpoint's (--cuda-graph computes eager's numbers; a resume
+# elsewhere, or after a failed capture, must be able to drop it)
 NOT_RESUMED = ("resume", "out", "overwrite", "allow_unsafe_paths", "workers", "device", "check_files",
-               "decode", "in_memory", "demo_dir")  # this machine's or this command's: not a checkpoint's
+               "decode", "in_memory", "demo_dir", "cuda_graph")
 FIXED_ON_RESUME = ("method", "arch", "embed_dim", "batch_size", "per_class", "seed", "image_size", "rotation",
                    "rotation_aug", "freeze_backbone")  # a resume continues the same run
 INT_RANGE = dict(epochs=(1, 10**5), batch_size=(1, 2**20), per_class=(1, 2**20), image_size=(8, 4096),

@@ -2565,6 +2565,16 @@ def test_saved_unsafe_paths_flag_is_not_honoured_on_resume(runs, tmp_path, capsy
     assert rc == 2 and "is absolute or contains '..'" in capsys.readouterr().err
 
 
+def test_cuda_graph_is_this_commands_not_the_checkpoints(tmp_path, monkeypatch):
+    """A resume of a --cuda-graph run without the flag runs eager steps (after a failed capture, the error's
+    advice 'run without --cuda-graph' must be one a resume can follow), and the reverse turns it on."""
+    argv = ["--data", str(tmp_path), "--recipe", "cifar10_lt", "--out", str(tmp_path / "o")]
+    for first, again, want in (["--cuda-graph"], [], False), ([], ["--cuda-graph"], True):
+        saved = train.plain_args(train.parse_args(argv + first)[0])
+        monkeypatch.setattr(bookkeeping, "load_checkpoint", lambda path: {"args": saved})
+        assert train.parse_args(["--resume", str(tmp_path / "o" / "last.pt")] + again)[0].cuda_graph is want
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
