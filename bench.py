@@ -58,8 +58,8 @@ def get_args_parser():
         help="JPEGs of the CIFAR-recipe epoch figure (one epoch = ceil(N / S) steps)")
     add("--cifar-workers", type=int, default=min(8, os.cpu_count() or 1),
         help="DataLoader workers of the epoch figure's worker path (train.py's default --workers)")
-    add("--figures", nargs="+", choices=FIGURES, default=list(FIGURES), help="which figures to measure "
-        "(step: the sampler too; modes: train.py's step modes, see --cifar-modes)")
+    add("--figures", nargs="+", choices=FIGURES, default=None, help="which figures to measure "
+        "(step: the sampler too; modes: train.py's step modes, see --cifar-modes; None: all)")
     add("--cifar-modes", nargs="*", choices=list(STEP_MODES), default=None, help="train.py step modes "
         "compared on the same short cifar10_lt run: losses and images/s (None: eager and graph on CUDA, "
         "none on a CPU, where --cuda-graph runs eager steps)")
@@ -256,9 +256,7 @@ def bench_cifar_modes(args, device):
     import contextlib
     import io
     import train
-    modes = args.cifar_modes if args.cifar_modes is not None else (
-        ["eager", "graph"] if device.type == "cuda" else [])
-    res = {}
+    modes, res = args.cifar_modes, {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.cifar_data:
             root = args.cifar_data
@@ -447,9 +445,16 @@ def check_args(parser, args):
         print(f"warning: --steps {args.steps} --warmup {args.warmup}: too few steps for a stable ratio "
               "(use at least --steps 5 --warmup 2)", file=sys.stderr)
     try:
-        return runtime.choose_device(args.device)
+        device = runtime.choose_device(args.device)
     except ltaux.LTauxError as e:
         parser.error(str(e))
+    if args.cifar_modes is None:
+        args.cifar_modes = ["eager", "graph"] if device.type == "cuda" else []
+    if args.figures is not None and "modes" in args.figures and not args.cifar_modes:  # an empty table else
+        parser.error(f"--figures modes: no step mode to compare on {device.type} (--cifar-modes names none; "
+                     "e.g. --cifar-modes eager graph)")
+    args.figures = args.figures or [f for f in FIGURES if f != "modes" or args.cifar_modes]
+    return device
 
 
 def main(argv=None):
@@ -514,9 +519,10 @@ def cifar_rows(res, args):
 
 
 def mode_rows(res, args):
+    # what a run said of its mode (--cuda-graph on a CPU: eager steps) is in its row, not in the JSON alone
     return "".join(f"| train.py cifar10_lt, {len(m['losses'])} epochs, S={args.cifar_batch_size}, step mode "
-                   f"{k} | {m['images_per_s']:.0f} images/s, loss per epoch "
-                   f"{' '.join(f'{v:.4f}' for v in m['losses'])} (largest difference to eager "
+                   f"{k}{''.join(f' ({said})' for said in m['said'])} | {m['images_per_s']:.0f} images/s, "
+                   f"loss per epoch {' '.join(f'{v:.4f}' for v in m['losses'])} (largest difference to eager "
                    f"{100 * m.get('max_rel_loss_difference', 0):.2f}%) |\n" for k, m in res["modes"].items())
 
 

@@ -3492,7 +3492,8 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     eager, graph = res["modes"]["eager"], res["modes"]["graph"]  # train.py twice; on a CPU --cuda-graph is eager
     assert len(eager["losses"]) == 1 and graph["losses"] == eager["losses"] and eager["said"] == []
     assert graph["said"] == ["--cuda-graph: eager steps (CUDA only, this run is on cpu)"]
-    assert graph["max_rel_loss_difference"] == 0 and "| train.py cifar10_lt, 1 epochs, S=24, step mode graph |" in out
+    assert graph["max_rel_loss_difference"] == 0 and ("| train.py cifar10_lt, 1 epochs, S=24, step mode graph "
+                                                      "(--cuda-graph: eager steps (CUDA only") in out
     only = bench.main(["--figures", "modes", "--cifar-modes", "eager", "--cifar-epochs", "1", "--cifar-images", "120",
                        "--cifar-batch-size", "24"])
     table = capsys.readouterr().out
@@ -3520,12 +3521,25 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     (["--target-rate", "nan"], "--target-rate must be a positive number"),
     (["--target-rate", "-5"], "--target-rate must be a positive number"),
     (["--cifar-data", "/nonexistent"], "--cifar-data /nonexistent: needs CIFAR10_LT_r100_train.txt and"),
+    (["--figures", "modes", "--device", "cpu"], "--figures modes: no step mode to compare on cpu"),  # not an
+    (["--figures", "modes", "--cifar-modes", "--device", "cpu"], "--cifar-modes names none"),  # empty table
 ])
 def test_bench_refuses_bad_arguments_in_one_line(argv, words, capsys):
     import bench
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_bench_mode_rows_say_when_a_mode_fell_back_to_eager():
+    """A graph row whose run ran eager steps says so in the table (its rate is eager's, not a graph's)."""
+    import types
+    import bench
+    said = "--cuda-graph: eager steps (CUDA only, this run is on cpu)"
+    res = {"modes": {"eager": dict(losses=[2.0], images_per_s=10.0, said=[], max_rel_loss_difference=0.0),
+                     "graph": dict(losses=[2.0], images_per_s=11.0, said=[said], max_rel_loss_difference=0.0)}}
+    eager, graph = bench.mode_rows(res, types.SimpleNamespace(cifar_batch_size=24)).splitlines()
+    assert f"step mode graph ({said}) | 11 images/s" in graph and "step mode eager | 10 images/s" in eager
 
 
 @pytest.mark.slow
