@@ -3531,6 +3531,25 @@ def test_bench_refuses_bad_arguments_in_one_line(argv, words, capsys):
     assert e.value.code == 2 and words in capsys.readouterr().err
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("lists, images, budget, words", [
+    (["CIFAR10_LT_r100_train.txt"], "photos", "60", "no CIFAR10_test.txt"),
+    (["CIFAR10_LT_r100_train.txt", "CIFAR10_test.txt"], "missing", "60", "JPEG_FOLDER"),
+    (["CIFAR10_LT_r100_train.txt", "CIFAR10_test.txt"], "photos", "abc", "SECONDS 'abc'"),
+])
+def test_gpu_check_refuses_bad_arguments_before_any_step(tmp_path, lists, images, budget, words):
+    """.ci/gpu with a bad argument: one line, exit 2, and no step marked done (a second, corrected call
+    must still compare --cuda-graph with eager)."""
+    (tmp_path / "photos").mkdir()
+    for name in lists:
+        (tmp_path / name).write_text("")
+    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"))
+    done = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu"), str(tmp_path), str(tmp_path / images),
+                           budget], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    assert words in done.stderr and not (tmp_path / "runs" / "checked").exists()
+
+
 def test_bench_mode_rows_say_when_a_mode_fell_back_to_eager():
     """A graph row whose run ran eager steps says so in the table (its rate is eager's, not a graph's)."""
     import types
