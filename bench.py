@@ -521,7 +521,8 @@ def cifar_rows(res, args):
 def mode_rows(res, args):
     # what a run said of its mode (--cuda-graph on a CPU: eager steps) is in its row, not in the JSON alone
     return "".join(f"| train.py cifar10_lt, {len(m['losses'])} epochs, S={args.cifar_batch_size}, step mode "
-                   f"{k}{''.join(f' ({said})' for said in m['said'])} | {m['images_per_s']:.0f} images/s, "
+                   f"{k}{''.join(f' ({said})' for said in m['said'])} | {m['images_per_s']:.0f} images/s"
+                   f"{' (its only epoch: warm-up, capture, compilation in)' * (len(m['losses']) == 1)}, "
                    f"loss per epoch {' '.join(f'{v:.4f}' for v in m['losses'])} (largest difference to eager "
                    f"{100 * m.get('max_rel_loss_difference', 0):.2f}%) |\n" for k, m in res["modes"].items())
 

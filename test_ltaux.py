@@ -3559,6 +3559,10 @@ def test_bench_mode_rows_say_when_a_mode_fell_back_to_eager():
                      "graph": dict(losses=[2.0], images_per_s=11.0, said=[said], max_rel_loss_difference=0.0)}}
     eager, graph = bench.mode_rows(res, types.SimpleNamespace(cifar_batch_size=24)).splitlines()
     assert f"step mode graph ({said}) | 11 images/s" in graph and "step mode eager | 10 images/s" in eager
+    assert "11 images/s (its only epoch: warm-up, capture, compilation in), loss" in graph
+    res["modes"]["graph"].update(losses=[2.0, 1.0], images_per_s=12.0)  # the median of epochs 2.. alone
+    assert "| 12 images/s, loss per epoch 2.0000 1.0000 " in bench.mode_rows(res, types.SimpleNamespace(
+        cifar_batch_size=24)).splitlines()[1]
 
 
 @pytest.mark.slow
