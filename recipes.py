@@ -228,7 +228,8 @@ def training_parser(description=None):
     g.add_argument("--cuda-graph", action="store_true", help="capture the whole training step (forward, "
                    "backward, SGD update) once in a CUDA graph and replay it: one launch per step instead of "
                    "hundreds, for small models whose eager steps are launch-bound (the CIFAR recipes); CUDA, "
-                   "one process, bf16 or fp32, without --compile; elsewhere eager steps, said in the log")
+                   "one process, bf16 or fp32, without --compile; elsewhere eager steps, said in the log; "
+                   "this command's only: --resume does not take it from the checkpoint")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs: one all-reduce "
                    "per BN layer per step; matters when per-GPU batches are small")
     g = p.add_argument_group("run")
