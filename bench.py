@@ -523,8 +523,10 @@ def mode_rows(res, args):
     return "".join(f"| train.py cifar10_lt, {len(m['losses'])} epochs, S={args.cifar_batch_size}, step mode "
                    f"{k}{''.join(f' ({said})' for said in m['said'])} | {m['images_per_s']:.0f} images/s"
                    f"{' (its only epoch: warm-up, capture, compilation in)' * (len(m['losses']) == 1)}, "
-                   f"loss per epoch {' '.join(f'{v:.4f}' for v in m['losses'])} (largest difference to eager "
-                   f"{100 * m.get('max_rel_loss_difference', 0):.2f}%) |\n" for k, m in res["modes"].items())
+                   f"loss per epoch {' '.join(f'{v:.4f}' for v in m['losses'])} "
+                   + (f"(largest difference to eager {100 * m['max_rel_loss_difference']:.2f}%) |\n"
+                      if "max_rel_loss_difference" in m else "(no eager run to compare with) |\n")
+                   for k, m in res["modes"].items())
 
 
 def loader_rows(res, args):

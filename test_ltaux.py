@@ -3563,6 +3563,9 @@ def test_bench_mode_rows_say_when_a_mode_fell_back_to_eager():
     res["modes"]["graph"].update(losses=[2.0, 1.0], images_per_s=12.0)  # the median of epochs 2.. alone
     assert "| 12 images/s, loss per epoch 2.0000 1.0000 " in bench.mode_rows(res, types.SimpleNamespace(
         cifar_batch_size=24)).splitlines()[1]
+    del res["modes"]["eager"], res["modes"]["graph"]["max_rel_loss_difference"]  # --cifar-modes graph alone
+    assert bench.mode_rows(res, types.SimpleNamespace(cifar_batch_size=24)).endswith(
+        "loss per epoch 2.0000 1.0000 (no eager run to compare with) |\n")  # not a difference of 0.00%
 
 
 @pytest.mark.slow
