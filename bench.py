@@ -275,6 +275,9 @@ def bench_cifar_modes(args, device):
                 tail = said.getvalue()[-500:]
                 raise SystemExit(runtime.report(f"the {mode} run failed (exit {rc}): {tail}"))
             log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+            if len(log) < args.cifar_epochs:  # a stop signal (a timeout): train.py saved and returned 0
+                raise SystemExit(runtime.report(f"the {mode} run stopped after {len(log)} of "
+                                                f"{args.cifar_epochs} epochs (a stop signal): nothing compared"))
             rates = sorted(r["images_per_s"] for r in log[1:]) or [log[0]["images_per_s"]]
             res[mode] = dict(losses=[r["loss"] for r in log], images_per_s=rates[len(rates) // 2],
                              said=[line for line in said.getvalue().splitlines() if "--cuda-graph" in line

@@ -3512,6 +3512,25 @@ def test_bench_runs_and_reports_every_figure(tmp_path, capsys):
     assert "PIL decode, crop, flip, uint8 out" not in out  # a pipeline ltaux no longer has
 
 
+def test_bench_modes_refuses_a_run_a_stop_signal_cut_short(monkeypatch, capsys):
+    """A timeout's SIGTERM makes train.py save and return 0 after fewer epochs: bench must not compare the
+    losses of a 1-epoch run with those of a 2-epoch one (zip would compare the first epoch alone, silently)."""
+    import bench
+    import train
+
+    def stopped_run(argv):
+        out = argv[argv.index("--out") + 1]
+        os.makedirs(out)
+        with open(os.path.join(out, "log.jsonl"), "w") as f:
+            f.write(json.dumps({"loss": 2.0, "images_per_s": 10.0}) + "\n")  # epoch 0 of 2, then the stop
+        return 0
+    monkeypatch.setattr(train, "main", stopped_run)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--figures", "modes", "--cifar-modes", "eager", "graph", "--cifar-epochs", "2",
+                    "--cifar-images", "120", "--cifar-batch-size", "24"])
+    assert e.value.code == 2 and "the eager run stopped after 1 of 2 epochs" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("argv, words", [
     (["--steps", "0"], "--steps must be in 1..2^20"),
