@@ -48,6 +48,7 @@ if __name__ == "__main__":  # while torch loads too: one line, not a KeyboardInt
 import dataclasses  # noqa: E402 - after the fast --help
 import datetime  # noqa: E402
 import functools  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -534,6 +535,7 @@ def main(argv=None):
     finally:
         warnings.formatwarning = plain_format  # user warnings print as one line while main() runs
         if dist.is_initialized():
+            gc.collect()  # the run's DDP model (a cycle: run.update) goes while its process group is alive
             dist.destroy_process_group()
 
 
