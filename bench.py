@@ -277,7 +277,8 @@ def bench_cifar_modes(args, device):
             log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
             if len(log) < args.cifar_epochs:  # a stop signal (a timeout): train.py saved and returned 0
                 raise SystemExit(runtime.report(f"the {mode} run stopped after {len(log)} of "
-                                                f"{args.cifar_epochs} epochs (a stop signal): nothing compared"))
+                                                f"{args.cifar_epochs} epochs (a stop signal): "
+                                                "nothing compared"))
             rates = sorted(r["images_per_s"] for r in log[1:]) or [log[0]["images_per_s"]]
             res[mode] = dict(losses=[r["loss"] for r in log], images_per_s=rates[len(rates) // 2],
                              said=[line for line in said.getvalue().splitlines() if "--cuda-graph" in line
