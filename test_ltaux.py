@@ -1646,8 +1646,7 @@ def test_train_step_gives_aux_loss_b_cbs_first_as_the_sampler_lays_it_out(method
     batches = types.SimpleNamespace(batch_sampler=types.SimpleNamespace(num_batches=5))
     optimizer = types.SimpleNamespace(param_groups=[dict(lr_scale=1.0)])
     run = types.SimpleNamespace(args=args, device=torch.device("cpu"), batches=batches, optimizer=optimizer,
-                                amp=None, net=None, gen=torch.Generator())
-    run.update = functools.partial(train.update, run)
+                                amp=None, net=None, gen=torch.Generator(), graph=None)
     mode = recipes.METHODS[method].sampler
     n = 8 if mode == "cbs_rrs" else 4
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 16, 16).contiguous()
@@ -1778,8 +1777,8 @@ def cuda_run(method, S=8, steps=8):
     run = types.SimpleNamespace(args=args, device=device, amp=torch.bfloat16, model=model, net=model,
                                 optimizer=train.build_optimizer(model, args, device), gen=torch.Generator(device),
                                 scaler=torch.amp.GradScaler("cuda", enabled=False),
-                                batches=types.SimpleNamespace(batch_sampler=types.SimpleNamespace(num_batches=steps)))
-    run.update = functools.partial(train.update, run)
+                                batches=types.SimpleNamespace(batch_sampler=types.SimpleNamespace(num_batches=steps)),
+                                graph=None)
     return run
 
 
@@ -1814,11 +1813,11 @@ def test_cuda_graph_steps_compute_what_eager_steps_compute():
         torch.manual_seed(0)
         run = cuda_run("cbs_rrs_ss")
         if graphed:
-            run.update = runtime.StepGraph(run.update, run.optimizer, run.gen)
+            run.graph = runtime.StepGraph(functools.partial(train.update, run), run.optimizer, run.gen)
         losses = [{k: float(v) for k, v in train.train_step(run, x, y, i).items()}
                   for i, (x, y) in enumerate(cuda_batches(8))]
         out[graphed] = losses, {k: v.float().cpu() for k, v in run.model.state_dict().items()}
-    assert run.update.graph is not None and run.update.calls == 3  # 3 eager steps, then 5 replays
+    assert run.graph.graph is not None and run.graph.calls == 3  # 3 eager steps, then 5 replays
     (eager, w_eager), (graph, w_graph) = out[False], out[True]
     for a, b in zip(eager, graph):
         assert b == pytest.approx(a, rel=1e-2, abs=1e-3)

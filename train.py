@@ -48,7 +48,6 @@ if __name__ == "__main__":  # while torch loads too: one line, not a KeyboardInt
 import dataclasses  # noqa: E402 - after the fast --help
 import datetime  # noqa: E402
 import functools  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -154,7 +153,7 @@ class Run:
     stop: bookkeeping.StopFlag
     log: callable
     gen: torch.Generator = None  # the steps' random numbers (rotations, jitter), on the device
-    update: callable = None  # the device's part of a step: update(run, ...) or its StepGraph
+    graph: runtime.StepGraph = None  # --cuda-graph: update() captured in a CUDA graph; None: eager steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +171,7 @@ def train_step(run, images, labels, step):
         g["lr"] = args.lr * g["lr_scale"] * lr_factor(step, steps * args.epochs,
                                                       round(args.warmup_epochs * steps))
     run.gen.manual_seed(ltaux.AuxBatchSampler.derive_seed(args.seed, "rotation", step, args.rank))
-    return run.update(images, labels)  # update(run, ...), or its CUDA graph (--cuda-graph)
+    return run.graph(images, labels) if run.graph else update(run, images, labels)
 
 
 def update(run, images, labels):
@@ -200,13 +199,14 @@ def update(run, images, labels):
     return dict(parts, loss=loss.detach())
 
 
-def make_update(run, log):
-    """run.update: update() itself, or with --cuda-graph its runtime.StepGraph where the run allows one."""
-    fn = functools.partial(update, run)
+def make_graph(run, log):
+    """run.graph: with --cuda-graph, update() in a runtime.StepGraph where the run allows one; else None."""
     why = runtime.why_no_graph(run.device, run.args.world_size, run.scaler, run.args.compile)
     if run.args.cuda_graph and why:
         log(f"--cuda-graph: eager steps ({why})")
-    return runtime.StepGraph(fn, run.optimizer, run.gen) if run.args.cuda_graph and not why else fn
+    if run.args.cuda_graph and not why:  # a CUDA process alone (no torchrun): its cycle with run is harmless
+        return runtime.StepGraph(functools.partial(update, run), run.optimizer, run.gen)
+    return None
 
 
 def train_one_epoch(run, epoch, first_step, partial):
@@ -492,7 +492,7 @@ def train(args, ckpt):
             run = Run(args, device, amp, model, torch.compile(net) if args.compile else net, optimizer,
                       scaler, batches, eval_batches, counts, fingerprint, folder, stop, log,
                       torch.Generator(device=device))
-            run.update = make_update(run, log)
+            run.graph = make_graph(run, log)
             run_header(run)
             stopped = run_epochs(run, ckpt, "val" in evals)
             failed = False
@@ -535,7 +535,6 @@ def main(argv=None):
     finally:
         warnings.formatwarning = plain_format  # user warnings print as one line while main() runs
         if dist.is_initialized():
-            gc.collect()  # the run's DDP model (a cycle: run.update) goes while its process group is alive
             dist.destroy_process_group()
 
 
